@@ -1,0 +1,47 @@
+# vitkit set-up: `make demo` and `make test` are the two commands a fresh machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test demo data lint bench clean
+
+install: $(STAMP)
+
+# torch goes in first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,hf,export]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+# Fashion-MNIST: Debian's package when we are root, otherwise the loader downloads it (SHA-256 checked).
+data: install
+	@if [ -f $(FMNIST_SYSTEM)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(FMNIST_SYSTEM)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)); then \
+		echo "Fashion-MNIST installed from Debian into $(FMNIST_SYSTEM)"; \
+	else \
+		$(PY) -m vitkit.data.fashion_mnist --download data/fashion-mnist; \
+	fi
+
+demo: data
+	$(VENV)/bin/vitkit train --config configs/fmnist/demo.yaml --set output_dir=$(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,23 @@
+"""vitkit: the Vision Transformer family on PyTorch.
+
+>>> import vitkit
+>>> model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
+>>> vitkit.list_models("vit_*_patch16_*")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DataError, InputShapeError, VitkitError  # noqa: E402
+from .layers import capture_attention  # noqa: E402
+from .models import (  # noqa: E402
+    VisionTransformer,
+    create_model,
+    from_pretrained,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "__version__", "create_model", "list_models", "from_pretrained", "register_model", "capture_attention",
+    "VisionTransformer", "VitkitError", "CheckpointError", "ConfigError", "DataError", "InputShapeError",
+]

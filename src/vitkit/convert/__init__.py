@@ -1,0 +1,22 @@
+"""Converters from foreign checkpoints (Hugging Face, official repositories) to vitkit checkpoints.
+
+Each converter is a function and a ``vitkit convert <kind> SRC DST`` command.
+"""
+
+from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
+
+CONVERTERS = {
+    "hf-vit": convert_hf_vit,
+}
+
+
+def convert(kind: str, src: str, dst: str):
+    """Run the converter ``kind`` (see ``CONVERTERS``) from ``src`` to a vitkit folder ``dst``."""
+    try:
+        fn = CONVERTERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown converter {kind!r}; choose one of {sorted(CONVERTERS)}") from None
+    return fn(src, dst)
+
+
+__all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit"]

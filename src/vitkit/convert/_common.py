@@ -1,0 +1,66 @@
+"""Helpers shared by the converters of foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..models._pretrained import read_state_dict
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_hf_folder(src: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, state dict) of a Hugging Face model folder: single-file or sharded weights."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; a Hugging Face checkpoint is a folder with config.json "
+                              f"and {' or '.join(HF_WEIGHT_FILES)}")
+    config = read_json(src / "config.json")
+    for name in HF_WEIGHT_FILES:
+        if (src / name).is_file():
+            return config, read_state_dict(src / name)
+    for name in HF_INDEX_FILES:
+        if (src / name).is_file():
+            index = read_json(src / name)
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index.get("weight_map", {}).values())):
+                state.update(read_state_dict(src / shard))
+            return config, state
+    raise CheckpointError(f"{src} holds no weights: expected one of {HF_WEIGHT_FILES + HF_INDEX_FILES}")
+
+
+def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+    """Pop ``key`` or fail with an error naming it and the file."""
+    try:
+        return state.pop(key)
+    except KeyError:
+        raise CheckpointError(f"{source}: expected key {key!r} is missing") from None
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` from keys that have it (HF task models nest the backbone under e.g. ``vit.``)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def check_consumed(state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
+    left = sorted(k for k in state if not k.startswith(ignore))
+    if left:
+        raise CheckpointError(f"{source}: keys the converter does not understand ({len(left)}): "
+                              f"{', '.join(left[:12])}")

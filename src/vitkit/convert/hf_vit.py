@@ -1,0 +1,138 @@
+"""Hugging Face ``transformers`` ViT (``ViTModel`` / ``ViTForImageClassification``) -> vitkit ViT.
+
+HF keeps separate query/key/value Linears; vitkit fuses them into one ``qkv`` Linear laid out as
+(3, heads, head_dim), which is the row-wise concatenation [q; k; v]. HF's ``interpolate_pos_encoding``
+uses bicubic interpolation without antialiasing, so converted models set ``pos_interp_antialias=False``
+to give the same outputs at other resolutions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..models._pretrained import load_weights
+from ..models.vit import VisionTransformer
+from ._common import check_consumed, read_hf_folder, read_json, strip_prefix, take
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                  "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
+
+
+# transformers >= 5 names its in-memory modules differently from the files on the Hub (which it still
+# writes in the old layout); a state dict saved with torch.save(model.state_dict()) has the new names.
+_V5_TO_HUB = [
+    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+]
+
+
+def normalize_hf_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the task prefix ``vit.`` and map transformers-5 in-memory names to the Hub layout."""
+    out = {}
+    for key, value in strip_prefix(state, "vit.").items():
+        for pattern, repl in _V5_TO_HUB:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    return out
+
+
+def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
+    """VisionTransformer constructor arguments equivalent to an HF ``ViTConfig`` (+ what the weights hold)."""
+    if config.get("model_type", "vit") != "vit":
+        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'vit'")
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    hidden = config["hidden_size"]
+    representation = None
+    if "pooler.dense.weight" in state:
+        if config.get("pooler_act", "tanh") != "tanh":
+            raise CheckpointError(f"{source}: pooler_act {config.get('pooler_act')!r} is not supported (tanh)")
+        representation = state["pooler.dense.weight"].shape[0]
+    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
+    return dict(
+        img_size=config.get("image_size", 224), patch_size=config.get("patch_size", 16),
+        in_chans=config.get("num_channels", 3), num_classes=num_classes, embed_dim=hidden,
+        depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        mlp_dim=config.get("intermediate_size", 4 * hidden), qkv_bias=config.get("qkv_bias", True),
+        norm_eps=config.get("layer_norm_eps", 1e-12), act=HF_ACTIVATIONS[act],
+        representation_size=representation, pos_interp_antialias=False,
+    )
+
+
+def convert_hf_vit_state_dict(state: dict[str, torch.Tensor], depth: int,
+                              source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Rename (and fuse) HF ViT weights into vitkit's layout (Hub or transformers-5 key names)."""
+    state = normalize_hf_vit_keys(state)
+    out = {
+        "cls_token": take(state, "embeddings.cls_token", source),
+        "pos_embed.weight": take(state, "embeddings.position_embeddings", source),
+        "patch_embed.proj.weight": take(state, "embeddings.patch_embeddings.projection.weight", source),
+        "patch_embed.proj.bias": take(state, "embeddings.patch_embeddings.projection.bias", source),
+        "norm.weight": take(state, "layernorm.weight", source),
+        "norm.bias": take(state, "layernorm.bias", source),
+    }
+    for i in range(depth):
+        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value")]
+            if all(k in state for k in qkv):
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
+            elif kind == "weight":
+                raise CheckpointError(f"{source}: layer {i} lacks query/key/value weights")
+            out[f"{ours}norm1.{kind}"] = take(state, f"{hf}layernorm_before.{kind}", source)
+            out[f"{ours}norm2.{kind}"] = take(state, f"{hf}layernorm_after.{kind}", source)
+            out[f"{ours}attn.proj.{kind}"] = take(state, f"{hf}attention.output.dense.{kind}", source)
+            out[f"{ours}mlp.fc1.{kind}"] = take(state, f"{hf}intermediate.dense.{kind}", source)
+            out[f"{ours}mlp.fc2.{kind}"] = take(state, f"{hf}output.dense.{kind}", source)
+    for hf, ours in (("pooler.dense", "pre_logits.0"), ("classifier", "head")):
+        for kind in ("weight", "bias"):
+            if f"{hf}.{kind}" in state:
+                out[f"{ours}.{kind}"] = state.pop(f"{hf}.{kind}")
+    # mask_token exists only for masked-image-modelling variants and plays no part in classification.
+    check_consumed(state, source, ignore=("embeddings.mask_token",))
+    return out
+
+
+def load_hf_vit(src: str | os.PathLike) -> VisionTransformer:
+    """Build a vitkit ViT from a local HF ViT folder (config.json + model.safetensors or pytorch_model.bin)."""
+    src = Path(src)
+    config, state = read_hf_folder(src)
+    state = normalize_hf_vit_keys(state)
+    args = hf_vit_args(config, state, str(src / "config.json"))
+    model = VisionTransformer(**args)
+    load_weights(model, convert_hf_vit_state_dict(state, args["depth"], str(src)), source=str(src))
+    cfg = dict(model.pretrained_cfg)
+    id2label = config.get("id2label")
+    if id2label and len(id2label) == args["num_classes"]:
+        cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+    processor = src / "preprocessor_config.json"
+    if processor.is_file():
+        proc = read_json(processor)
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if theirs in proc:
+                cfg[ours] = tuple(proc[theirs])
+    model.pretrained_cfg = cfg
+    model.model_name = config.get("_name_or_path") or "hf_vit"
+    return model
+
+
+def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike) -> VisionTransformer:
+    """Convert an HF ViT folder into a vitkit checkpoint folder ``dst``; returns the model."""
+    model = load_hf_vit(src)
+    model.save_pretrained(dst)
+    return model

@@ -1,0 +1,27 @@
+"""Exceptions that vitkit raises for bad input.
+
+Every error names the file, key or shape that is wrong, so users never have to read a traceback
+from deep inside torch to find out what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class VitkitError(Exception):
+    """Base class of every error vitkit raises on purpose."""
+
+
+class CheckpointError(VitkitError):
+    """A checkpoint file or folder is missing, corrupt, or does not fit the model."""
+
+
+class DataError(VitkitError):
+    """A dataset, image file or archive cannot be used."""
+
+
+class ConfigError(VitkitError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+class InputShapeError(VitkitError, ValueError):
+    """A tensor given to a model has the wrong shape, size or channel count."""

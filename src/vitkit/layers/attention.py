@@ -1,0 +1,106 @@
+"""Multi-head self-attention with a fused qkv projection.
+
+The fast path calls ``F.scaled_dot_product_attention`` and never materialises the attention matrix.
+When a caller wants the attention probabilities (visualisation, attention rollout), the modules
+switch to an explicit softmax path for that call only; see :func:`capture_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AttentionMapSource:
+    """Mixin for every module that can report its attention probabilities.
+
+    While ``attn_sink`` is a list, the module computes attention explicitly and appends the
+    probabilities (B, heads, N_query, N_key) to it, in execution order.
+    """
+
+    attn_sink: list[torch.Tensor] | None = None
+
+    def _record(self, attn: torch.Tensor) -> None:
+        if self.attn_sink is not None:
+            self.attn_sink.append(attn)
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention probabilities of every attention layer of ``model`` during one forward.
+
+    Example::
+
+        with capture_attention(model) as maps:
+            model(images)
+        # maps[i]: (B, heads, N, N) for the i-th attention layer that ran
+    """
+    sources = [m for m in model.modules() if isinstance(m, AttentionMapSource)]
+    maps: list[torch.Tensor] = []
+    for m in sources:
+        m.attn_sink = maps
+    try:
+        yield maps
+    finally:
+        for m in sources:
+            m.attn_sink = None
+
+
+class Attention(AttentionMapSource, nn.Module):
+    """Multi-head self-attention: one ``qkv`` Linear laid out as (3, heads, head_dim), then SDPA.
+
+    ``attn_bias`` (broadcastable to (B, heads, N, N)) is added to the logits before the softmax; it
+    carries relative position biases and masks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        qk_scale: float | None = None,
+        proj_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if attn_bias is not None and attn_bias.dtype != q.dtype and attn_bias.dtype != torch.bool:
+            attn_bias = attn_bias.to(q.dtype)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.attn_sink is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
+        else:
+            out = self._explicit(q, k, v, attn_bias, dropout_p)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def _explicit(self, q, k, v, attn_bias, dropout_p: float) -> torch.Tensor:
+        """Softmax attention written out, so the probabilities can be recorded."""
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if attn_bias is not None:
+            if attn_bias.dtype == torch.bool:
+                logits = logits.masked_fill(~attn_bias, float("-inf"))
+            else:
+                logits = logits + attn_bias
+        attn = logits.softmax(dim=-1)
+        self._record(attn)
+        attn = F.dropout(attn, dropout_p, training=dropout_p > 0)
+        return attn @ v

@@ -1,0 +1,20 @@
+"""Model families. Importing a family module registers its named configurations."""
+
+from . import vit  # noqa: F401  (registers the ViT family)
+from ._base import VitkitModel, get_model_class
+from ._pretrained import from_pretrained, load_pretrained, load_weights, read_state_dict, save_pretrained
+from ._registry import (
+    create_model,
+    list_models,
+    model_defaults,
+    model_family,
+    register_config,
+    register_model,
+)
+from .vit import VisionTransformer
+
+__all__ = [
+    "VitkitModel", "get_model_class", "from_pretrained", "load_pretrained", "load_weights", "read_state_dict",
+    "save_pretrained", "create_model", "list_models", "model_defaults", "model_family", "register_config",
+    "register_model", "VisionTransformer",
+]

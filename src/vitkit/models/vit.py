@@ -1,0 +1,341 @@
+"""Vision Transformer (Dosovitskiy et al., 2021), with every design switch the ViT paper ablates.
+
+image -> patches (conv, or a ResNet stem for hybrids) -> [CLS] + tokens -> position information ->
+pre-norm blocks (MHSA + MLP with residuals) -> LayerNorm -> pooling -> (pre-logits) -> head.
+
+Switches (constructor arguments, so ablations are flags, not copies):
+
+* ``pos_embed``: ``none`` | ``learned_1d`` | ``learned_2d`` | ``sincos_2d`` | ``relative`` (see
+  :mod:`vitkit.layers.pos_embed` for how each is built and resampled).
+* ``pos_placement``: ``input`` (added once, before the first block) | ``every_layer`` (a separate table
+  before each block) | ``every_layer_shared`` (one table added before each block). For ``relative``,
+  the bias enters the first block's attention only, every block's attention with its own table, or every
+  block's with one shared table.
+* ``pool``: ``cls`` | ``gap`` (mean of patch tokens) | ``none`` (all tokens go through the head);
+  ``class_token`` switches the CLS token on or off.
+* ``patch_stride < patch_size``: overlapping patches with the same token grid.
+* ``stem='resnet'``: the hybrid model, patches cut from a ResNet feature map (``stem_layers``,
+  ``stem_width``; ``patch_size`` then counts feature-map cells, usually 1).
+* ``dynamic_img_size``: accept any image size divisible by the patch stride at forward time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..layers import Block, HybridEmbed, PatchEmbed, build_pos_embed, check_image_batch
+from ..utils import to_2tuple
+from ._base import INCEPTION_MEAN, INCEPTION_STD, VitkitModel
+from ._registry import register_config
+
+POOL_TYPES = ("cls", "gap", "none")
+POS_PLACEMENTS = ("input", "every_layer", "every_layer_shared")
+
+
+class VisionTransformer(VitkitModel):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        patch_stride: int | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        mlp_dim: int | None = None,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        pool: str = "cls",
+        pos_embed: str = "learned_1d",
+        pos_placement: str = "input",
+        pos_interp: str = "bicubic",
+        pos_interp_antialias: bool = True,
+        dynamic_img_size: bool = False,
+        stem: str = "patch",
+        stem_layers: tuple[int, ...] = (3, 4, 9),
+        stem_width: int = 64,
+        init_values: float | None = None,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        representation_size: int | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pool not in POOL_TYPES:
+            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+        if pos_placement not in POS_PLACEMENTS:
+            raise ValueError(f"pos_placement must be one of {POS_PLACEMENTS}, got {pos_placement!r}")
+        if pool == "cls" and not class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.pool = pool
+        self.pos_kind = pos_embed
+        self.pos_placement = pos_placement
+        self.dynamic_img_size = dynamic_img_size
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.grad_checkpointing = False
+
+        if stem == "patch":
+            self.patch_embed: nn.Module = PatchEmbed(self.img_size, patch_size, patch_stride, in_chans, embed_dim)
+        elif stem == "resnet":
+            self.patch_embed = HybridEmbed(self.img_size, patch_size, in_chans, embed_dim, tuple(stem_layers),
+                                           stem_width)
+        else:
+            raise ValueError(f"stem must be 'patch' or 'resnet', got {stem!r}")
+        self.grid: tuple[int, int] = self.patch_embed.grid
+        for size, r in zip(self.img_size, self.patch_embed.reduction):
+            if size % r:
+                raise ValueError(f"img_size {self.img_size} is not divisible by the patch stride {r}")
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        make_pos = lambda: build_pos_embed(pos_embed, self.grid, embed_dim, num_heads, self.num_prefix_tokens,
+                                           pos_interp, pos_interp_antialias)
+        self.pos_embed = make_pos() if pos_placement != "every_layer" else None
+        self.block_pos_embeds = (nn.ModuleList([make_pos() for _ in range(depth)])
+                                 if pos_placement == "every_layer" and pos_embed != "none" else None)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, mlp_dim, qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=dpr[i], init_values=init_values, norm_eps=norm_eps, act=act)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.pre_logits = (nn.Sequential(nn.Linear(embed_dim, representation_size), nn.Tanh())
+                           if representation_size else nn.Identity())
+        self.num_features = representation_size or embed_dim
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": (0.5,) * in_chans,
+                               "std": (0.5,) * in_chans, "interpolation": "bicubic"}
+
+    def _init_weights(self) -> None:
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal, as for a linear layer on flattened patches
+            w = self.patch_embed.proj.weight
+            nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
+            nn.init.zeros_(self.patch_embed.proj.bias)
+
+    # ------------------------------------------------------------------ embedding and blocks
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        check_image_batch(x, self.in_chans, self.patch_embed.reduction,
+                          None if self.dynamic_img_size else self.img_size, type(self).__name__)
+        x, grid = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x, grid
+
+    def _position_schedule(self) -> list[nn.Module | None]:
+        """Which position module acts before (or, for a relative bias, inside) each block."""
+        depth = len(self.blocks)
+        if self.block_pos_embeds is not None:
+            return list(self.block_pos_embeds)
+        if self.pos_embed is None:
+            return [None] * depth
+        if self.pos_placement == "input":
+            return [self.pos_embed] + [None] * (depth - 1)
+        return [self.pos_embed] * depth
+
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: set[int] = frozenset(),
+                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks; return the final tokens and the outputs of the blocks in ``collect``."""
+        schedule = self._position_schedule()
+        biases: dict[int, torch.Tensor] = {}  # a shared relative table is evaluated once per forward
+        collected = []
+        for i, (blk, pe) in enumerate(zip(self.blocks, schedule)):
+            bias = None
+            if pe is not None:
+                if pe.is_bias:
+                    if id(pe) not in biases:
+                        biases[id(pe)] = pe(grid)[None]
+                    bias = biases[id(pe)]
+                else:
+                    x = pe(x, grid)
+            if i == 0:
+                x = self.pos_drop(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
+            else:
+                x = blk(x, bias)
+            if i in collect:
+                collected.append(x)
+            if stop_after is not None and i >= stop_after:
+                break
+        return x, collected
+
+    # ------------------------------------------------------------------ the classifier interface
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> (B, prefix + patches, D) normalised tokens."""
+        x, grid = self._embed(x)
+        x, _ = self._run_blocks(x, grid)
+        return self.norm(x)
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "gap":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled features (``pre_logits=True``) or class logits."""
+        x = self.head_drop(self.pre_logits(self.pool_tokens(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Per-block feature maps for dense tasks.
+
+        ``indices``: None = every block, an int n = the last n blocks, a list = those blocks (negative counts
+        from the end). Maps are (B, D, h, w) for ``NCHW`` or (B, h, w, D) for ``NHWC``. Returns the list, or
+        ``(final_normed_tokens, list)`` unless ``intermediates_only``. With ``return_prefix_tokens`` each entry
+        is a pair (map, prefix tokens).
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        tokens, grid = self._embed(x)
+        tokens, collected = self._run_blocks(tokens, grid, set(take), max(take) if intermediates_only else None)
+        outputs = []
+        for out in collected:
+            out = self.norm(out) if norm else out
+            prefix, patches = out[:, :self.num_prefix_tokens], out[:, self.num_prefix_tokens:]
+            fmap = patches.reshape(out.shape[0], grid[0], grid[1], -1)
+            if output_fmt == "NCHW":
+                fmap = fmap.permute(0, 3, 1, 2)
+            outputs.append((fmap, prefix) if return_prefix_tokens else fmap)
+        return outputs if intermediates_only else (self.norm(tokens), outputs)
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None,
+                         class_names: list[str] | None = None) -> None:
+        """Replace the head (e.g. for fine-tuning on another label set)."""
+        if pool is not None:
+            if pool not in POOL_TYPES or (pool == "cls" and self.cls_token is None):
+                raise ValueError(f"invalid pool {pool!r} for this model")
+            self.pool = pool
+            self.model_args["pool"] = pool
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        device = next(self.parameters()).device
+        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        cfg = dict(self.pretrained_cfg)
+        cfg.pop("class_names", None)
+        if class_names is not None:
+            if len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            cfg["class_names"] = list(class_names)
+        self.pretrained_cfg = cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward: less memory, about a third more compute."""
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ optimiser metadata
+    def no_weight_decay(self) -> set[str]:
+        names = {"cls_token"}
+        for name, _ in self.named_parameters():
+            if name.startswith(("pos_embed.", "block_pos_embeds.")):
+                names.add(name)
+        return names
+
+    @property
+    def num_lr_layers(self) -> int:
+        return len(self.blocks) + 2
+
+    def lr_layer_id(self, name: str) -> int:
+        if name.startswith(("cls_token", "patch_embed.", "pos_embed.")):
+            return 0
+        if name.startswith(("blocks.", "block_pos_embeds.")):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+
+# ---------------------------------------------------------------------- registered configurations
+# name: (embed_dim, depth, num_heads)
+VIT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+# (size, patch, resolution): Ti/S/B/L/H at /32, /16, /14 and 224, plus the standard 384 fine-tuning sizes.
+_VIT_CONFIGS = [(s, p, 224) for s in VIT_SIZES for p in (32, 16, 14)] + [
+    ("tiny", 16, 384), ("small", 16, 384), ("small", 32, 384), ("base", 16, 384), ("base", 32, 384),
+    ("large", 16, 384), ("large", 32, 384), ("huge", 14, 518),
+]
+for _size, _patch, _res in _VIT_CONFIGS:
+    _dim, _depth, _heads = VIT_SIZES[_size]
+    register_config(f"vit_{_size}_patch{_patch}_{_res}", VisionTransformer,
+                    {"mean": INCEPTION_MEAN, "std": INCEPTION_STD},
+                    img_size=_res, patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads)
+
+# Hybrids: a ResNet stem (output stride 16 for R50 = layers (3, 4, 9); 32 for R26 = (2, 2, 2, 2)) + 1x1 patches.
+_HYBRID_CONFIGS = {
+    "vit_small_r26_s32_224": dict(stem_layers=(2, 2, 2, 2), patch_size=1, embed_dim=384, num_heads=6),
+    "vit_base_r50_s16_224": dict(stem_layers=(3, 4, 9), patch_size=1, embed_dim=768, num_heads=12),
+    "vit_base_r50_s16_384": dict(stem_layers=(3, 4, 9), patch_size=1, embed_dim=768, num_heads=12, img_size=384),
+    "vit_large_r50_s32_224": dict(stem_layers=(3, 4, 6, 3), patch_size=1, embed_dim=1024, depth=24,
+                                  num_heads=16),
+}
+for _name, _cfg in _HYBRID_CONFIGS.items():
+    register_config(_name, VisionTransformer, {"mean": INCEPTION_MEAN, "std": INCEPTION_STD},
+                    **{"img_size": 224, "depth": 12, "stem": "resnet", **_cfg})
+
+# Fashion-MNIST: 28x28 grayscale, 10 classes; patch 4 gives a 7x7 grid of 49 patch tokens.
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+_FMNIST_CFG = {"mean": FMNIST_MEAN, "std": FMNIST_STD, "class_names": FMNIST_CLASSES}
+_FMNIST_BASE: dict[str, Any] = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4)
+_FMNIST_CONFIGS = {
+    "vit_fmnist_tiny": dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0),
+    "vit_fmnist_small": dict(embed_dim=192, depth=8, num_heads=3, mlp_ratio=2.0),
+    "vit_fmnist_base": dict(embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0),
+    "vit_fmnist_p2_tiny": dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0, patch_size=2),
+    # Hybrid: 7x7/2 conv + max-pool + one bottleneck stage give a 7x7 map, then 1x1 patches: 49 tokens too.
+    "vit_fmnist_hybrid_tiny": dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0, stem="resnet",
+                                   stem_layers=(1,), stem_width=16, patch_size=1),
+}
+for _name, _cfg in _FMNIST_CONFIGS.items():
+    register_config(_name, VisionTransformer, _FMNIST_CFG, **{**_FMNIST_BASE, **_cfg})
