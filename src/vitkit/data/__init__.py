@@ -1,0 +1,140 @@
+"""Datasets (uint8 C×H×W images, int labels) and batch-wise kornia transforms.
+
+``build_dataset`` is the single entry point configs use; the loaders it calls are exported too.
+Heavy modules (kornia) load only when the transforms are first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitkit.data.base import (
+    BadImageWarning,
+    ImageBatch,
+    ImageDataset,
+    InMemoryImageDataset,
+    batch_collate,
+    compute_mean_std,
+    make_loader,
+    stratified_indices,
+)
+from vitkit.errors import DataError
+
+if TYPE_CHECKING:
+    from vitkit.data.image_folder import ImageFolder
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "image_folder")
+_SPLIT_DIRS = ("train", "val", "test")
+# Extra keyword arguments each dataset accepts, so a misspelt config key is a clear error.
+_EXTRA_KEYS = {
+    "fashion_mnist": set(),
+    "cifar10": set(),
+    "cifar100": {"label_type"},
+    "digits": set(),
+    "image_folder": {"root", "check", "mean", "std", "stats_samples"},
+}
+# Loaders are imported on first use: ``python -m vitkit.data.fashion_mnist`` must not find its own module
+# already imported by this package (runpy warns), and kornia should load only when transforms are used.
+_LAZY = {
+    "load_fashion_mnist": "fashion_mnist",
+    "load_cifar": "cifar",
+    "load_digits": "digits",
+    "ImageFolder": "image_folder",
+    "AugmentConfig": "transforms",
+    "BatchTransform": "transforms",
+    "MixupCutmix": "transforms",
+    "build_mixup": "transforms",
+    "build_transforms": "transforms",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"vitkit.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _image_folder_root(root: str | Path, split: str) -> Path:
+    """``root/<split>`` when root has split folders; else root itself, for the train split only."""
+    root = Path(root)
+    if any((root / s).is_dir() for s in _SPLIT_DIRS):
+        if not (root / split).is_dir():
+            present = [s for s in _SPLIT_DIRS if (root / s).is_dir()]
+            raise DataError(f"{root / split}: split folder not found (found: {present})")
+        return root / split
+    if split != "train":
+        raise DataError(
+            f"{root}: has no train/val/test subfolders, so it can only serve split 'train' (asked for {split!r})"
+        )
+    return root
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    num_channels: int | None = None,
+    download: bool = False,
+    max_bad_images: int = 0,
+    **kw: Any,
+) -> InMemoryImageDataset | ImageFolder:
+    """Dataset ``name`` for ``split`` ("train"/"test"; image folders also "val").
+
+    Extra keywords: ``root`` (image_folder; defaults to ``data_dir``), ``label_type`` ("fine"/"coarse",
+    cifar100), ``check``/``mean``/``std``/``stats_samples`` (image_folder).
+    """
+    if name not in _EXTRA_KEYS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    unknown = sorted(set(kw) - _EXTRA_KEYS[name])
+    if unknown:
+        raise DataError(
+            f"dataset {name!r} does not take {unknown}; extra keys it accepts: {sorted(_EXTRA_KEYS[name]) or 'none'}"
+        )
+    if name == "fashion_mnist":
+        from vitkit.data.fashion_mnist import load_fashion_mnist
+
+        return load_fashion_mnist(split, data_dir, download, image_size, num_channels)
+    if name in ("cifar10", "cifar100"):
+        from vitkit.data.cifar import load_cifar
+
+        if download:
+            raise DataError(f"{name}: automatic download is not supported; put the python-version archive in data_dir")
+        return load_cifar(name, split, data_dir, image_size, num_channels, **kw)  # type: ignore[arg-type]
+    if name == "digits":
+        from vitkit.data.digits import load_digits
+
+        return load_digits(split, image_size, num_channels)
+    from vitkit.data.image_folder import ImageFolder
+
+    root = kw.pop("root", None) or data_dir
+    if root is None:
+        raise DataError("image_folder needs root=<folder of class subfolders> (or data_dir)")
+    return ImageFolder(
+        _image_folder_root(root, split), image_size, num_channels or 3, max_bad_images=max_bad_images, **kw
+    )
+
+
+__all__ = [
+    "DATASETS",
+    "AugmentConfig",
+    "BadImageWarning",
+    "BatchTransform",
+    "ImageBatch",
+    "ImageDataset",
+    "ImageFolder",
+    "InMemoryImageDataset",
+    "MixupCutmix",
+    "batch_collate",
+    "build_dataset",
+    "build_mixup",
+    "build_transforms",
+    "compute_mean_std",
+    "load_cifar",
+    "load_digits",
+    "load_fashion_mnist",
+    "make_loader",
+    "stratified_indices",
+]
