@@ -26,7 +26,16 @@ def _vit(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]
     return over, (defaults.get("in_chans", 3), size, size)
 
 
-FAMILIES = {"vit": _vit}
+def _t2t(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    stride = 1
+    for _, s, _ in defaults.get("t2t_kernels", ((7, 4, 2), (3, 2, 1), (3, 2, 1))):
+        stride *= s
+    size = 2 * stride  # a 2x2 token grid
+    over = dict(embed_dim=24, depth=2, num_heads=2, token_dim=8, num_classes=NUM_CLASSES, img_size=size)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
+FAMILIES = {"vit": _vit, "t2t_vit": _t2t}
 
 
 def tiny(name: str) -> tuple[dict[str, Any], tuple[int, int, int]]:

@@ -67,6 +67,90 @@ def cmd_convert(args: argparse.Namespace) -> int:
 cmd_convert.configure = _convert_args
 
 
+# ---------------------------------------------------------------------------- train
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "--recipe", dest="config", help="YAML recipe, e.g. configs/fmnist/vit_tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set optim.lr=1e-3 --set train.epochs=5")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly where it stopped")
+    p.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+
+
+@command("train", "train a model from a YAML recipe (also under torchrun for several processes)")
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    summary = train(args.config, overrides, resume=args.resume)
+    return 0 if summary["finished"] or summary["steps"] else 1
+
+
+cmd_train.configure = _train_args
+
+
+# ---------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint folder or a training run folder (uses checkpoints/best)")
+    p.add_argument("--data", default="fashion_mnist", help="dataset name (fashion_mnist, cifar10, cifar100, "
+                   "digits, image_folder)")
+    p.add_argument("--data-dir", help="where the dataset lives (image_folder: the root)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--bf16", action="store_true", help="run in bfloat16 autocast")
+    p.add_argument("--confusion", metavar="PNG", help="also write the confusion matrix picture here")
+
+
+@command("eval", "top-1, top-5 and per-class accuracy of a checkpoint")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+    from .tasks import format_eval_report
+
+    metrics, names = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.data_dir, args.batch_size,
+                                         args.bf16)
+    print(format_eval_report(metrics, names))
+    if args.confusion:
+        import torch
+
+        from .viz import plot_confusion
+
+        plot_confusion(torch.tensor(metrics["confusion"]), names, args.confusion)
+        print(f"confusion matrix: {args.confusion}")
+    return 0
+
+
+cmd_eval.configure = _eval_args
+
+
+# ---------------------------------------------------------------------------- predict
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint folder or a training run folder (uses checkpoints/best)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+
+@command("predict", "top-k classes for image files")
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import load_model, predict_images
+
+    results = predict_images(load_model(args.checkpoint), args.images, args.topk)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(r["path"])
+        for name, p in r["top"]:
+            print(f"  {100 * p:6.2f}%  {name}")
+    return 0
+
+
+cmd_predict.configure = _predict_args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers on PyTorch")
     from . import __version__

@@ -4,9 +4,11 @@ Each converter is a function and a ``vitkit convert <kind> SRC DST`` command.
 """
 
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
+from .t2t import convert_t2t, convert_t2t_state_dict, load_t2t
 
 CONVERTERS = {
     "hf-vit": convert_hf_vit,
+    "t2t": convert_t2t,
 }
 
 
@@ -19,4 +21,5 @@ def convert(kind: str, src: str, dst: str):
     return fn(src, dst)
 
 
-__all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit"]
+__all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit", "convert_t2t",
+           "convert_t2t_state_dict", "load_t2t"]

@@ -1,0 +1,376 @@
+"""The training loop: one code path for one process or many (``torchrun``), any task, any model.
+
+What it guarantees:
+
+* **Exact resume.** Data order comes from a sampler seeded by (seed, epoch), augmentation randomness from
+  the global RNG whose state is checkpointed, and a mid-epoch checkpoint records how many steps of the
+  epoch are done; ``resume`` replays nothing and skips exactly those batches.
+* **Same result on N processes** as on one with the same global batch: every process takes an interleaved
+  shard of the same permutation, so step k sees the same images in total, and DDP averages gradients.
+* Rank 0 alone prints, writes ``metrics.jsonl``, plots and checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..data import batch_collate, build_dataset, build_transforms
+from ..errors import CheckpointError, ConfigError
+from ..models import load_weights, model_defaults
+from ..tasks import TASKS
+from ..utils import atomic_write_json, atomic_write_text
+from .checkpoint import read_ema_state, read_train_state, resolve, rng_state, set_rng_state, write_checkpoint
+from .config import RunConfig, config_to_yaml, load_config
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .optim import build_ema, build_optimizer, build_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _ddp(model: nn.Module) -> DistributedDataParallel:
+    """The DDP wrapper inside a possibly compiled training model (for ``no_sync``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+class Trainer:
+    """Build everything a run needs from a :class:`RunConfig`, then :meth:`fit`."""
+
+    def __init__(self, cfg: RunConfig, resume: str | Path | None = None, dist: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist or init_distributed()
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+        seed_everything(cfg.train.seed)
+        t, world = cfg.train, self.dist.world_size
+        if t.batch_size % (world * t.grad_accum):
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes ({world}) x "
+                              f"train.grad_accum ({t.grad_accum})")
+        self.micro_batch = t.batch_size // (world * t.grad_accum)
+
+        self.train_set, self.eval_set = self._build_data()
+        self.task = TASKS[cfg.task](cfg.augment, len(self.train_set.classes))
+        self.model = self.task.build_model(cfg.model, self.train_set).to(self.dist.device)
+        seed_everything(cfg.train.seed + 1000 * self.dist.rank)  # per-process augmentation streams
+        input_size = tuple(self.model.pretrained_cfg.get("input_size", (None, None, None)))[1:]
+        mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
+        self.train_tf = build_transforms(cfg.augment, True, mean, std, input_size)
+        self.eval_tf = build_transforms(None, False, mean, std, input_size)
+
+        self.steps_per_epoch = len(self.train_set) // (self.micro_batch * world * t.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set "
+                              f"({len(self.train_set)} images)")
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, self.steps_per_epoch, t.epochs)
+        self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay else None
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            self.train_model = DistributedDataParallel(self.model)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.epoch_totals: dict[str, float] = {}  # statistics of the current epoch so far (kept across resume)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.wall_clock = 0.0
+        if resume is not None:
+            self._resume(Path(resume))
+
+    # ------------------------------------------------------------------ set-up
+    def _build_data(self):
+        cfg, m = self.cfg, self.cfg.model
+        defaults = model_defaults(m.name) if m.name else {}
+        channels = m.args.get("in_chans", defaults.get("in_chans"))
+        size = self.cfg.data.image_size
+        common = dict(data_dir=cfg.data.data_dir, image_size=size, num_channels=channels,
+                      max_bad_images=cfg.data.max_bad_images)
+        extra = {"root": cfg.data.root} if cfg.data.root else {}
+        download = cfg.data.download and self.dist.is_main
+        if self.dist.enabled and self.dist.is_main:  # rank 0 downloads first, the others wait and then read
+            build_dataset(cfg.data.name, "train", download=download, **common, **extra)
+        barrier(self.dist)
+        train = build_dataset(cfg.data.name, "train", download=download, **common, **extra)
+        evals = build_dataset(cfg.data.name, cfg.data.eval_split, download=download, **common, **extra)
+        if cfg.data.train_fraction < 1:
+            train = train.subset(cfg.data.train_fraction, seed=cfg.train.seed)
+        return train, evals
+
+    def _autocast(self):
+        if not self.cfg.train.bf16:
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
+            "epoch_totals": json.dumps(self.epoch_totals),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "history": json.dumps(self.history), "best": json.dumps(self.best), "rng": rng_state(),
+            "wall_clock": self.wall_clock, "world_size": self.dist.world_size,
+        }
+
+    def save(self, name: str = "last", model: nn.Module | None = None, with_state: bool = True) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        ema_state = self.ema.state_dict() if self.ema is not None and with_state else None
+        return write_checkpoint(self.ckpt_dir / name, model or self.model, self._train_state() if with_state else None,
+                                ema_state, {"train_config.yaml": config_to_yaml(self.cfg)})
+
+    def _resume(self, folder: Path) -> None:
+        if (folder / "checkpoints").is_dir():
+            folder = folder / "checkpoints" / "last"
+        folder = resolve(folder)
+        from ..models import read_state_dict
+
+        load_weights(self.model, read_state_dict(folder / "model.safetensors"), source=str(folder))
+        state = read_train_state(folder)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(f"{folder} was written by {state.get('world_size')} processes, resuming with "
+                                  f"{self.dist.world_size}: the data order would differ")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            ema_state = read_ema_state(folder)
+            if ema_state is None:
+                raise CheckpointError(f"{folder} has no ema.safetensors but train.ema_decay is set")
+            self.ema.load_state_dict(ema_state)
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        self.history, self.best = json.loads(state["history"]), json.loads(state["best"])
+        self.epoch_totals = json.loads(state["epoch_totals"])
+        self.wall_clock = state["wall_clock"]
+        set_rng_state(state["rng"])
+        self._log(f"resumed from {folder} at epoch {self.epoch}, step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(msg)
+
+    def _epoch_batches(self, epoch: int):
+        sampler = DistributedSampler(self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=True, seed=self.cfg.train.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        batches = BatchSampler(sampler, self.micro_batch, drop_last=True)
+        # skip the micro-batches a mid-epoch checkpoint already consumed
+        skip = self.step_in_epoch * self.cfg.train.grad_accum
+        indices = list(itertools.islice(batches, skip, self.steps_per_epoch * self.cfg.train.grad_accum))
+        # An own generator: creating the iterator must not consume the global RNG (exact resume).
+        return DataLoader(self.train_set, batch_sampler=indices, collate_fn=batch_collate,
+                          num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+
+    def _optimizer_step(self, micro_batches) -> dict[str, float]:
+        t = self.cfg.train
+        stats: dict[str, float] = {}
+        for i, (images, labels) in enumerate(micro_batches):
+            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+            with torch.no_grad():
+                images = self.train_tf(images)
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not self.dist.enabled else _ddp(self.train_model).no_sync()
+            with sync, self._autocast():
+                loss, batch_stats = self.task.training_step(self.train_model, images, labels)
+            (loss / t.grad_accum).backward()
+            for k, v in batch_stats.items():
+                stats[k] = stats.get(k, 0.0) + v
+        if self.cfg.optim.clip_grad:
+            stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return stats
+
+    def _eval_batches(self):
+        idx = list(range(self.dist.rank, len(self.eval_set), self.dist.world_size))
+        loader = DataLoader(self.eval_set, batch_sampler=BatchSampler(idx, self.cfg.train.eval_batch_size, False),
+                            collate_fn=batch_collate, num_workers=self.cfg.data.num_workers)
+        for images, labels in loader:
+            yield self.eval_tf(images.to(self.dist.device)), labels.to(self.dist.device)
+
+    def evaluate(self) -> dict[str, Any]:
+        model = self.ema.module if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
+        with self._autocast():
+            metrics = self.task.evaluate(model, self._eval_batches(), lambda t: all_reduce_sum(t, self.dist))
+        model.train(was_training)
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
+            n_params = sum(p.numel() for p in self.model.parameters())
+            self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / eval "
+                      f"{len(self.eval_set)} images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
+                      f"batch {t.batch_size} on {self.dist.world_size} process(es){' | bf16' if t.bf16 else ''}")
+        self.model.train()
+        stopped = False
+        while self.epoch < t.epochs and not stopped:
+            stopped = self._run_epoch()
+        if self.dist.is_main and not stopped and self.history:
+            last_eval = self.history[-1].get("_eval")
+            if last_eval:
+                self.task.write_artifacts(last_eval, self.out, self.model.pretrained_cfg.get("class_names"))
+        summary = self.summary(stopped)
+        if self.dist.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+            self._log(self.format_summary(summary))
+        return summary
+
+    def _run_epoch(self) -> bool:
+        """One epoch (or its remainder after a resume); True when ``max_steps`` stopped the run."""
+        t, epoch = self.cfg.train, self.epoch
+        loader = self._epoch_batches(epoch)
+        totals = self.epoch_totals
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   disable=not (self.dist.is_main and t.progress), dynamic_ncols=True, leave=True)
+        micro = iter(loader)
+        while self.step_in_epoch < self.steps_per_epoch:
+            group = list(itertools.islice(micro, t.grad_accum))
+            if len(group) < t.grad_accum:
+                break
+            stats = self._optimizer_step(group)
+            self.step += 1
+            self.step_in_epoch += 1
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            seen += int(stats.get("count", 0)) * self.dist.world_size
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss'] / max(1, stats.get('count', 1)):.4f}",
+                            lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}", img_s=f"{seen / elapsed:.0f}")
+            if t.max_steps is not None and self.step >= t.max_steps and self.step_in_epoch < self.steps_per_epoch:
+                bar.close()
+                self.wall_clock += time.perf_counter() - start
+                self.save("last")
+                self._log(f"stopped at step {self.step} (train.max_steps); resume with --resume {self.out}")
+                return True
+            if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.wall_clock += time.perf_counter() - start
+                start, seen = time.perf_counter(), 0
+                self.save("last")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        self.wall_clock += elapsed
+        record = self._epoch_record(totals, seen, elapsed)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_totals = {}
+        if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
+            metrics = self.evaluate()
+            record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"], eval_loss=metrics["loss"])
+            record["_eval"] = metrics
+            key = self.task.primary_metric
+            if not self.best or metrics[key] > self.best["value"]:
+                self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch}
+                self.save("best", model=self.ema.module if self.ema is not None else self.model, with_state=False)
+            self._log(f"epoch {self.epoch}: train loss {record['train_loss']:.4f} | eval top-1 "
+                      f"{100 * metrics['top1']:.2f}% top-5 {100 * metrics['top5']:.2f}% | "
+                      f"{record['train_img_s']:.0f} img/s")
+        self.history.append(record)
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}) + "\n")
+            from ..viz.plots import plot_curves
+
+            plot_curves(self.history, self.out / "curves.png")
+        self.save("last")
+        barrier(self.dist)
+        return t.max_steps is not None and self.step >= t.max_steps and self.epoch < t.epochs
+
+    def _epoch_record(self, totals: dict[str, float], seen: int, elapsed: float) -> dict[str, Any]:
+        reduced = all_reduce_sum(torch.tensor([totals.get("loss", 0.0), totals.get("correct", math.nan),
+                                               totals.get("count", 0.0)], dtype=torch.float64), self.dist)
+        loss, correct, count = reduced.tolist()
+        return {
+            "epoch": self.epoch + 1, "step": self.step, "train_loss": loss / max(1, count),
+            "train_acc": None if math.isnan(correct) else correct / max(1, count),
+            "lr": self.optimizer.param_groups[-1]["lr"], "train_img_s": seen / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
+
+    # ------------------------------------------------------------------ report
+    def summary(self, stopped: bool = False) -> dict[str, Any]:
+        evals = [h for h in self.history if "eval_top1" in h]
+        speeds = [h["train_img_s"] for h in self.history]
+        return {
+            "model": self.cfg.model.name,
+            "finished": not stopped and self.epoch >= self.cfg.train.epochs,
+            "epochs_done": self.epoch, "steps": self.step,
+            "best_top1": self.best.get("value"), "best_epoch": self.best.get("epoch"),
+            "final_top1": evals[-1]["eval_top1"] if evals else None,
+            "final_top5": evals[-1]["eval_top5"] if evals else None,
+            "train_wall_clock_s": self.wall_clock,
+            "train_img_s": float(np.median(speeds)) if speeds else None,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "best_checkpoint": str(self.ckpt_dir / "best"), "last_checkpoint": str(self.ckpt_dir / "last"),
+            "output_dir": str(self.out),
+        }
+
+    @staticmethod
+    def format_summary(s: dict[str, Any]) -> str:
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+        lines = [
+            "=" * 64,
+            f"{'finished' if s['finished'] else 'stopped'}: {s['model']} ({s['params'] / 1e6:.2f}M params), "
+            f"{s['epochs_done']} epochs / {s['steps']} steps",
+            f"best test top-1 {pct(s['best_top1'])} (epoch {s['best_epoch']}), final top-1 {pct(s['final_top1'])}, "
+            f"top-5 {pct(s['final_top5'])}",
+            f"training wall-clock {s['train_wall_clock_s']:.1f} s, "
+            f"{s['train_img_s'] or 0:.0f} train images/s (median epoch)",
+            f"best checkpoint: {s['best_checkpoint']}",
+            f"metrics, curves.png, confusion.png: {s['output_dir']}",
+            "=" * 64,
+        ]
+        return "\n".join(lines)
+
+
+def train(recipe: str | Path | None = None, overrides: list[str] | None = None, resume: str | Path | None = None,
+          base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train from a YAML recipe plus dotted overrides; returns the run summary (also ``summary.json``).
+
+    With ``resume`` (a run folder or checkpoint folder) the run continues where it stopped. The saved
+    ``config.yaml`` of that run is the base, so only new overrides need to be given.
+    """
+    if resume is not None and recipe is None:
+        saved = Path(resume) / "config.yaml"
+        if saved.is_file():
+            recipe = saved
+            # max_steps stopped the earlier session; it is not part of what the run trains
+            overrides = ["train.max_steps=null", *(overrides or [])]
+    cfg = load_config(recipe, overrides, base)
+    dist = init_distributed()
+    try:
+        trainer = Trainer(cfg, resume=resume, dist=dist)
+        return trainer.fit()
+    finally:
+        cleanup(dist)
+

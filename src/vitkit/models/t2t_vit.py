@@ -1,0 +1,286 @@
+"""Tokens-to-Token ViT (Yuan et al., 2021): a ViT whose tokenizer models local structure.
+
+image -> soft split (overlapping 7×7/4 windows as tokens) -> [token block -> tokens back to a map ->
+soft split 3×3/2] ×2 -> Linear to embed_dim -> [CLS] + tokens + fixed 1D sinusoid -> pre-norm blocks ->
+LayerNorm -> pooling -> head.
+
+Switches:
+
+* ``tokens_type``: ``performer`` (linear-cost kernel attention in the token blocks, the default of T2T-ViT-7..24)
+  | ``transformer`` (single-head softmax attention, the T2T-ViT_t models). See :mod:`vitkit.layers.t2t`.
+* ``t2t_kernels``: one (kernel, stride, padding) per soft split; the product of the strides is the total
+  down-sampling (16 for the official schedule). Small images get their own schedule (see the FMNIST configs).
+* ``pool``: ``cls`` | ``gap``; ``dynamic_img_size``: any image size divisible by the total stride.
+* ``qk_scale``: the backbone's attention scale (default head_dim^-0.5). The official *pretrained* factories set
+  embed_dim^-0.5, so converted ImageNet checkpoints carry that value (see :mod:`vitkit.convert.t2t`).
+
+Position embedding: the sinusoid over positions 0..N (CLS at 0) is fixed, so it is a non-persistent buffer that
+is recomputed for any token count. Changing the resolution (at load time or at forward time) needs no
+interpolation and nothing in the checkpoint depends on it.
+
+Attention maps: the performer has no attention matrix and records nothing; with ``tokens_type='transformer'``
+``attention_maps`` returns the two token-block maps (B, 1, N_i, N_i) first, then the backbone maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..errors import InputShapeError
+from ..layers import Block, check_image_batch
+from ..layers.t2t import TokensToToken, sinusoid_table
+from ..utils import to_2tuple
+from ._base import IMAGENET_MEAN, IMAGENET_STD, VitkitModel
+from ._registry import register_config
+from .vit import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
+
+POOL_TYPES = ("cls", "gap")
+TOKENS_TYPES = ("performer", "transformer")
+OFFICIAL_KERNELS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+
+
+class T2TViT(VitkitModel):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        tokens_type: str = "performer",
+        token_dim: int = 64,
+        t2t_kernels: tuple[tuple[int, int, int], ...] = OFFICIAL_KERNELS,
+        performer_kernel_ratio: float = 0.5,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        class_token: bool = True,
+        pool: str = "cls",
+        dynamic_img_size: bool = False,
+        norm_eps: float = 1e-5,
+        act: str = "gelu",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if tokens_type not in TOKENS_TYPES:
+            raise ValueError(f"tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}")
+        if pool not in POOL_TYPES:
+            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+        if pool == "cls" and not class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim
+        self.tokens_type = tokens_type
+        self.pool = pool
+        self.dynamic_img_size = dynamic_img_size
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.grad_checkpointing = False
+
+        self.tokens_to_token = TokensToToken(in_chans, embed_dim, token_dim, t2t_kernels, tokens_type, norm_eps,
+                                             performer_kernel_ratio, act)
+        r = self.tokens_to_token.reduction
+        self.reduction = (r, r)
+        if any(s % r for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} is not divisible by the total T2T stride {r}")
+        self.grid = self.tokens_to_token.output_grid(self.img_size)
+        if min(self.grid) < 1:
+            raise ValueError(f"img_size {self.img_size} is too small for the soft splits {t2t_kernels}")
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.register_buffer("pos_embed", self._pos_table(self.grid), persistent=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps, act=act)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+        self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": mean, "std": std,
+                               "interpolation": "bicubic"}
+
+    def _init_weights(self) -> None:
+        """Truncated-normal Linears and CLS token (std 0.02), zero biases; the performer's ``w`` stays as drawn."""
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        return sinusoid_table(self.num_prefix_tokens + grid[0] * grid[1], self.embed_dim)[None]
+
+    # ------------------------------------------------------------------ embedding and blocks
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        check_image_batch(x, self.in_chans, self.reduction, None if self.dynamic_img_size else self.img_size,
+                          type(self).__name__)
+        expected = self.tokens_to_token.output_grid((x.shape[-2], x.shape[-1]))
+        if min(expected) < 1:
+            raise InputShapeError(f"image size {x.shape[-2]}x{x.shape[-1]} is too small for the soft splits "
+                                  f"{self.tokens_to_token.kernels} of this {type(self).__name__}")
+        x, grid = self.tokens_to_token(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        pos = self.pos_embed if grid == self.grid else self._pos_table(grid).to(x.device)
+        return self.pos_drop(x + pos.to(x.dtype)), grid
+
+    def _run_blocks(self, x: torch.Tensor, collect: set[int] = frozenset(),
+                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        collected = []
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in collect:
+                collected.append(x)
+            if stop_after is not None and i >= stop_after:
+                break
+        return x, collected
+
+    # ------------------------------------------------------------------ the classifier interface
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> (B, prefix + tokens, D) normalised tokens."""
+        x, _ = self._embed(x)
+        x, _ = self._run_blocks(x)
+        return self.norm(x)
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "cls":
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled features (``pre_logits=True``; the official ``forward_features``) or logits."""
+        x = self.pool_tokens(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Per-block maps of the backbone tokens, as :meth:`VisionTransformer.forward_intermediates`.
+
+        ``indices``: None = every block, n = the last n, a list = those blocks (negative from the end).
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        tokens, grid = self._embed(x)
+        tokens, collected = self._run_blocks(tokens, set(take), max(take) if intermediates_only else None)
+        outputs = []
+        for out in collected:
+            out = self.norm(out) if norm else out
+            prefix, patches = out[:, :self.num_prefix_tokens], out[:, self.num_prefix_tokens:]
+            fmap = patches.reshape(out.shape[0], grid[0], grid[1], -1)
+            if output_fmt == "NCHW":
+                fmap = fmap.permute(0, 3, 1, 2)
+            outputs.append((fmap, prefix) if return_prefix_tokens else fmap)
+        return outputs if intermediates_only else (self.norm(tokens), outputs)
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None,
+                         class_names: list[str] | None = None) -> None:
+        """Replace the head (e.g. for fine-tuning on another label set)."""
+        if pool is not None:
+            if pool not in POOL_TYPES or (pool == "cls" and self.cls_token is None):
+                raise ValueError(f"invalid pool {pool!r} for this model")
+            self.pool = pool
+            self.model_args["pool"] = pool
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        cfg = dict(self.pretrained_cfg)
+        cfg.pop("class_names", None)
+        if class_names is not None:
+            if len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            cfg["class_names"] = list(class_names)
+        self.pretrained_cfg = cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone block activations in backward: less memory, about a third more compute."""
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ optimiser metadata
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"} if self.cls_token is not None else set()
+
+    @property
+    def num_lr_layers(self) -> int:
+        return len(self.blocks) + 2
+
+    def lr_layer_id(self, name: str) -> int:
+        if name.startswith(("cls_token", "tokens_to_token.")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+
+# ---------------------------------------------------------------------- registered configurations
+# name: (embed_dim, depth, num_heads, mlp_ratio), from the paper (Table 1) / the official factories; token_dim 64.
+T2T_SIZES = {
+    "7": (256, 7, 4, 2.0),
+    "10": (256, 10, 4, 2.0),
+    "12": (256, 12, 4, 2.0),
+    "14": (384, 14, 6, 3.0),
+    "19": (448, 19, 7, 3.0),
+    "24": (512, 24, 8, 3.0),
+}
+_IMAGENET_CFG = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+for _size, (_dim, _depth, _heads, _mlp) in T2T_SIZES.items():
+    _args = dict(img_size=224, token_dim=64, embed_dim=_dim, depth=_depth, num_heads=_heads, mlp_ratio=_mlp)
+    register_config(f"t2t_vit_{_size}", T2TViT, _IMAGENET_CFG, tokens_type="performer", **_args)
+    if _size in ("14", "19", "24"):  # the official T2T-ViT_t variants: softmax token transformers
+        register_config(f"t2t_vit_t_{_size}", T2TViT, _IMAGENET_CFG, tokens_type="transformer", **_args)
+
+# Fashion-MNIST (28×28, 1 channel). The official splits would shrink 28 to 7 after the first split and to 2 at the
+# end, so the first soft split keeps the resolution (3×3 windows, stride 1) and the two re-structurization steps
+# halve it as in the paper: 28 -> 28 -> 14 -> 7, i.e. 49 tokens, the token count of the patch-4 ViT FMNIST
+# configs. The backbone is the same as the ViT counterpart's (vit_fmnist_tiny: 96 wide, 6 blocks, 3 heads, mlp 2),
+# so a comparison isolates the tokenizer; token_dim = embed_dim / 6 keeps the T2T module small, and the totals
+# stay within ~3% of the ViT's (t2t_vit_fmnist_tiny 472k vs vit_fmnist_tiny 456k; small 2.47M vs 2.39M).
+FMNIST_KERNELS = ((3, 1, 1), (3, 2, 1), (3, 2, 1))
+_FMNIST_CFG = {"mean": FMNIST_MEAN, "std": FMNIST_STD, "class_names": FMNIST_CLASSES}
+_FMNIST_BASE: dict[str, Any] = dict(img_size=28, in_chans=1, num_classes=10, t2t_kernels=FMNIST_KERNELS,
+                                    mlp_ratio=2.0)
+_FMNIST_CONFIGS = {
+    "t2t_vit_fmnist_tiny": dict(embed_dim=96, depth=6, num_heads=3, token_dim=16),
+    "t2t_vit_t_fmnist_tiny": dict(embed_dim=96, depth=6, num_heads=3, token_dim=16, tokens_type="transformer"),
+    "t2t_vit_fmnist_small": dict(embed_dim=192, depth=8, num_heads=3, token_dim=32),
+}
+for _name, _cfg in _FMNIST_CONFIGS.items():
+    register_config(_name, T2TViT, _FMNIST_CFG, **{**_FMNIST_BASE, **_cfg})
