@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import VitkitError
 
@@ -149,6 +150,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 cmd_predict.configure = _predict_args
+
+
+# ---------------------------------------------------------------------------- ablate
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    from .engine.ablate import STUDIES
+
+    p.add_argument("--recipe", "--config", dest="recipe", required=True, help="the base YAML recipe")
+    p.add_argument("--study", action="append", required=True, choices=[*STUDIES, "all"],
+                   help="which claim to test (repeatable, or 'all')")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant")
+    p.add_argument("--output-dir", default="runs/ablate", help="results.jsonl, tables, plots and run folders")
+    p.add_argument("--variants", help="comma-separated subset of the study's variants")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to the base recipe for every variant")
+
+
+@command("ablate", "train the variants of a design-choice study and tabulate mean ± std accuracy")
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .engine.ablate import STUDIES, run_ablation
+
+    studies = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
+    variants = args.variants.split(",") if args.variants else None
+    run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants)
+    for s in studies:
+        print(Path(args.output_dir, f"ablation_{s}.md").read_text())
+    print(f"results: {args.output_dir}/results.jsonl, plots: {args.output_dir}/ablation_<study>.png")
+    return 0
+
+
+cmd_ablate.configure = _ablate_args
 
 
 def build_parser() -> argparse.ArgumentParser:

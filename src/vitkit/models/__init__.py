@@ -10,6 +10,7 @@ from ._registry import (
     model_family,
     register_config,
     register_model,
+    resolve_model_args,
 )
 from .t2t_vit import T2TViT
 from .vit import VisionTransformer
@@ -17,5 +18,5 @@ from .vit import VisionTransformer
 __all__ = [
     "VitkitModel", "get_model_class", "from_pretrained", "load_pretrained", "load_weights", "read_state_dict",
     "save_pretrained", "create_model", "list_models", "model_defaults", "model_family", "register_config",
-    "register_model", "VisionTransformer", "T2TViT",
+    "register_model", "resolve_model_args", "VisionTransformer", "T2TViT",
 ]

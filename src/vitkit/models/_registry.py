@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
+_CLASSES: dict[str, type] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -47,6 +49,7 @@ def register_config(name: str, cls: type, pretrained_cfg: dict[str, Any] | None 
     entrypoint.__doc__ = f"{cls.__name__} with {defaults}"
     register_model(entrypoint)
     _DEFAULTS[name] = dict(defaults)
+    _CLASSES[name] = cls
 
 
 def model_defaults(name: str) -> dict[str, Any]:
@@ -62,6 +65,20 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
     if family is not None:
         names = [n for n in names if _FAMILY[n] == family]
     return names
+
+
+def resolve_model_args(name: str, **overrides: Any) -> dict[str, Any] | None:
+    """Every constructor argument ``create_model(name, **overrides)`` would use, without building the model.
+
+    Two configurations that spell the same model differently (an explicit default vs. none) resolve to the
+    same dict. None for function entry points, whose arguments are not known up front.
+    """
+    cls = _CLASSES.get(name)
+    if cls is None:
+        return None
+    params = inspect.signature(cls.__init__).parameters
+    args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**args, **_DEFAULTS[name], **overrides}
 
 
 def model_family(name: str) -> str:

@@ -1,5 +1,5 @@
 """Pictures: training curves, confusion matrices (and later attention maps, reconstructions)."""
 
-from .plots import plot_confusion, plot_curves
+from .plots import plot_ablation, plot_confusion, plot_curves
 
-__all__ = ["plot_confusion", "plot_curves"]
+__all__ = ["plot_ablation", "plot_confusion", "plot_curves"]

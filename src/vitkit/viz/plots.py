@@ -62,3 +62,27 @@ def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None, p
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save(fig, path)
+
+
+def plot_ablation(lines: Sequence[dict[str, Any]], title: str, path: str | Path) -> None:
+    """Bars of mean test top-1 per variant (and learning rate) with ±1 std error bars over seeds."""
+    path = Path(path)
+    labels = [ln["variant"] + (f"\nlr {ln['lr']:.2g}" if "lr" in ln and len({x["lr"] for x in lines}) > 1 else "")
+              for ln in lines]
+    means = [ln["mean"] for ln in lines]
+    stds = [ln["std"] for ln in lines]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(lines) + 2), 4))
+    colors = ["tab:orange" if ln.get("best_lr") else "tab:blue" for ln in lines]
+    ax.bar(range(len(lines)), means, yerr=stds, capsize=4, color=colors)
+    ax.set_xticks(range(len(lines)), labels, rotation=30 if len(lines) > 4 else 0, ha="right" if len(lines) > 4
+                  else "center")
+    low = min(m - s for m, s in zip(means, stds)) if lines else 0
+    high = max(m + s for m, s in zip(means, stds)) if lines else 100
+    pad = max(0.5, (high - low) * 0.3)
+    ax.set_ylim(max(0, low - pad), min(100, high + pad))
+    for i, (m, s) in enumerate(zip(means, stds)):
+        ax.text(i, m + s + pad * 0.08, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel="test top-1 (%), mean ± std over seeds")
+    ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

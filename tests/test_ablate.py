@@ -1,0 +1,69 @@
+"""A tiny ablation: 2 variants x 1 seed on digits gives a table and a plot, and resumes without retraining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vitkit.engine.ablate as ablate
+from vitkit.cli import main as cli_main
+from vitkit.errors import ConfigError
+
+TINY = ["data.name=digits", "model.name=vit_fmnist_tiny", "model.args.img_size=8", "model.args.patch_size=2",
+        "model.args.embed_dim=16", "model.args.depth=1", "model.args.num_heads=2", "train.batch_size=64",
+        "train.epochs=1", "train.max_steps=null"]
+
+
+def test_tiny_ablation_table_plot_and_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "--recipe", "configs/fmnist/vit_tiny.yaml", "--study", "pos_embed", "--seeds", "1",
+            "--variants", "none,learned_1d", "--output-dir", str(out), *[a for o in TINY for a in ("--set", o)]]
+    assert cli_main(args) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["top1"] <= 1 for r in rows)
+    table = (out / "ablation_pos_embed.md").read_text()
+    assert "| none |" in table and "| learned_1d |" in table and "± " in table
+    assert (out / "ablation_pos_embed.png").stat().st_size > 1000
+    assert "results:" in capsys.readouterr().out
+
+    calls = []
+    monkeypatch.setattr(ablate, "train", lambda *a, **k: calls.append(a) or pytest.fail("retrained a done run"))
+    assert cli_main(args) == 0
+    assert calls == [] and len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_shared_variants_are_trained_once_and_lr_sweep(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_train(recipe, overrides, resume=None):
+        seen.append(tuple(overrides))
+        lr = next(float(o.split("=")[1]) for o in overrides if o.startswith("optim.lr=")) \
+            if any(o.startswith("optim.lr=") for o in overrides) else 2e-3
+        return {"final_top1": 0.5 + lr, "best_top1": 0.5 + lr, "params": 10, "train_img_s": 1.0,
+                "train_wall_clock_s": 1.0}
+
+    monkeypatch.setattr(ablate, "train", fake_train)
+    rows = ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pooling", "overlap"], 2, tmp_path, TINY)
+    assert len([r for r in rows if r["study"] == "pooling"]) == 2 * 3 * 2
+    assert len(seen) == 2 * 3 * 2 + 2  # overlap's non-overlapping variant equals the base recipe: no new run
+    table = (tmp_path / "ablation_pooling.md").read_text()
+    assert table.count("(best lr)") == 2
+
+
+def test_data_size_keeps_optimizer_steps(tmp_path, monkeypatch):
+    epochs = {}
+    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None: epochs.setdefault(
+        next(o for o in over if o.startswith("data.train_fraction")), [o for o in over if o.startswith("train.ep")])
+        and {"final_top1": 0.1, "best_top1": 0.1, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
+    ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["data_size"], 1, tmp_path, [*TINY, "train.epochs=3"],
+                        variants=["pure_10pct", "pure_100pct"])
+    assert epochs["data.train_fraction=0.1"][-1] == "train.epochs=30"
+    assert epochs["data.train_fraction=1.0"][-1] == "train.epochs=3"
+
+
+def test_unknown_study_and_variant(tmp_path):
+    with pytest.raises(ConfigError, match="unknown study"):
+        ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["colour"], 1, tmp_path)
+    with pytest.raises(ConfigError, match="none of"):
+        ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, tmp_path, TINY, variants=["x"])
