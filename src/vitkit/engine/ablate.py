@@ -73,6 +73,12 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         for kind, over in (("pure", ()), ("hybrid", ("model.name=vit_fmnist_hybrid_tiny",)))
         for frac in (0.1, 0.3, 1.0)
     ), steps_matched_fraction=True),
+    Study("t2t", "Tokens-to-Token (T2T-ViT) learns richer local structure than patch embedding and beats a ViT "
+          "of the same size on mid-size data (the T2T note).", (
+        Variant("vit", ()),
+        Variant("t2t_performer", ("model.name=t2t_vit_fmnist_tiny",)),
+        Variant("t2t_transformer", ("model.name=t2t_vit_t_fmnist_tiny",)),
+    )),
 )}
 
 
