@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..layers.attention import capture_attention
@@ -138,3 +139,148 @@ class VitkitModel(nn.Module):
     @property
     def num_lr_layers(self) -> int:
         return 1
+
+
+POOL_TYPES = ("cls", "gap", "none")
+
+
+def check_pool(pool: str, class_token: bool) -> None:
+    if pool not in POOL_TYPES:
+        raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+    if pool == "cls" and not class_token:
+        raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
+
+
+class TokenClassifier(VitkitModel):
+    """The classifier interface of isotropic token models (ViT, T2T-ViT, ...), written once.
+
+    A subclass provides ``_embed(x) -> (tokens, grid)`` (prefix tokens first), ``blocks``, ``norm``, ``head``,
+    ``pre_logits``, ``head_drop``, ``cls_token`` (or None), ``pool`` and ``num_prefix_tokens``, and may override
+    ``_before_block`` to inject position information or an attention bias per block.
+    """
+
+    grad_checkpointing = False
+    # parameter-name prefixes that belong to the input side (layer 0 of layer-wise LR decay)
+    stem_prefixes: tuple[str, ...] = ("cls_token", "patch_embed.", "pos_embed.")
+    # parameter-name prefixes indexed like blocks ("<prefix><i>.") that belong to block i
+    per_block_prefixes: tuple[str, ...] = ("blocks.",)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        raise NotImplementedError
+
+    def _before_block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens entering block ``i`` and its attention bias; ``cache`` lives for one forward pass."""
+        return x, None
+
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: set[int] = frozenset(),
+                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks; return the final tokens and the outputs of the blocks in ``collect``."""
+        cache: dict = {}
+        collected = []
+        for i, blk in enumerate(self.blocks):
+            x, bias = self._before_block(i, x, grid, cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
+            else:
+                x = blk(x, bias)
+            if i in collect:
+                collected.append(x)
+            if stop_after is not None and i >= stop_after:
+                break
+        return x, collected
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> (B, prefix + patch tokens, D) normalised tokens."""
+        x, grid = self._embed(x)
+        x, _ = self._run_blocks(x, grid)
+        return self.norm(x)
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "gap":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled features (``pre_logits=True``) or class logits."""
+        x = self.head_drop(self.pre_logits(self.pool_tokens(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Per-block feature maps for dense tasks.
+
+        ``indices``: None = every block, an int n = the last n blocks, a list = those blocks (negative counts
+        from the end). Maps are (B, D, h, w) for ``NCHW`` or (B, h, w, D) for ``NHWC``. Returns the list, or
+        ``(final_normed_tokens, list)`` unless ``intermediates_only``. With ``return_prefix_tokens`` each entry
+        is a pair (map, prefix tokens).
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        tokens, grid = self._embed(x)
+        tokens, collected = self._run_blocks(tokens, grid, set(take), max(take) if intermediates_only else None)
+        outputs = []
+        for out in collected:
+            out = self.norm(out) if norm else out
+            prefix, patches = out[:, :self.num_prefix_tokens], out[:, self.num_prefix_tokens:]
+            fmap = patches.reshape(out.shape[0], grid[0], grid[1], -1)
+            if output_fmt == "NCHW":
+                fmap = fmap.permute(0, 3, 1, 2)
+            outputs.append((fmap, prefix) if return_prefix_tokens else fmap)
+        return outputs if intermediates_only else (self.norm(tokens), outputs)
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None,
+                         class_names: list[str] | None = None) -> None:
+        """Replace the head (e.g. for fine-tuning on another label set)."""
+        if pool is not None:
+            check_pool(pool, self.cls_token is not None)
+            self.pool = pool
+            self.model_args["pool"] = pool
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        cfg = dict(self.pretrained_cfg)
+        cfg.pop("class_names", None)
+        if class_names is not None:
+            if len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            cfg["class_names"] = list(class_names)
+        self.pretrained_cfg = cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward: less memory, about a third more compute."""
+        self.grad_checkpointing = enable
+
+    @property
+    def num_lr_layers(self) -> int:
+        return len(self.blocks) + 2
+
+    def lr_layer_id(self, name: str) -> int:
+        if name.startswith(self.stem_prefixes):
+            return 0
+        if name.startswith(self.per_block_prefixes):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1

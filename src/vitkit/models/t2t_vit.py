@@ -27,23 +27,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import InputShapeError
 from ..layers import Block, check_image_batch
 from ..layers.t2t import TokensToToken, sinusoid_table
 from ..utils import to_2tuple
-from ._base import IMAGENET_MEAN, IMAGENET_STD, VitkitModel
+from ._base import IMAGENET_MEAN, IMAGENET_STD, TokenClassifier, check_pool
 from ._registry import register_config
 from .vit import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 
-POOL_TYPES = ("cls", "gap")
 TOKENS_TYPES = ("performer", "transformer")
 OFFICIAL_KERNELS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 
-class T2TViT(VitkitModel):
+class T2TViT(TokenClassifier):
+    stem_prefixes = ("cls_token", "tokens_to_token.")
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -71,10 +71,7 @@ class T2TViT(VitkitModel):
         super().__init__()
         if tokens_type not in TOKENS_TYPES:
             raise ValueError(f"tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}")
-        if pool not in POOL_TYPES:
-            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
-        if pool == "cls" and not class_token:
-            raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
+        check_pool(pool, class_token)
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -84,7 +81,6 @@ class T2TViT(VitkitModel):
         self.pool = pool
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1 if class_token else 0
-        self.grad_checkpointing = False
 
         self.tokens_to_token = TokensToToken(in_chans, embed_dim, token_dim, t2t_kernels, tokens_type, norm_eps,
                                              performer_kernel_ratio, act)
@@ -106,6 +102,8 @@ class T2TViT(VitkitModel):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.pre_logits = nn.Identity()
+        self.head_drop = nn.Identity()  # the official head has no dropout
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
@@ -139,115 +137,9 @@ class T2TViT(VitkitModel):
         pos = self.pos_embed if grid == self.grid else self._pos_table(grid).to(x.device)
         return self.pos_drop(x + pos.to(x.dtype)), grid
 
-    def _run_blocks(self, x: torch.Tensor, collect: set[int] = frozenset(),
-                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        collected = []
-        for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-            if i in collect:
-                collected.append(x)
-            if stop_after is not None and i >= stop_after:
-                break
-        return x, collected
-
-    # ------------------------------------------------------------------ the classifier interface
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> (B, prefix + tokens, D) normalised tokens."""
-        x, _ = self._embed(x)
-        x, _ = self._run_blocks(x)
-        return self.norm(x)
-
-    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "cls":
-            return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> pooled features (``pre_logits=True``; the official ``forward_features``) or logits."""
-        x = self.pool_tokens(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
-    ):
-        """Per-block maps of the backbone tokens, as :meth:`VisionTransformer.forward_intermediates`.
-
-        ``indices``: None = every block, n = the last n, a list = those blocks (negative from the end).
-        """
-        depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        tokens, grid = self._embed(x)
-        tokens, collected = self._run_blocks(tokens, set(take), max(take) if intermediates_only else None)
-        outputs = []
-        for out in collected:
-            out = self.norm(out) if norm else out
-            prefix, patches = out[:, :self.num_prefix_tokens], out[:, self.num_prefix_tokens:]
-            fmap = patches.reshape(out.shape[0], grid[0], grid[1], -1)
-            if output_fmt == "NCHW":
-                fmap = fmap.permute(0, 3, 1, 2)
-            outputs.append((fmap, prefix) if return_prefix_tokens else fmap)
-        return outputs if intermediates_only else (self.norm(tokens), outputs)
-
-    def reset_classifier(self, num_classes: int, pool: str | None = None,
-                         class_names: list[str] | None = None) -> None:
-        """Replace the head (e.g. for fine-tuning on another label set)."""
-        if pool is not None:
-            if pool not in POOL_TYPES or (pool == "cls" and self.cls_token is None):
-                raise ValueError(f"invalid pool {pool!r} for this model")
-            self.pool = pool
-            self.model_args["pool"] = pool
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        cfg = dict(self.pretrained_cfg)
-        cfg.pop("class_names", None)
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-            cfg["class_names"] = list(class_names)
-        self.pretrained_cfg = cfg
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone block activations in backward: less memory, about a third more compute."""
-        self.grad_checkpointing = enable
-
     # ------------------------------------------------------------------ optimiser metadata
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"} if self.cls_token is not None else set()
-
-    @property
-    def num_lr_layers(self) -> int:
-        return len(self.blocks) + 2
-
-    def lr_layer_id(self, name: str) -> int:
-        if name.startswith(("cls_token", "tokens_to_token.")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
 
 
 # ---------------------------------------------------------------------- registered configurations

@@ -25,19 +25,25 @@ import math
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from ..layers import Block, HybridEmbed, PatchEmbed, build_pos_embed, check_image_batch
 from ..utils import to_2tuple
-from ._base import INCEPTION_MEAN, INCEPTION_STD, VitkitModel
+from ._base import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    POOL_TYPES,  # noqa: F401  (re-exported: the pool switch values)
+    TokenClassifier,
+    check_pool,
+)
 from ._registry import register_config
 
-POOL_TYPES = ("cls", "gap", "none")
 POS_PLACEMENTS = ("input", "every_layer", "every_layer_shared")
 
 
-class VisionTransformer(VitkitModel):
+class VisionTransformer(TokenClassifier):
+    per_block_prefixes = ("blocks.", "block_pos_embeds.")
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -71,12 +77,9 @@ class VisionTransformer(VitkitModel):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if pool not in POOL_TYPES:
-            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+        check_pool(pool, class_token)
         if pos_placement not in POS_PLACEMENTS:
             raise ValueError(f"pos_placement must be one of {POS_PLACEMENTS}, got {pos_placement!r}")
-        if pool == "cls" and not class_token:
-            raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -86,7 +89,6 @@ class VisionTransformer(VitkitModel):
         self.pos_placement = pos_placement
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1 if class_token else 0
-        self.grad_checkpointing = False
 
         if stem == "patch":
             self.patch_embed: nn.Module = PatchEmbed(self.img_size, patch_size, patch_stride, in_chans, embed_dim)
@@ -157,118 +159,21 @@ class VisionTransformer(VitkitModel):
             return [self.pos_embed] + [None] * (depth - 1)
         return [self.pos_embed] * depth
 
-    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: set[int] = frozenset(),
-                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the blocks; return the final tokens and the outputs of the blocks in ``collect``."""
-        schedule = self._position_schedule()
-        biases: dict[int, torch.Tensor] = {}  # a shared relative table is evaluated once per forward
-        collected = []
-        for i, (blk, pe) in enumerate(zip(self.blocks, schedule)):
-            bias = None
-            if pe is not None:
-                if pe.is_bias:
-                    if id(pe) not in biases:
-                        biases[id(pe)] = pe(grid)[None]
-                    bias = biases[id(pe)]
-                else:
-                    x = pe(x, grid)
-            if i == 0:
-                x = self.pos_drop(x)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
+    def _before_block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "schedule" not in cache:
+            cache["schedule"] = self._position_schedule()
+        pe, bias = cache["schedule"][i], None
+        if pe is not None:
+            if pe.is_bias:  # a shared relative table is evaluated once per forward pass
+                if id(pe) not in cache:
+                    cache[id(pe)] = pe(grid)[None]
+                bias = cache[id(pe)]
             else:
-                x = blk(x, bias)
-            if i in collect:
-                collected.append(x)
-            if stop_after is not None and i >= stop_after:
-                break
-        return x, collected
-
-    # ------------------------------------------------------------------ the classifier interface
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> (B, prefix + patches, D) normalised tokens."""
-        x, grid = self._embed(x)
-        x, _ = self._run_blocks(x, grid)
-        return self.norm(x)
-
-    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "cls":
-            return x[:, 0]
-        if self.pool == "gap":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> pooled features (``pre_logits=True``) or class logits."""
-        x = self.head_drop(self.pre_logits(self.pool_tokens(x)))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
-    ):
-        """Per-block feature maps for dense tasks.
-
-        ``indices``: None = every block, an int n = the last n blocks, a list = those blocks (negative counts
-        from the end). Maps are (B, D, h, w) for ``NCHW`` or (B, h, w, D) for ``NHWC``. Returns the list, or
-        ``(final_normed_tokens, list)`` unless ``intermediates_only``. With ``return_prefix_tokens`` each entry
-        is a pair (map, prefix tokens).
-        """
-        depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        tokens, grid = self._embed(x)
-        tokens, collected = self._run_blocks(tokens, grid, set(take), max(take) if intermediates_only else None)
-        outputs = []
-        for out in collected:
-            out = self.norm(out) if norm else out
-            prefix, patches = out[:, :self.num_prefix_tokens], out[:, self.num_prefix_tokens:]
-            fmap = patches.reshape(out.shape[0], grid[0], grid[1], -1)
-            if output_fmt == "NCHW":
-                fmap = fmap.permute(0, 3, 1, 2)
-            outputs.append((fmap, prefix) if return_prefix_tokens else fmap)
-        return outputs if intermediates_only else (self.norm(tokens), outputs)
-
-    def reset_classifier(self, num_classes: int, pool: str | None = None,
-                         class_names: list[str] | None = None) -> None:
-        """Replace the head (e.g. for fine-tuning on another label set)."""
-        if pool is not None:
-            if pool not in POOL_TYPES or (pool == "cls" and self.cls_token is None):
-                raise ValueError(f"invalid pool {pool!r} for this model")
-            self.pool = pool
-            self.model_args["pool"] = pool
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        cfg = dict(self.pretrained_cfg)
-        cfg.pop("class_names", None)
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-            cfg["class_names"] = list(class_names)
-        self.pretrained_cfg = cfg
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward: less memory, about a third more compute."""
-        self.grad_checkpointing = enable
+                x = pe(x, grid)
+        if i == 0:
+            x = self.pos_drop(x)
+        return x, bias
 
     # ------------------------------------------------------------------ optimiser metadata
     def no_weight_decay(self) -> set[str]:
@@ -277,17 +182,6 @@ class VisionTransformer(VitkitModel):
             if name.startswith(("pos_embed.", "block_pos_embeds.")):
                 names.add(name)
         return names
-
-    @property
-    def num_lr_layers(self) -> int:
-        return len(self.blocks) + 2
-
-    def lr_layer_id(self, name: str) -> int:
-        if name.startswith(("cls_token", "patch_embed.", "pos_embed.")):
-            return 0
-        if name.startswith(("blocks.", "block_pos_embeds.")):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
 
 
 # ---------------------------------------------------------------------- registered configurations
