@@ -239,3 +239,15 @@ def test_fmnist_configs_match_the_vit_token_count_and_size():
         assert cfg["input_size"] == (1, 28, 28) and cfg["mean"] == (0.2860,) and len(cfg["class_names"]) == 10
         with torch.no_grad():
             assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cli_passes_constructor_arguments_the_weights_cannot_tell(tmp_path):
+    weights, io = _reference("transformer")
+    src = tmp_path / "t2t.pth"
+    torch.save(weights, src)
+    assert cli_main(["convert", "t2t", str(src), str(tmp_path / "out"), "--arg", "num_heads=2"]) == 0
+    model = vitkit.from_pretrained(tmp_path / "out").eval()
+    assert model.model_args["num_heads"] == 2
+    with torch.no_grad():
+        assert _max_diff(model(io["input"]), io["logits"]) <= TOL
+    assert cli_main(["convert", "t2t", str(src), str(tmp_path / "bad"), "--arg", "num_heads"]) == 2

@@ -53,13 +53,30 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=sorted(CONVERTERS), help="the checkpoint's origin")
     p.add_argument("src", help="the foreign checkpoint (folder or file)")
     p.add_argument("dst", help="the vitkit checkpoint folder to write")
+    p.add_argument("--arg", dest="args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model constructor argument the weights cannot tell, e.g. --arg num_heads=2 (repeatable)")
+
+
+def parse_key_values(items: list[str]) -> dict:
+    """``["num_heads=2", "dynamic_img_size=true"]`` -> ``{"num_heads": 2, "dynamic_img_size": True}`` (YAML values)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r} must look like key=value")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 @command("convert", "convert a foreign checkpoint into a vitkit checkpoint folder")
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    model = convert(args.kind, args.src, args.dst)
+    model = convert(args.kind, args.src, args.dst, **parse_key_values(args.args))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({type(model).__name__}, {n / 1e6:.2f}M parameters)")
     return 0

@@ -12,13 +12,16 @@ CONVERTERS = {
 }
 
 
-def convert(kind: str, src: str, dst: str):
-    """Run the converter ``kind`` (see ``CONVERTERS``) from ``src`` to a vitkit folder ``dst``."""
+def convert(kind: str, src: str, dst: str, **overrides):
+    """Run the converter ``kind`` (see ``CONVERTERS``) from ``src`` to a vitkit folder ``dst``.
+
+    ``overrides`` are constructor arguments the weights cannot tell (e.g. ``num_heads`` for T2T-ViT).
+    """
     try:
         fn = CONVERTERS[kind]
     except KeyError:
         raise ValueError(f"unknown converter {kind!r}; choose one of {sorted(CONVERTERS)}") from None
-    return fn(src, dst)
+    return fn(src, dst, **overrides)
 
 
 __all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit", "convert_t2t",

@@ -108,12 +108,15 @@ def convert_hf_vit_state_dict(state: dict[str, torch.Tensor], depth: int,
     return out
 
 
-def load_hf_vit(src: str | os.PathLike) -> VisionTransformer:
-    """Build a vitkit ViT from a local HF ViT folder (config.json + model.safetensors or pytorch_model.bin)."""
+def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
+    """Build a vitkit ViT from a local HF ViT folder (config.json + model.safetensors or pytorch_model.bin).
+
+    ``overrides`` change constructor arguments that the weights do not fix (``dynamic_img_size=True``, ...).
+    """
     src = Path(src)
     config, state = read_hf_folder(src)
     state = normalize_hf_vit_keys(state)
-    args = hf_vit_args(config, state, str(src / "config.json"))
+    args = {**hf_vit_args(config, state, str(src / "config.json")), **overrides}
     model = VisionTransformer(**args)
     load_weights(model, convert_hf_vit_state_dict(state, args["depth"], str(src)), source=str(src))
     cfg = dict(model.pretrained_cfg)
@@ -131,8 +134,8 @@ def load_hf_vit(src: str | os.PathLike) -> VisionTransformer:
     return model
 
 
-def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike) -> VisionTransformer:
+def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     """Convert an HF ViT folder into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_hf_vit(src)
+    model = load_hf_vit(src, **overrides)
     model.save_pretrained(dst)
     return model

@@ -103,9 +103,26 @@ class Attention(AttentionMapSource, nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.mix(x, attn_bias)))
+
+    def mix(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
+            ) -> torch.Tensor:
+        """Attention up to (not including) the output projection: (B, N, C) -> (B, N_query, C).
+
+        Separate from :meth:`forward` so that fused inference blocks can hand the projection the residual too.
+        ``queries`` keeps only those query tokens (keys and values stay complete), e.g. ``slice(0, 1)`` when
+        only the CLS token's output is needed.
+
+        q, k and v stay strided views of the qkv output: SDPA's CPU flash kernel takes any strides, and making
+        them contiguous only adds copies (measured slower). Its output is laid out (B, N, heads, head_dim) in
+        memory, so the transpose + reshape below costs nothing.
+        """
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if queries is not None:
+            q = q[:, :, queries]
+            if attn_bias is not None and attn_bias.shape[-2] != 1:
+                attn_bias = attn_bias[..., queries, :]
         out = self._attend(q, k, v, self.scale, attn_bias, self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(B, q.shape[2], C)
