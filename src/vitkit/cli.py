@@ -169,6 +169,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 cmd_predict.configure = _predict_args
 
 
+# ---------------------------------------------------------------------------- bench
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .benchmark import add_bench_args
+
+    add_bench_args(p)
+
+
+@command("bench", "time vitkit against transformers (and timm) ViTs on this CPU, with the matmul peak")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import run_bench_args
+
+    return run_bench_args(args)
+
+
+cmd_bench.configure = _bench_args
+
+
 # ---------------------------------------------------------------------------- ablate
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     from .engine.ablate import STUDIES

@@ -108,6 +108,9 @@ def run_key(cfg) -> str:
     if resolved is not None:
         data["model"]["args"] = resolved
     data.pop("output_dir", None)
+    for how_not_what in ("threads", "progress"):  # these change speed or display, not the trained model
+        data["train"].pop(how_not_what, None)
+    data["data"].pop("num_workers", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -344,8 +344,9 @@ class Trainer:
             f"{s['epochs_done']} epochs / {s['steps']} steps",
             f"best test top-1 {pct(s['best_top1'])} (epoch {s['best_epoch']}), final top-1 {pct(s['final_top1'])}, "
             f"top-5 {pct(s['final_top5'])}",
-            f"training wall-clock {s['train_wall_clock_s']:.1f} s, "
-            f"{s['train_img_s'] or 0:.0f} train images/s (median epoch)",
+            f"training wall-clock {s['train_wall_clock_s']:.1f} s, " + (
+                "train images/s n/a (no full epoch)" if s["train_img_s"] is None
+                else f"{s['train_img_s']:.0f} train images/s (median epoch)"),
             f"best checkpoint: {s['best_checkpoint']}",
             f"metrics, curves.png, confusion.png: {s['output_dir']}",
             "=" * 64,

@@ -118,7 +118,7 @@ class Attention(AttentionMapSource, nn.Module):
         memory, so the transpose + reshape below costs nothing.
         """
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if queries is not None:
             q = q[:, :, queries]

@@ -1,0 +1,239 @@
+"""The fast inference paths give the exact path's outputs, within stated tolerances (no timing here).
+
+Tolerances (logits of small random-but-spread models, whose logits have a std of about 1):
+
+* fp32 prepared (packed oneDNN GEMMs, fused GELU/residual, CLS shortcut) vs the plain model: max |Δ| ≤ 1e-5
+  (only the summation order of the GEMMs differs);
+* bf16 vs fp32: relative L2 error ≤ 3e-2 (bf16 keeps 8 significant bits; errors average out over the GEMMs);
+* torch.compile vs eager (same precision): fp32 max |Δ| ≤ 1e-4, bf16 relative L2 ≤ 3e-2;
+* int8 dynamic quantization vs fp32: relative L2 ≤ 0.1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.benchmark import (
+    MODEL_SPECS,
+    ContentionMeter,
+    add_bench_args,
+    format_table,
+    realistic_images,
+    vit_flops,
+)
+from vitkit.engine.inference import (
+    FusedBlock,
+    PackedLinear,
+    native_bf16_supported,
+    prepare_for_inference,
+    resolve_precision,
+)
+from vitkit.models.vit import VisionTransformer
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built in")
+
+
+def _spread(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random init gives near-constant logits; spread norms, biases and weights like a trained model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.1 if p.ndim == 1 and "norm" in name else (0.05 if p.ndim == 1 else 0.05)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _tiny(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=10)
+    args.update(kw)
+    return _spread(VisionTransformer(**args))
+
+
+def _ref(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("kw", [
+    {},
+    {"init_values": 0.1},  # LayerScale: blocks keep the unfused residual
+    {"pos_embed": "relative", "pos_placement": "every_layer"},  # attention bias, sliced for the CLS query
+    {"pool": "gap"},  # no CLS shortcut
+    {"act": "quick_gelu"},  # no oneDNN post-op: plain activation after a packed GEMM
+    {"act": "gelu_tanh", "qkv_bias": False},
+    {"pos_placement": "every_layer_shared"},
+])
+def test_fp32_prepared_matches_plain(kw):
+    model = _tiny(**kw)
+    ref = _ref(model, X)
+    fast = prepare_for_inference(model, "fp32")
+    assert fast.dtype == torch.float32
+    assert (fast(X) - ref).abs().max().item() <= 1e-5
+    assert fast.info["cls_shortcut"] == (kw.get("pool", "cls") == "cls")
+
+
+@needs_onednn
+def test_fusion_is_applied_and_state_dict_unchanged():
+    model = _tiny()
+    keys = list(model.state_dict())
+    fast = prepare_for_inference(model, "fp32")
+    assert list(fast.model.state_dict()) == keys
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fast.model.state_dict()[k])
+    assert all(isinstance(b, FusedBlock) for b in fast.model.blocks)
+    assert isinstance(fast.model.blocks[0].mlp.fc1, PackedLinear)
+    assert fast.model.blocks[0].mlp.fc1.post_op[0] == "gelu"
+    assert fast.info["packed_linear"] == 3 * 4 + 1
+    # the original model is untouched (inplace=False)
+    assert type(model.blocks[0]) is not FusedBlock and type(model.blocks[0].attn.qkv) is torch.nn.Linear
+
+
+@needs_onednn
+def test_shortcut_and_fusion_switches_agree():
+    model = _tiny()
+    outs = [prepare_for_inference(model, "fp32", fuse=f, cls_shortcut=s)(X) for f in (True, False)
+            for s in (True, False)]
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max().item() <= 1e-5
+
+
+@needs_onednn
+def test_bf16_close_to_fp32():
+    model = _tiny()
+    ref = _ref(model, X)
+    fast = prepare_for_inference(model, "bf16")
+    out = fast(X)
+    assert out.dtype == torch.float32 and fast.model.head.weight.dtype == torch.bfloat16
+    assert _rel(out, ref) <= 3e-2
+
+
+def test_precision_auto_follows_hardware():
+    assert resolve_precision("auto") == (torch.bfloat16 if native_bf16_supported() else torch.float32)
+    assert resolve_precision("fp32") == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16")
+    with pytest.raises(ValueError, match="quantize"):
+        prepare_for_inference(_tiny(), quantize="int4")
+
+
+@needs_onednn
+def test_attention_maps_on_prepared_model():
+    model = _tiny()
+    fast = prepare_for_inference(model, "fp32")
+    with vitkit.capture_attention(fast) as maps:
+        out = fast(X)
+    assert len(maps) == 3 and all(m.shape == (4, 3, 65, 65) for m in maps)  # full maps, no CLS shortcut
+    assert (out - _ref(model, X)).abs().max().item() <= 1e-5
+    assert torch.allclose(maps[0].sum(-1), torch.ones(4, 3, 65), atol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_follow_weight_updates():
+    model = _tiny()
+    fast = prepare_for_inference(model, "fp32")
+    other = _tiny()
+    _spread(other, seed=5)
+    fast.model.load_state_dict(other.state_dict())
+    assert (fast(X) - _ref(other, X)).abs().max().item() <= 1e-5
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_int8_dynamic_quantization_drift():
+    model = _tiny(embed_dim=96, num_heads=4)
+    ref = _ref(model, X)
+    fast = prepare_for_inference(model, "auto", quantize="int8")
+    assert fast.dtype == torch.float32 and fast.info["quantized_linear"] == 3 * 4 + 1
+    assert _rel(fast(X), ref) <= 0.1
+    with pytest.raises(ValueError, match="int8"):
+        prepare_for_inference(model, "bf16", quantize="int8")
+
+
+def _compile_or_skip(model, precision):
+    try:
+        fast = prepare_for_inference(model, precision, compile=True)
+        return fast, fast(X)
+    except Exception as e:  # no C++ toolchain for inductor, unsupported platform, ...
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {str(e)[:200]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_matches_eager(precision):
+    model = _tiny()
+    fast, out = _compile_or_skip(model, precision)
+    eager = prepare_for_inference(model, precision)(X)
+    assert fast.compile_seconds is not None and fast.compile_seconds > 0
+    if precision == "fp32":
+        assert (out - eager).abs().max().item() <= 1e-4
+    else:
+        assert _rel(out, _ref(model, X)) <= 3e-2
+
+
+def test_hf_parity_of_prepared_fp32(tmp_path):
+    pytest.importorskip("transformers")
+    from vitkit.benchmark import build_hf_vit, vitkit_from_hf
+
+    spec = dict(MODEL_SPECS["vit_s16"], embed_dim=48, depth=2, num_heads=3, mlp_dim=96, img_size=32,
+                patch_size=8, num_classes=7)
+    hf = build_hf_vit(spec, "sdpa")
+    fast = prepare_for_inference(vitkit_from_hf(hf), "fp32")
+    with torch.no_grad():
+        assert (hf(X).logits - fast(X)).abs().max().item() <= 1e-5
+
+
+def test_flop_count():
+    # ViT-S/16 and ViT-B/16 at 224: 9.2 and 35.1 GFLOP (2 x MACs, attention included; 4.6 and 17.6 GMACs)
+    assert abs(vit_flops(**MODEL_SPECS["vit_s16"]) / 1e9 - 9.2) < 0.05
+    assert abs(vit_flops(**MODEL_SPECS["vit_b16"]) / 1e9 - 35.1) < 0.05
+    d, n = 384, 197
+    per_block = 2 * n * (4 * d * d + 2 * d * 1536) + 4 * n * n * d
+    assert vit_flops(**MODEL_SPECS["vit_s16"]) == 2 * 196 * 768 * d + 12 * per_block + 2 * d * 1000
+
+
+def test_bench_helpers():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    args = p.parse_args(["--quick", "--batches", "1"])
+    assert args.quick and args.batches == [1]
+    meter = ContentionMeter()
+    with meter.measure() as m:
+        sum(range(10000))
+    assert 0.0 <= m["contention"] <= 1.0
+    x = realistic_images(2, 32)
+    assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1.0
+    row = dict(model="ViT-S/16", batch=1, precision="fp32", name="vitkit", library="vitkit", is_peer=False,
+               img_s=10.0, ms=100.0, spread=0.0, ratio=1.2, gflops=92.0, peak_fraction=0.5, samples=5,
+               discarded=0, compile_s=None, rss_base_mb=300.0, rss_peak_mb=400.0, kernels="flash", note="")
+    meta = dict(cpu="cpu", threads=2, torch="2", timm=False, allocator_tuned=True,
+                peak={"fp32": {"gflops": 184.0, "shape": (1, 1, 1)}, "bf16": {"gflops": 1000.0, "shape": (1, 1, 1)}})
+    text = format_table({"meta": meta, "rows": [row], "accuracy": []})
+    assert "| ViT-S/16 | 1 | fp32 | vitkit | 10.0 | 1.20 |" in text
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", vitkit.list_models())
+def test_every_registered_model_prepares_exactly(name):
+    """Any family (hybrids, T2T, ...) goes through prepare_for_inference; fp32 stays within 1e-5."""
+    from _tiny import tiny
+
+    over, shape = tiny(name)
+    torch.manual_seed(0)
+    model = _spread(vitkit.create_model(name, **over))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
+    ref = _ref(model, x)
+    assert (prepare_for_inference(model, "fp32")(x) - ref).abs().max().item() <= 1e-5
+    assert _rel(prepare_for_inference(model, "bf16")(x), ref) <= 5e-2
