@@ -1,16 +1,17 @@
 """Accuracy-vs-time of a training recipe on this machine: trains it with the engine and prints a RESULTS row.
 
-    python benchmarks/bench_recipe.py --config configs/fmnist/vit_fast.yaml
+    torchrun --nproc_per_node=2 benchmarks/bench_recipe.py --config configs/fmnist/vit_fast.yaml
     python benchmarks/bench_recipe.py --config configs/fmnist/vit_best.yaml --set train.epochs=60
 
 The whole wall-clock (data loading, training, every evaluation, checkpoints) is measured around the call; the
-engine's own summary gives the training-only time and the median training images/s.
+engine's own summary gives the training-only time and the median training images/s (all processes together).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     s = train(args.config, [*args.overrides, f"output_dir={out}"])
     total = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+        return 0
     row = {"recipe": args.config, "overrides": args.overrides, "model": s["model"], "params": s["params"],
            "epochs": s["epochs_done"], "best_top1": s["best_top1"], "final_top1": s["final_top1"],
            "train_wall_clock_s": s["train_wall_clock_s"], "total_wall_clock_s": total,
-           "train_img_s": s["train_img_s"], "threads": torch.get_num_threads(), "torch": torch.__version__}
+           "train_img_s": s["train_img_s"], "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     Path(out, "bench_recipe.json").write_text(json.dumps(row, indent=2))
-    cmd = " ".join(["python benchmarks/bench_recipe.py --config", args.config, *[f"--set {o}" for o in args.overrides]])
+    launcher = f"torchrun --nproc_per_node={row['processes']}" if row["processes"] > 1 else "python"
+    cmd = " ".join([launcher, "benchmarks/bench_recipe.py --config", args.config, *[f"--set {o}" for o in args.overrides]])
     print("| recipe | model | params | epochs | final test top-1 | best test top-1 | train wall-clock "
           "| total wall-clock | train img/s |")
     print("|---|---|---|---|---|---|---|---|---|")
