@@ -241,3 +241,12 @@ def test_trainer_rejects_indivisible_batch():
 
     with pytest.raises(ConfigError, match="divisible by processes"):
         Trainer(cfg, dist=DistInfo(world_size=2))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "fmnist").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_builds(recipe):
+    """A typo in a shipped recipe (key, value or model argument) must fail here, not an hour into a run."""
+    cfg = load_config(REPO / "configs" / "fmnist" / recipe)
+    model = vitkit.create_model(cfg.model.name, **cfg.model.args)
+    logits = model(torch.zeros(2, model.pretrained_cfg["input_size"][0], 28, 28))
+    assert logits.shape == (2, 10)
