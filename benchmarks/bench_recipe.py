@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
            "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     Path(out, "bench_recipe.json").write_text(json.dumps(row, indent=2))
     launcher = f"torchrun --nproc_per_node={row['processes']}" if row["processes"] > 1 else "python"
-    cmd = " ".join([launcher, "benchmarks/bench_recipe.py --config", args.config, *[f"--set {o}" for o in args.overrides]])
+    sets = [f"--set {o}" for o in args.overrides]
+    cmd = " ".join([launcher, "benchmarks/bench_recipe.py --config", args.config, *sets])
     print("| recipe | model | params | epochs | final test top-1 | best test top-1 | train wall-clock "
           "| total wall-clock | train img/s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -45,8 +45,9 @@ def test_shared_variants_are_trained_once_and_lr_sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablate, "train", fake_train)
     rows = ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pooling", "overlap"], 2, tmp_path, TINY)
-    assert len([r for r in rows if r["study"] == "pooling"]) == 2 * 3 * 2
-    assert len(seen) == 2 * 3 * 2 + 2  # overlap's non-overlapping variant equals the base recipe: no new run
+    n_lr = len(ablate.STUDIES["pooling"].lr_multipliers)
+    assert len([r for r in rows if r["study"] == "pooling"]) == 2 * n_lr * 2
+    assert len(seen) == 2 * n_lr * 2 + 2  # overlap's non-overlapping variant equals the base recipe: no new run
     table = (tmp_path / "ablation_pooling.md").read_text()
     assert table.count("(best lr)") == 2
 

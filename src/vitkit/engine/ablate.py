@@ -56,7 +56,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
           "tuned for each.", (
         Variant("cls", (f"{M}pool=cls",)),
         Variant("gap", (f"{M}pool=gap", f"{M}class_token=false")),
-    ), lr_multipliers=(0.5, 1.0, 2.0)),
+    ), lr_multipliers=(0.5, 1.0, 2.0, 4.0)),
     Study("overlap", "Overlapping patches barely differ from non-overlapping ones.", (
         Variant("non_overlapping", ()),
         # twice the base patch size at the base stride: each patch shares half its width with a neighbour,
