@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,22 @@ def test_unknown_study_and_variant(tmp_path):
         ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["colour"], 1, tmp_path)
     with pytest.raises(ConfigError, match="none of"):
         ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, tmp_path, TINY, variants=["x"])
+
+
+def test_parallel_jobs_train_each_run_once_in_worker_processes(tmp_path):
+    """--jobs 2: two real (tiny) trainings in spawned workers, recorded once each, then nothing left to do."""
+    out = tmp_path / "abl"
+    rows = ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY,
+                               variants=["none", "learned_1d"], jobs=2)
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in results) == sorted(r["key"] for r in rows) and len(results) == 2
+    assert {r["variant"] for r in rows} == {"none", "learned_1d"}
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for r in results:  # each worker ran with cores // jobs threads, recorded in its resolved config
+        assert f"threads: {threads}" in (Path(r["run_dir"]) / "config.yaml").read_text()
+    again = ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY,
+                                variants=["none", "learned_1d"], jobs=2)
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConfigError, match="jobs"):
+        ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY, jobs=0)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import statistics
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,19 +124,57 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int, model: str) -> dict[str, Any]:
+    """Train one variant (resuming its folder if a checkpoint is there) and keep what the tables need."""
+    resume = run_dir if (run_dir / "checkpoints" / "last").is_dir() else None
+    summary = train(recipe, [*over, f"output_dir={run_dir}", "train.progress=false"], resume=resume)
+    return {"top1": summary["final_top1"], "best_top1": summary["best_top1"], "params": summary["params"],
+            "train_img_s": summary["train_img_s"], "wall_clock_s": summary["train_wall_clock_s"],
+            "epochs": epochs, "model": model, "run_dir": str(run_dir)}
+
+
+def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, str]], out: Path, jobs: int,
+                   record: Callable[[str, dict[str, Any]], None], threads_fixed: bool = False) -> None:
+    """Run every pending training, ``jobs`` at a time, and record each one as soon as it ends.
+
+    On a small CPU, several single-threaded runs side by side use the cores better than one run that splits
+    small matrix products over threads; each worker gets ``cores // jobs`` threads unless the recipe fixes
+    ``train.threads`` (``threads_fixed``).
+    """
+    if jobs <= 1:
+        for key, (over, epochs, model) in pending.items():
+            record(key, _run_record(recipe, over, out / "runs" / key, epochs, model))
+        return
+    threads = [] if threads_fixed else [f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}"]
+    # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an undefined state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_record, recipe, [*threads, *over], out / "runs" / key, epochs, model): key
+                   for key, (over, epochs, model) in pending.items()}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
+
+
 def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir: str | Path,
-                 overrides: list[str] | None = None, variants: list[str] | None = None) -> list[dict[str, Any]]:
-    """Train every (study, variant, lr, seed) not yet done; write results, tables and plots; return rows."""
+                 overrides: list[str] | None = None, variants: list[str] | None = None,
+                 jobs: int = 1) -> list[dict[str, Any]]:
+    """Train every (study, variant, lr, seed) not yet done; write results, tables and plots; return rows.
+
+    ``jobs`` trainings run side by side (separate processes); results are appended as each one ends, so an
+    interrupted ablation resumes with what is left.
+    """
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise ConfigError(f"unknown study {unknown}; choose from {sorted(STUDIES)} or 'all'")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     done = {r["key"]: r for r in _read_results(results_path)}
     base_over = list(overrides or [])
     base_cfg = load_config(recipe, base_over)
-    rows: list[dict[str, Any]] = []
+    planned: list[tuple[str, dict[str, Any]]] = []  # (key, row without results), in table order
+    pending: dict[str, tuple[list[str], int, str]] = {}  # runs to train, each key once
     for study_name in studies:
         study = STUDIES[study_name]
         chosen = [v for v in study.variants if variants is None or v.label in variants]
@@ -147,20 +189,17 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
                     cfg = load_config(recipe, over)
                     key = run_key(cfg)
                     if key not in done:
-                        run_dir = out / "runs" / key
-                        resume = run_dir if (run_dir / "checkpoints" / "last").is_dir() else None
-                        summary = train(recipe, [*over, f"output_dir={run_dir}", "train.progress=false"],
-                                        resume=resume)
-                        done[key] = {
-                            "key": key, "top1": summary["final_top1"], "best_top1": summary["best_top1"],
-                            "params": summary["params"], "train_img_s": summary["train_img_s"],
-                            "wall_clock_s": summary["train_wall_clock_s"], "epochs": cfg.train.epochs,
-                            "model": cfg.model.name, "run_dir": str(run_dir),
-                        }
-                        with open(results_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(done[key]) + "\n")
-                    rows.append({**done[key], "study": study_name, "variant": variant.label, "seed": seed,
-                                 "lr": cfg.optim.lr, "lr_mult": lr_mult, "overrides": over})
+                        pending.setdefault(key, (over, cfg.train.epochs, cfg.model.name))
+                    planned.append((key, {"study": study_name, "variant": variant.label, "seed": seed,
+                                          "lr": cfg.optim.lr, "lr_mult": lr_mult, "overrides": over}))
+
+    def record(key: str, result: dict[str, Any]) -> None:
+        done[key] = {"key": key, **result}
+        with open(results_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(done[key]) + "\n")
+
+    _train_pending(recipe, pending, out, jobs, record, threads_fixed=base_cfg.train.threads is not None)
+    rows = [{**done[key], **row} for key, row in planned]
     for study_name in studies:
         study_rows = [r for r in rows if r["study"] == study_name]
         atomic_write_text(out / f"ablation_{study_name}.md", format_table(STUDIES[study_name], study_rows))
