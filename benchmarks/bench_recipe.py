@@ -1,7 +1,7 @@
 """Accuracy-vs-time of a training recipe on this machine: trains it with the engine and prints a RESULTS row.
 
     torchrun --nproc_per_node=2 benchmarks/bench_recipe.py --config configs/fmnist/vit_fast.yaml
-    python benchmarks/bench_recipe.py --config configs/fmnist/vit_wide.yaml --set train.epochs=20
+    python benchmarks/bench_recipe.py --config configs/fmnist/vit_fast.yaml --set model.args.embed_dim=128
 
 The whole wall-clock (data loading, training, every evaluation, checkpoints) is measured around the call; the
 engine's own summary gives the training-only time and the median training images/s (all processes together).
