@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
         return 0
     row = {"recipe": args.config, "overrides": args.overrides, "model": s["model"], "params": s["params"],
-           "epochs": s["epochs_done"], "best_top1": s["best_top1"], "final_top1": s["final_top1"],
+           "epochs": s["epochs_done"], "best_top1": s["best"]["top1"], "final_top1": s["final"]["top1"],
            "train_wall_clock_s": s["train_wall_clock_s"], "total_wall_clock_s": total,
            "train_img_s": s["train_img_s"], "threads": torch.get_num_threads(), "torch": torch.__version__,
            "processes": int(os.environ.get("WORLD_SIZE", "1"))}
@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| recipe | model | params | epochs | final test top-1 | best test top-1 | train wall-clock "
           "| total wall-clock | train img/s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| `{cmd}` | {s['model']} | {s['params'] / 1e6:.2f}M | {s['epochs_done']} | {100 * s['final_top1']:.2f}% | "
-          f"{100 * s['best_top1']:.2f}% | {s['train_wall_clock_s'] / 60:.1f} min | {total / 60:.1f} min | "
+    final, best = s["final"]["top1"], s["best"]["top1"]
+    print(f"| `{cmd}` | {s['model']} | {s['params'] / 1e6:.2f}M | {s['epochs_done']} | {100 * final:.2f}% | "
+          f"{100 * best:.2f}% | {s['train_wall_clock_s'] / 60:.1f} min | {total / 60:.1f} min | "
           f"{s['train_img_s']:.0f} |")
     return 0
 

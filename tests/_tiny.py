@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitkit.models import model_defaults, model_family
+from vitkit.models import TokenClassifier, model_defaults, model_family, registered_class
 
 NUM_CLASSES = 5
 
@@ -35,12 +35,40 @@ def _t2t(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]
     return over, (defaults.get("in_chans", 3), size, size)
 
 
-FAMILIES = {"vit": _vit, "t2t_vit": _t2t}
+def _encoder_wrapper(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """Models built around a registered encoder (``encoder=<name>``, ``encoder_args``): a tiny encoder."""
+    encoder, shape = tiny(defaults["encoder"])
+    encoder.pop("num_classes", None)  # wrappers build their encoder without a head
+    return dict(encoder_args=encoder), shape
+
+
+def _mae(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    over, shape = _encoder_wrapper(defaults)
+    return dict(over, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2), shape
+
+
+def _simclr(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    encoder, shape = _vit(model_defaults(defaults["encoder"]))
+    encoder.pop("num_classes")  # the encoder has no classifier; the projector's width stands in for it
+    return dict(encoder_args=encoder, proj_hidden_dim=16, proj_dim=NUM_CLASSES), shape
+
+
+FAMILIES = {"vit": _vit, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
+
+
+def is_classifier(name: str) -> bool:
+    """Registered models with the classifier interface (``forward_features`` + ``forward_head``, a tensor out);
+    MAE returns a loss, predictions and a mask instead."""
+    cls = registered_class(name)
+    return cls is None or issubclass(cls, TokenClassifier) or all(
+        hasattr(cls, m) for m in ("forward_features", "forward_head", "forward_intermediates"))
 
 
 def tiny(name: str) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """(overrides, input shape C×H×W) for a registered model."""
-    family = model_family(name)
-    if family not in FAMILIES:
-        raise AssertionError(f"no tiny config for family {family!r}: add one to tests/_tiny.py")
-    return FAMILIES[family](model_defaults(name))
+    family, defaults = model_family(name), model_defaults(name)
+    if family in FAMILIES:
+        return FAMILIES[family](defaults)
+    if "encoder" in defaults:
+        return _encoder_wrapper(defaults)
+    raise AssertionError(f"no tiny config for family {family!r}: add one to tests/_tiny.py")

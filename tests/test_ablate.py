@@ -42,7 +42,7 @@ def test_shared_variants_are_trained_once_and_lr_sweep(tmp_path, monkeypatch):
         seen.append(tuple(overrides))
         lr = next(float(o.split("=")[1]) for o in overrides if o.startswith("optim.lr=")) \
             if any(o.startswith("optim.lr=") for o in overrides) else 2e-3
-        return {"final_top1": 0.5 + lr, "best_top1": 0.5 + lr, "params": 10, "train_img_s": 1.0,
+        return {"final": {"top1": 0.5 + lr}, "best": {"top1": 0.5 + lr}, "params": 10, "train_img_s": 1.0,
                 "train_wall_clock_s": 1.0}
 
     monkeypatch.setattr(ablate, "train", fake_train)
@@ -58,7 +58,7 @@ def test_data_size_keeps_optimizer_steps(tmp_path, monkeypatch):
     epochs = {}
     monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None: epochs.setdefault(
         next(o for o in over if o.startswith("data.train_fraction")), [o for o in over if o.startswith("train.ep")])
-        and {"final_top1": 0.1, "best_top1": 0.1, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
+        and {"final": {"top1": 0.1}, "best": {"top1": 0.1}, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
     ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["data_size"], 1, tmp_path, [*TINY, "train.epochs=3"],
                         variants=["pure_10pct", "pure_100pct"])
     assert epochs["data.train_fraction=0.1"][-1] == "train.epochs=30"
@@ -89,3 +89,18 @@ def test_parallel_jobs_train_each_run_once_in_worker_processes(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ConfigError, match="jobs"):
         ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY, jobs=0)
+
+
+def test_ssl_study_fills_pretrained_checkpoints_and_matches_steps(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None: seen.append(over) or {
+        "final": {"top1": 0.5}, "best": {"top1": 0.5}, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
+    with pytest.raises(ConfigError, match=r"--pretrained mae=PATH"):
+        ablate.run_ablation("configs/fmnist/finetune_tiny.yaml", ["ssl"], 1, tmp_path, TINY)
+    assert ablate.STUDIES["ssl"].needs_pretrained and not ablate.STUDIES["pos_embed"].needs_pretrained
+    ablate.run_ablation("configs/fmnist/finetune_tiny.yaml", ["ssl"], 1, tmp_path, [*TINY, "train.epochs=2"],
+                        pretrained={"mae": "runs/m", "contrastive": "runs/c"})
+    mae_1 = next(o for o in seen if "model.pretrained=runs/m" in o and "data.train_fraction=0.01" in o)
+    assert "train.epochs=20" in mae_1 and "optim.layer_decay=0.75" in mae_1 and "train.eval_every=4" in mae_1
+    scratch_10 = next(o for o in seen if "data.train_fraction=0.1" in o and not any("pretrained" in x for x in o))
+    assert "train.epochs=2" in scratch_10 and "optim.layer_decay=0.75" not in scratch_10

@@ -51,6 +51,8 @@ def test_recipe_and_overrides():
     ("optim.lr=-1", r"optim\.lr=-1"),
     ("train.batch_size=10", r"train\.grad_accum"),
     ("nonsense", "key=value"),
+    ("train.bf16=maybe", r"train\.bf16"),
+    ("task.name=segment", r"task\.name='segment'.*known tasks: classify"),
 ])
 def test_config_errors_name_the_key(override, match):
     extra = ["train.grad_accum=3"] if "batch_size" in override else []
@@ -99,10 +101,16 @@ def test_train_writes_report_plots_and_checkpoints(tmp_path, capsys):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["eval_top1"] <= 1 for r in rows)
-    assert summary["finished"] and summary["best_top1"] == max(r["eval_top1"] for r in rows)
+    assert summary["finished"] and summary["best"]["top1"] == max(r["eval_top1"] for r in rows)
+    assert summary["final"]["top1"] == rows[-1]["eval_top1"] and summary["final"]["epoch"] == 2
+    assert summary["primary_metric"] == "top1" and summary["mode"] == "max" and summary["task"] == "classify"
+    assert set(summary["per_class_top1"]) == {str(i) for i in range(10)}
+    assert all("train_acc" in r and "train_loss" in r and "eval_top5" in r for r in rows)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["best"] == summary["best"]
     assert summary["train_img_s"] > 0
     captured = capsys.readouterr()
-    assert "best test top-1" in captured.out + captured.err and "best checkpoint" in captured.out + captured.err
+    assert "best eval top1" in captured.out + captured.err and "best checkpoint" in captured.out + captured.err
     best = vitkit.from_pretrained(run / "checkpoints" / "best")
     assert best.pretrained_cfg["class_names"] == [str(i) for i in range(10)]
     assert len(best.pretrained_cfg["mean"]) == 1 and "train_config.yaml" in os.listdir(run / "checkpoints" / "best")
@@ -164,7 +172,7 @@ def test_checkpoint_swap_survives_a_crash(tmp_path, monkeypatch):
 
 def test_bf16_training_runs(tmp_path):
     summary = train(None, [*TINY, "train.epochs=1", "train.bf16=true", f"output_dir={tmp_path / 'bf'}"])
-    assert summary["finished"] and math.isfinite(summary["final_top1"])
+    assert summary["finished"] and math.isfinite(summary["final"]["top1"])
 
 
 def _png(path: Path, value: int, size=(8, 8), mode="L") -> None:
@@ -245,8 +253,21 @@ def test_trainer_rejects_indivisible_batch():
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "fmnist").glob("*.yaml")))
 def test_every_shipped_recipe_loads_and_builds(recipe):
-    """A typo in a shipped recipe (key, value or model argument) must fail here, not an hour into a run."""
+    """A typo in a shipped recipe (key, value, model or task argument) must fail here, not an hour into a run:
+    the recipe's task builds its model and takes one training step on a 28x28 stand-in for Fashion-MNIST."""
+    from vitkit.data import build_dataset
+    from vitkit.data.transforms import AugmentConfig
+    from vitkit.tasks import TaskContext, build_task
+
     cfg = load_config(REPO / "configs" / "fmnist" / recipe)
-    model = vitkit.create_model(cfg.model.name, **cfg.model.args)
-    logits = model(torch.zeros(2, model.pretrained_cfg["input_size"][0], 28, 28))
-    assert logits.shape == (2, 10)
+    cfg.model.pretrained = None  # fine-tuning recipes point at a pretraining run
+    stand_in = build_dataset("digits", "train", image_size=28, num_channels=1)
+    ctx = TaskContext(augment=AugmentConfig(**vars(cfg.augment)), train_set=stand_in, eval_set=stand_in)
+    task = build_task(cfg.task.name, cfg.task.args, ctx)
+    model = task.build_model(cfg.model)
+    assert tuple(model.pretrained_cfg["input_size"]) == (1, 28, 28)
+    task.setup(model)
+    batch = task.train_dataset(stand_in).__getitems__(list(range(8)))
+    loss, stats = task.training_step(model, task.prepare_batch(batch, train=True))
+    loss.backward()
+    assert torch.isfinite(loss) and stats["count"] == 8

@@ -224,8 +224,26 @@ def test_bench_helpers():
     assert "| ViT-S/16 | 1 | fp32 | vitkit | 10.0 | 1.20 |" in text
 
 
+def _classifiers() -> list[str]:
+    from _tiny import is_classifier
+
+    return [n for n in vitkit.list_models() if is_classifier(n)]
+
+
 @needs_onednn
-@pytest.mark.parametrize("name", vitkit.list_models())
+def test_fused_blocks_are_swapped_not_mutated():
+    """Fusion replaces each Block in its ModuleList by a FusedBlock sharing the same modules."""
+    model = _tiny()
+    blk = model.blocks[0]
+    fast = prepare_for_inference(model, "fp32", inplace=True)
+    assert fast.info["fused_block"] == 3 and isinstance(model.blocks[0], FusedBlock)
+    assert type(blk) is not FusedBlock and model.blocks[0].attn is blk.attn and model.blocks[0].mlp is blk.mlp
+    with pytest.raises(ValueError, match="plain Blocks"):
+        FusedBlock.from_block(VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2).blocks[0])
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", _classifiers())
 def test_every_registered_model_prepares_exactly(name):
     """Any family (hybrids, T2T, ...) goes through prepare_for_inference; fp32 stays within 1e-5."""
     from _tiny import tiny

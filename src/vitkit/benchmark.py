@@ -109,7 +109,9 @@ class ContentionMeter:
         result["seconds"] = elapsed
         if busy0 is not None and busy1 is not None and elapsed > 0:
             others = max(0, (busy1 - busy0) - (own1 - own0))
-            result["contention"] = others / (elapsed * _CLK_TCK * self.cpus)
+            # ticks are 1/CLK_TCK s coarse: over a window of a few ms one tick of another process would read as
+            # more than the whole machine, so the share is capped at 1
+            result["contention"] = min(1.0, others / (elapsed * _CLK_TCK * self.cpus))
 
 
 def wait_for_quiet(meter: ContentionMeter, max_contention: float, max_wait_s: float = 600.0,

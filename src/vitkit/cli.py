@@ -120,20 +120,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confusion", metavar="PNG", help="also write the confusion matrix picture here")
 
 
-@command("eval", "top-1, top-5 and per-class accuracy of a checkpoint")
+@command("eval", "evaluate a checkpoint with its task (a classifier: top-1, top-5, per-class accuracy)")
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
-    from .tasks import format_eval_report
 
-    metrics, names = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.data_dir, args.batch_size,
-                                         args.bf16)
-    print(format_eval_report(metrics, names))
+    metrics, task = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.data_dir, args.batch_size,
+                                        args.bf16)
+    print(task.format_report(metrics))
     if args.confusion:
+        if "confusion" not in metrics:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--confusion: the {task.name!r} task has no confusion matrix")
         import torch
 
         from .viz import plot_confusion
 
-        plot_confusion(torch.tensor(metrics["confusion"]), names, args.confusion)
+        plot_confusion(torch.tensor(metrics["confusion"]), metrics["class_names"], args.confusion)
         print(f"confusion matrix: {args.confusion}")
     return 0
 
@@ -161,8 +164,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(r))
             continue
         print(r["path"])
-        for name, p in r["top"]:
+        for name, p in r.get("top", []):
             print(f"  {100 * p:6.2f}%  {name}")
+        for key, value in r.items():
+            if key not in ("path", "top"):
+                print(f"  {key}: {value}")
     return 0
 
 
@@ -201,15 +207,21 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
                         "is faster than 1 run on both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to the base recipe for every variant")
+    p.add_argument("--pretrained", action="append", default=[], metavar="NAME=PATH",
+                   help="a pretrained checkpoint the study's variants use, e.g. --pretrained mae=runs/fmnist_mae_tiny "
+                        "(ssl study: mae and contrastive)")
 
 
 @command("ablate", "train the variants of a design-choice study and tabulate mean ± std accuracy")
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .engine.ablate import STUDIES, run_ablation
 
-    studies = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
+    pretrained = {k: str(v) for k, v in parse_key_values(args.pretrained).items()}
+    # 'all': every study whose pretrained checkpoints were given
+    studies = ([s for s in STUDIES if not STUDIES[s].needs_pretrained or pretrained] if "all" in args.study
+               else list(dict.fromkeys(args.study)))
     variants = args.variants.split(",") if args.variants else None
-    run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs)
+    run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs, pretrained)
     for s in studies:
         print(Path(args.output_dir, f"ablation_{s}.md").read_text())
     print(f"results: {args.output_dir}/results.jsonl, plots: {args.output_dir}/ablation_<study>.png")

@@ -4,10 +4,12 @@ Each converter is a function and a ``vitkit convert <kind> SRC DST`` command.
 """
 
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
+from .hf_vit_mae import convert_hf_vit_mae, convert_hf_vit_mae_state_dict, load_hf_vit_mae
 from .t2t import convert_t2t, convert_t2t_state_dict, load_t2t
 
 CONVERTERS = {
     "hf-vit": convert_hf_vit,
+    "hf-vit-mae": convert_hf_vit_mae,
     "t2t": convert_t2t,
 }
 
@@ -24,5 +26,6 @@ def convert(kind: str, src: str, dst: str, **overrides):
     return fn(src, dst, **overrides)
 
 
-__all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit", "convert_t2t",
+__all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit",
+           "convert_hf_vit_mae", "convert_hf_vit_mae_state_dict", "load_hf_vit_mae", "convert_t2t",
            "convert_t2t_state_dict", "load_t2t"]

@@ -245,13 +245,52 @@ class InMemoryImageDataset(Dataset):
         )
 
 
+class ImagesOnly(Dataset):
+    """The images of a labelled dataset without its labels: what self-supervised pretraining trains on.
+
+    Batches are plain uint8 (B, C, H, W) tensors; everything else (``classes``, ``mean``, ``std``, sizes)
+    reads through to the wrapped dataset, so normalisation and input sizes stay the source's.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]
+
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        if hasattr(self.dataset, "__getitems__"):
+            return batch_images_of(self.dataset.__getitems__(indices))
+        return torch.stack([self.dataset[int(i)][0] for i in indices])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __repr__(self) -> str:
+        return f"ImagesOnly({self.dataset!r})"
+
+
+def batch_images_of(batch: Any) -> torch.Tensor:
+    return batch.images if isinstance(batch, ImageBatch) else batch_collate(batch).images
+
+
+def images_only(dataset: Any) -> ImagesOnly:
+    """An image-only view of any vitkit dataset (see :class:`ImagesOnly`)."""
+    return dataset if isinstance(dataset, ImagesOnly) else ImagesOnly(dataset)
+
+
 def batch_collate(batch: Any) -> ImageBatch | Any:
     """Collate for vitkit datasets: pass a pre-stacked :class:`ImageBatch` through, else stack samples.
 
     The DataLoader calls ``collate_fn(dataset.__getitems__(indices))`` when the dataset defines
     ``__getitems__`` and ``collate_fn([dataset[i] for i in indices])`` otherwise; both end here.
     """
-    if isinstance(batch, ImageBatch):
+    if isinstance(batch, (ImageBatch, torch.Tensor)):
         return batch
     if isinstance(batch, Sequence) and batch and all(
         isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], torch.Tensor) for s in batch

@@ -7,7 +7,8 @@ and can run on the GPU next to the model.
 Train pipeline order: scale to [0, 1] → (resize) → crop → horizontal flip → RandAugment/TrivialAugment
 → normalise → random erasing. Erasing comes after normalisation so its fill value 0 is the dataset's
 mean colour rather than black. Mixup/CutMix (:class:`MixupCutmix`) is separate because it also
-changes the labels.
+changes the labels. Contrastive pretraining draws two independently augmented views of each image
+(:class:`ContrastiveViews`, settings in :class:`ViewConfig`).
 """
 
 from __future__ import annotations
@@ -283,3 +284,104 @@ def build_mixup(cfg: AugmentConfig | Mapping[str, Any] | None, num_classes: int)
     return MixupCutmix(
         num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing
     )
+
+
+# ---------------------------------------------------------------------------- two views for contrastive learning
+@dataclass
+class ViewConfig:
+    """Augmentation of one view in contrastive pretraining (SimCLR's recipe, sized for small images).
+
+    The order is crop -> flip -> colour jitter (with probability ``jitter_prob``) -> grayscale -> blur ->
+    normalise. Strong crops are what the objective learns most from; colour jitter stops the encoder from
+    matching views by their intensity histogram. On 1-channel images saturation, hue and grayscale conversion
+    mean nothing and are left out (kornia's saturation/hue steps need 3 channels); brightness and contrast
+    stay. ``blur_kernel=None`` picks an odd kernel of about 10 % of the image side (at least 3), as SimCLR.
+    """
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4  # 3-channel images only
+    hue: float = 0.1  # 3-channel images only
+    grayscale_prob: float = 0.2  # 3-channel images only
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int | None = None
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)  # type: ignore[assignment]  # YAML gives lists
+        self.crop_ratio = tuple(self.crop_ratio)  # type: ignore[assignment]
+        self.blur_sigma = tuple(self.blur_sigma)  # type: ignore[assignment]
+        checks = {
+            "crop_scale": len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_ratio": len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+            "jitter_prob": 0 <= self.jitter_prob <= 1,
+            "brightness": 0 <= self.brightness < 1,
+            "contrast": 0 <= self.contrast < 1,
+            "saturation": 0 <= self.saturation < 1,
+            "hue": 0 <= self.hue <= 0.5,
+            "grayscale_prob": 0 <= self.grayscale_prob <= 1,
+            "blur_prob": 0 <= self.blur_prob <= 1,
+            "blur_sigma": len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            "blur_kernel": self.blur_kernel is None or (self.blur_kernel >= 3 and self.blur_kernel % 2 == 1),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"views.{key}={getattr(self, key)!r} is out of range"
+                                  + (" (an odd size >= 3)" if key == "blur_kernel" else ""))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ViewConfig:
+        """Build from a plain/OmegaConf mapping; an unknown key is a ConfigError naming it."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown views keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+class ContrastiveViews(nn.Module):
+    """uint8 or [0, 1] float batch (B, C, H, W) -> two normalised views (each (B, C, *image_size)).
+
+    Each call of the view pipeline draws its own crop, flip, jitter and blur for every image (kornia samples
+    per image from the global RNG), so the two views of an image are independent draws, and a seed fixes both.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int | tuple[int, int],
+                 cfg: ViewConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ViewConfig()
+        size = as_size(image_size)
+        if size is None:
+            raise DataError("contrastive views need an image_size for their random resized crop")
+        self.cfg = cfg
+        color = len(mean) == 3
+        ops: list[nn.Module] = [K.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
+        if cfg.hflip:
+            ops.append(K.RandomHorizontalFlip())
+        saturation, hue = (cfg.saturation, cfg.hue) if color else (0.0, 0.0)
+        if cfg.jitter_prob > 0 and max(cfg.brightness, cfg.contrast, saturation, hue) > 0:
+            ops.append(K.ColorJitter(cfg.brightness, cfg.contrast, saturation, hue, p=cfg.jitter_prob))
+        if color and cfg.grayscale_prob > 0:
+            ops.append(K.RandomGrayscale(p=cfg.grayscale_prob))
+        if cfg.blur_prob > 0:
+            kernel = cfg.blur_kernel or max(3, (min(size) // 10) | 1)
+            ops.append(K.RandomGaussianBlur((kernel, kernel), cfg.blur_sigma, p=cfg.blur_prob))
+        # the crop resizes to image_size itself, so nothing is resized before it
+        self.view = BatchTransform(mean, std, size, nn.Sequential(*ops), resize_first=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(x), self.view(x)
+
+
+def build_contrastive_views(cfg: ViewConfig | Mapping[str, Any] | None, mean: Sequence[float],
+                            std: Sequence[float], image_size: int | tuple[int, int]) -> ContrastiveViews:
+    """The two-view augmentation of contrastive pretraining; ``cfg`` is a :class:`ViewConfig`, a mapping of
+    its fields (unknown keys fail by name) or None for the defaults."""
+    if not isinstance(cfg, ViewConfig):
+        cfg = ViewConfig.from_dict(cfg)
+    return ContrastiveViews(mean, std, image_size, cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -64,7 +64,9 @@ class TrainConfig:
     batch_size: int = 128  # global batch per optimizer step (split over processes and accumulation)
     grad_accum: int = 1
     ema_decay: float | None = None
-    bf16: bool = False
+    # bf16 autocast: true | false | auto (bf16 only where the CPU computes it natively, AMX or AVX512-BF16;
+    # emulated bf16 is several times slower than fp32). A CUDA device counts as native.
+    bf16: Union[bool, str] = False  # noqa: UP007 - OmegaConf needs typing.Union
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -77,8 +79,16 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The objective: a registered task name (``vitkit.tasks.TASKS``) and its own settings."""
+
+    name: str = "classify"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
-    task: Literal["classify"] = "classify"
+    task: TaskConfig = field(default_factory=TaskConfig)
     output_dir: str = "runs/exp"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +110,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         "train.batch_size": cfg.train.batch_size >= 1,
         "train.grad_accum": cfg.train.grad_accum >= 1 and cfg.train.batch_size % cfg.train.grad_accum == 0,
         "train.ema_decay": cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1,
+        "train.bf16": cfg.train.bf16 in (True, False, "auto"),
         "optim.lr": cfg.optim.lr > 0,
         "optim.weight_decay": cfg.optim.weight_decay >= 0,
         "optim.layer_decay": cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1,
@@ -110,7 +121,20 @@ def _validate(cfg: RunConfig) -> RunConfig:
     if bad:
         values = ", ".join(f"{k}={OmegaConf.select(OmegaConf.structured(cfg), k)!r}" for k in bad)
         raise ConfigError(f"invalid value: {values} (batch_size must be divisible by grad_accum)")
+    from ..tasks import TASKS, parse_task_args
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.task.name!r} is not a known task; known tasks: {', '.join(sorted(TASKS))}")
+    parse_task_args(TASKS[cfg.task.name], cfg.task.args)  # a misspelt task.args key fails here, by name
     return cfg
+
+
+def _task_shorthand(layer: DictConfig) -> DictConfig:
+    """``task: mae`` (the older recipe form, or ``--set task=mae``) means ``task: {name: mae}``."""
+    if isinstance(layer, DictConfig) and isinstance(layer.get("task", None), str):
+        layer = layer.copy()
+        layer.task = {"name": layer.task}
+    return layer
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -136,7 +160,7 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     merged = schema
     for origin, layer in layers:
         try:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, _task_shorthand(layer))
         except OmegaConfBaseException as e:
             raise _config_error(e, origin) from None
     try:

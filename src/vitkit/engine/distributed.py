@@ -51,6 +51,41 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every process's tensor along dim 0; the backward pass sums the gradient that each
+    process's loss sends to a slice and hands each process the gradient of its own slice.
+
+    Written with ``all_reduce`` rather than ``torch.distributed.nn.all_gather`` because the latter's backward
+    needs ``reduce_scatter``, which gloo (CPU) does not implement.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rank, ctx.rows = rank, t.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """(B, ...) on each of N processes -> (N*B, ...) on every process, rank order, gradients flowing back.
+
+    Every process must pass the same shape. With DDP averaging gradients over processes, a loss that averages
+    over the local rows of the gathered batch gets the same gradients as the single-process loss over the
+    whole global batch.
+    """
+    if not info.enabled:
+        return t
+    return _GatherWithGrad.apply(t)
+
+
 def broadcast_object(obj, info: DistInfo):
     if not info.enabled:
         return obj

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a dataset, and predict classes for image files."""
+"""Evaluate a checkpoint on a dataset, and predict for image files, each through the checkpoint's own task."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from ..data import batch_collate, build_dataset, build_transforms
+from ..data import batch_collate, build_dataset
 from ..data.image_folder import load_image
-from ..data.transforms import AugmentConfig
 from ..errors import CheckpointError, DataError
 from ..models import from_pretrained
-from ..tasks import ClassificationTask
+from ..tasks import Task, TaskContext, build_task
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -28,7 +26,14 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    model = from_pretrained(resolve_model_dir(path)).to(device).eval()
+    """The checkpoint's model in eval mode, remembering the task it was trained for (``pretrained_cfg["task"]``)."""
+    import json
+
+    folder = resolve_model_dir(path)
+    model = from_pretrained(folder).to(device).eval()
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pretrained_cfg") or {}
+    if "task" in saved:
+        model.pretrained_cfg = {**model.pretrained_cfg, "task": saved["task"]}
     return model
 
 
@@ -37,39 +42,61 @@ def _input_spec(model) -> tuple[int, tuple[int, int]]:
     return int(channels), (int(h), int(w))
 
 
+def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx: TaskContext | None = None
+                   ) -> Task:
+    """The task a checkpoint was trained for: the run's ``train_config.yaml`` (name and settings) when the
+    folder has one, else ``pretrained_cfg["task"]``, else classification (converted checkpoints)."""
+    name, args = model.pretrained_cfg.get("task", "classify"), None
+    saved = Path(folder) / "train_config.yaml" if folder is not None else None
+    if saved is not None and saved.is_file():
+        from .config import load_config
+
+        cfg = load_config(saved)
+        name, args = cfg.task.name, cfg.task.args
+    return build_task(name, args, ctx)
+
+
 def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: str = "test",
                         data_dir: str | None = None, batch_size: int = 512, bf16: bool = False,
-                        download: bool = False, **data_kw: Any) -> tuple[dict[str, Any], list[str] | None]:
-    """Top-1, top-5 and per-class accuracy of a checkpoint; normalisation comes from the checkpoint."""
-    model = load_model(path)
+                        download: bool = False, **data_kw: Any) -> tuple[dict[str, Any], Task]:
+    """Evaluate a checkpoint with its own task (top-1 for a classifier, reconstruction loss and k-NN for MAE,
+    ...); normalisation comes from the checkpoint. Returns the metrics and the task (for its report)."""
+    folder = resolve_model_dir(path)
+    model = load_model(folder)
     channels, size = _input_spec(model)
-    dataset = build_dataset(data, split, data_dir=data_dir, image_size=size, num_channels=channels,
-                            download=download, **data_kw)
+    build = lambda s: build_dataset(data, s, data_dir=data_dir, image_size=size, num_channels=channels,
+                                    download=download, **data_kw)
+    dataset = build(split)
     names = model.pretrained_cfg.get("class_names")
-    if model.num_classes != len(dataset.classes):
-        raise DataError(f"the model predicts {model.num_classes} classes, the {data} {split} set has "
+    num_classes = getattr(model, "num_classes", None)
+    probe = task_for_model(model, folder)
+    train_set = build("train") if getattr(probe, "eval_needs_train_set", False) else dataset
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    ctx = TaskContext(train_set=train_set, eval_set=dataset, eval_batch_size=batch_size, collate=batch_collate,
+                      autocast=autocast)
+    task = task_for_model(model, folder, ctx)
+    if task.name == "classify" and num_classes != len(dataset.classes):
+        raise DataError(f"the model predicts {num_classes} classes, the {data} {split} set has "
                         f"{len(dataset.classes)}")
-    tf = build_transforms(None, False, model.pretrained_cfg["mean"], model.pretrained_cfg["std"], size)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=batch_collate)
-    task = ClassificationTask(AugmentConfig(), model.num_classes)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:
-        metrics = task.evaluate(model, ((tf(x), y) for x, y in loader))
-    return metrics, names or list(dataset.classes)
+    if names is None and task.name == "classify":
+        model.pretrained_cfg = {**model.pretrained_cfg, "class_names": list(dataset.classes)}
+    task.setup(model)
+    batches = (task.prepare_batch(b, train=False) for b in ctx.iterate(task.eval_dataset(dataset), batch_size))
+    with autocast():
+        metrics = task.evaluate(model, batches)
+    return metrics, task
 
 
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 5) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image file; unreadable files raise a DataError naming them."""
+    """The model's task's prediction for each image file (top-k classes with probabilities for a classifier);
+    unreadable files raise a DataError naming them."""
     channels, size = _input_spec(model)
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"image file(s) not found: {', '.join(missing)}")
     images = torch.stack([load_image(str(p), channels, size) for p in paths])
-    tf = build_transforms(None, False, model.pretrained_cfg["mean"], model.pretrained_cfg["std"], size)
-    probs = model(tf(images)).float().softmax(-1)
-    names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(probs.shape[-1])]
-    k = min(topk, probs.shape[-1])
-    top = probs.topk(k, dim=-1)
-    return [{"path": str(p), "top": [(names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]}
-            for p, vals, idx in zip(paths, top.values, top.indices)]
+    task = task_for_model(model)
+    task.setup(model)
+    results = task.predict(model, task.prepare_batch(images, train=False), topk=topk)
+    return [{"path": str(p), **r} for p, r in zip(paths, results)]

@@ -207,15 +207,29 @@ class PackedLinear(nn.Linear):
 class FusedBlock(Block):
     """A :class:`~vitkit.layers.Block` whose residual additions run inside the projection GEMMs.
 
-    Only blocks without LayerScale are converted (a LayerScale would sit between GEMM and residual). The
-    module keeps its children and parameters; only ``forward`` changes. With attention capture, training or
-    autograd it runs the ordinary :class:`Block` path.
+    Built from an existing block with :meth:`from_block` (same child modules, so the same parameter names and
+    tensors) and swapped in for it. Only blocks without LayerScale qualify (a LayerScale would sit between GEMM
+    and residual). With attention capture, training or autograd it runs the ordinary :class:`Block` path.
     """
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def from_block(cls, block: Block) -> FusedBlock:
+        """A FusedBlock sharing ``block``'s modules; raises ValueError for a block that cannot be fused."""
+        if not can_fuse_block(block):
+            raise ValueError("only plain Blocks (Attention + Mlp, no LayerScale, activation packed into fc1) fuse")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name, child in block.named_children():
+            fused.add_module(name, child)
+        fused.train(block.training)
+        return fused
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
+                ) -> torch.Tensor:
         if self.training or self.attn.attn_sink is not None or torch.is_grad_enabled():
-            return super().forward(x, attn_bias)
-        x = self.attn.proj(self.attn.mix(self.norm1(x), attn_bias), x)
+            return super().forward(x, attn_bias, queries)
+        y = self.attn.mix(self.norm1(x), attn_bias, queries)
+        x = self.attn.proj(y, x if queries is None else x[:, queries])
         return self.mlp.fc2(self.mlp.fc1(self.norm2(x)), x)
 
 
@@ -223,26 +237,39 @@ def _block_is_plain(blk: nn.Module) -> bool:
     return (type(blk) in (Block, FusedBlock) and type(blk.attn) is Attention and type(blk.mlp) is Mlp)
 
 
+def can_fuse_block(blk: nn.Module) -> bool:
+    """A plain Block without LayerScale whose MLP activation already runs inside a packed ``fc1``."""
+    return (type(blk) is Block and _block_is_plain(blk) and isinstance(blk.ls1, nn.Identity)
+            and isinstance(blk.ls2, nn.Identity) and isinstance(blk.mlp.act, nn.Identity)
+            and isinstance(blk.mlp.fc1, PackedLinear))
+
+
 def fuse_linears(model: nn.Module) -> dict[str, int]:
     """Swap Linears for :class:`PackedLinear` and plain blocks for :class:`FusedBlock`, in place.
 
-    Returns counts of what was converted. A no-op (all zeros) where oneDNN's fused Linear op is missing.
+    Returns counts of what was converted. A no-op (all zeros) where oneDNN's fused Linear op is missing, or
+    for a bf16 model on a CPU where oneDNN has no bf16 kernels.
     """
     counts = {"packed_linear": 0, "fused_activation": 0, "fused_block": 0}
     if not _onednn_linear_available():
         return counts
-    for blk in model.modules():
-        if not _block_is_plain(blk):
-            continue
-        mlp: Mlp = blk.mlp
-        if not isinstance(mlp.fc1, PackedLinear) and fusable_activation(mlp.act) is not None:
-            mlp.fc1 = PackedLinear.wrap(mlp.fc1, mlp.act)
-            mlp.act = nn.Identity()
-            counts["fused_activation"] += 1
-        if type(blk) is Block and isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity) \
-                and isinstance(mlp.act, nn.Identity):
-            blk.__class__ = FusedBlock
-            counts["fused_block"] += 1
+    low_precision = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    if low_precision and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # oneDNN's packed bf16 GEMM needs AVX512 (or AMX); on an AVX2-only CPU the reorder op raises, so the
+        # model keeps PyTorch's own bf16 Linears there.
+        return counts
+    for parent in list(model.modules()):
+        for child_name, blk in list(parent.named_children()):
+            if not _block_is_plain(blk):
+                continue
+            mlp: Mlp = blk.mlp
+            if not isinstance(mlp.fc1, PackedLinear) and fusable_activation(mlp.act) is not None:
+                mlp.fc1 = PackedLinear.wrap(mlp.fc1, mlp.act)
+                mlp.act = nn.Identity()
+                counts["fused_activation"] += 1
+            if can_fuse_block(blk):
+                setattr(parent, child_name, FusedBlock.from_block(blk))
+                counts["fused_block"] += 1
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
@@ -254,39 +281,23 @@ def fuse_linears(model: nn.Module) -> dict[str, int]:
 # ---------------------------------------------------------------------------- the CLS shortcut
 def _cls_shortcut_ok(model: nn.Module) -> bool:
     """The shortcut needs the standard TokenClassifier forward, CLS pooling and a plain last block."""
-    from ..models._base import TokenClassifier
+    from ..models import TokenClassifier
 
     if not isinstance(model, TokenClassifier) or getattr(model, "pool", None) != "cls":
         return False
     if getattr(model, "num_prefix_tokens", 0) < 1 or len(model.blocks) < 1:
         return False
     cls = type(model)
-    for name in ("forward", "forward_features", "forward_head", "pool_tokens", "_run_blocks"):
+    for name in ("forward", "forward_features", "forward_head", "pool_tokens", "run_blocks"):
         if getattr(cls, name) is not getattr(TokenClassifier, name):
             return False
     return _block_is_plain(model.blocks[-1])
 
 
-def _last_block_cls(blk: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Block output for the CLS token only (keys and values still come from every token)."""
-    q = slice(0, 1)
-    y = blk.attn.mix(blk.norm1(x), bias, queries=q)
-    x = x[:, q]
-    if isinstance(blk, FusedBlock):
-        x = blk.attn.proj(y, x)
-        return blk.mlp.fc2(blk.mlp.fc1(blk.norm2(x)), x)
-    x = x + blk.drop_path1(blk.ls1(blk.attn.proj_drop(blk.attn.proj(y))))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
 def forward_cls_shortcut(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` for a CLS-pooled TokenClassifier, computing the last block for the CLS token only."""
-    tokens, grid = model._embed(x)
-    cache: dict = {}
-    last = len(model.blocks) - 1
-    for i, blk in enumerate(model.blocks):
-        tokens, bias = model._before_block(i, tokens, grid, cache)
-        tokens = _last_block_cls(blk, tokens, bias) if i == last else blk(tokens, bias)
+    tokens, grid = model.embed_tokens(x)
+    tokens, _ = model.run_blocks(tokens, grid, last_queries=slice(0, 1))
     return model.forward_head(model.norm(tokens))
 
 

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..data import batch_collate, build_dataset, build_transforms
+from ..data import batch_collate, build_dataset
 from ..errors import CheckpointError, ConfigError
 from ..models import load_weights, model_defaults
-from ..tasks import TASKS
+from ..tasks import Task, TaskContext, build_task, scalar_metrics, to_device
 from ..utils import atomic_write_json, atomic_write_text
 from .checkpoint import read_ema_state, read_train_state, resolve, rng_state, set_rng_state, write_checkpoint
 from .config import RunConfig, config_to_yaml, load_config
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_gather_with_grad, all_reduce_sum, barrier, cleanup, init_distributed
 from .optim import build_ema, build_optimizer, build_scheduler
 
 
@@ -50,8 +50,48 @@ def _ddp(model: nn.Module) -> DistributedDataParallel:
     return getattr(model, "_orig_mod", model)
 
 
+class _StepLoop:
+    """The trainer's side of one optimizer step (see :class:`vitkit.tasks.base.StepLoop`)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.model = trainer.train_model
+        self.optimizers = trainer.optimizers
+        self.grad_accum = trainer.cfg.train.grad_accum
+
+    def forward_context(self, last_micro_batch: bool):
+        t = self.trainer
+        sync = nullcontext() if last_micro_batch or not t.dist.enabled else _ddp(t.train_model).no_sync()
+        stack = ExitStack()
+        stack.enter_context(sync)
+        stack.enter_context(t._autocast())
+        return stack
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, name: str = "model") -> dict[str, float]:
+        t = self.trainer
+        optimizer = t.optimizers[name]
+        stats: dict[str, float] = {}
+        if t.cfg.optim.clip_grad:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = float(nn.utils.clip_grad_norm_(params, t.cfg.optim.clip_grad))
+            stats["step_grad_norm" if name == "model" else f"step_grad_norm_{name}"] = norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t.schedulers[name].step()
+        if name == "model" and t.ema is not None:
+            t.ema.update_parameters(t.model)
+        return stats
+
+
 class Trainer:
-    """Build everything a run needs from a :class:`RunConfig`, then :meth:`fit`."""
+    """Build everything a run needs from a :class:`RunConfig`, then :meth:`fit`.
+
+    The trainer never looks inside a batch or a metric: the task (``cfg.task``) turns batches into losses,
+    evaluates, names its primary metric and the direction that picks the ``best`` checkpoint.
+    """
 
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, dist: DistInfo | None = None) -> None:
         self.cfg = cfg
@@ -68,21 +108,31 @@ class Trainer:
                               f"train.grad_accum ({t.grad_accum})")
         self.micro_batch = t.batch_size // (world * t.grad_accum)
 
-        self.train_set, self.eval_set = self._build_data()
-        self.task = TASKS[cfg.task](cfg.augment, len(self.train_set.classes))
-        self.model = self.task.build_model(cfg.model, self.train_set).to(self.dist.device)
+        source_train, source_eval = self._build_data()
+        info = self.dist
+        ctx = TaskContext(augment=cfg.augment, device=info.device, rank=info.rank, world_size=info.world_size,
+                          all_gather=lambda t: all_gather_with_grad(t, info),
+                          all_reduce_sum=lambda t: all_reduce_sum(t, info), autocast=self._autocast,
+                          train_set=source_train, eval_set=source_eval, eval_batch_size=t.eval_batch_size,
+                          collate=batch_collate)
+        self.task: Task = build_task(cfg.task.name, cfg.task.args, ctx)
+        self.train_set = self.task.train_dataset(source_train)
+        self.eval_set = self.task.eval_dataset(source_eval)
+        self.model = self.task.build_model(cfg.model).to(self.dist.device)
+        self.model.pretrained_cfg = {**self.model.pretrained_cfg, "task": self.task.name}
+        self.task.setup(self.model)
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)  # per-process augmentation streams
-        input_size = tuple(self.model.pretrained_cfg.get("input_size", (None, None, None)))[1:]
-        mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
-        self.train_tf = build_transforms(cfg.augment, True, mean, std, input_size)
-        self.eval_tf = build_transforms(None, False, mean, std, input_size)
 
         self.steps_per_epoch = len(self.train_set) // (self.micro_batch * world * t.grad_accum)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set "
                               f"({len(self.train_set)} images)")
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, self.steps_per_epoch, t.epochs)
+        self.optimizers = self.task.build_optimizers(self.model, lambda m: build_optimizer(m, cfg.optim))
+        if "model" not in self.optimizers:
+            raise ConfigError(f"task {self.task.name!r}: build_optimizers must name one optimizer 'model'")
+        self.schedulers = {name: build_scheduler(opt, cfg.schedule, opt.defaults["lr"], self.steps_per_epoch,
+                                                 t.epochs) for name, opt in self.optimizers.items()}
+        self.optimizer, self.scheduler = self.optimizers["model"], self.schedulers["model"]
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay else None
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -93,7 +143,8 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.epoch_totals: dict[str, float] = {}  # statistics of the current epoch so far (kept across resume)
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {}
+        self.best: dict[str, Any] = {}  # {"epoch": ..., <scalar metrics of that evaluation>}
+        self.last_eval: dict[str, Any] | None = None  # the latest evaluation, with non-scalar values
         self.wall_clock = 0.0
         if resume is not None:
             self._resume(Path(resume))
@@ -117,8 +168,19 @@ class Trainer:
             train = train.subset(cfg.data.train_fraction, seed=cfg.train.seed)
         return train, evals
 
+    @property
+    def bf16(self) -> bool:
+        """Whether this run autocasts to bf16 (``train.bf16: auto`` decides by the hardware)."""
+        if self.cfg.train.bf16 != "auto":
+            return bool(self.cfg.train.bf16)
+        if self.dist.device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        from .inference import native_bf16_supported
+
+        return native_bf16_supported()
+
     def _autocast(self):
-        if not self.cfg.train.bf16:
+        if not self.bf16:
             return nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
 
@@ -127,7 +189,8 @@ class Trainer:
         return {
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "epoch_totals": json.dumps(self.epoch_totals),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "history": json.dumps(self.history), "best": json.dumps(self.best), "rng": rng_state(),
             "wall_clock": self.wall_clock, "world_size": self.dist.world_size,
         }
@@ -150,8 +213,14 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             raise CheckpointError(f"{folder} was written by {state.get('world_size')} processes, resuming with "
                                   f"{self.dist.world_size}: the data order would differ")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        optimizers = state.get("optimizers") or {"model": state["optimizer"]}  # older checkpoints: one optimizer
+        schedulers = state.get("schedulers") or {"model": state["scheduler"]}
+        if set(optimizers) != set(self.optimizers):
+            raise CheckpointError(f"{folder} holds optimizers {sorted(optimizers)}, the task builds "
+                                  f"{sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(optimizers[name])
+            self.schedulers[name].load_state_dict(schedulers[name])
         if self.ema is not None:
             ema_state = read_ema_state(folder)
             if ema_state is None:
@@ -182,41 +251,26 @@ class Trainer:
                           num_workers=self.cfg.data.num_workers, generator=torch.Generator())
 
     def _optimizer_step(self, micro_batches) -> dict[str, float]:
-        t = self.cfg.train
-        stats: dict[str, float] = {}
-        for i, (images, labels) in enumerate(micro_batches):
-            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+        prepared = []
+        for batch in micro_batches:
+            batch = to_device(batch, self.dist.device)
             with torch.no_grad():
-                images = self.train_tf(images)
-            last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not self.dist.enabled else _ddp(self.train_model).no_sync()
-            with sync, self._autocast():
-                loss, batch_stats = self.task.training_step(self.train_model, images, labels)
-            (loss / t.grad_accum).backward()
-            for k, v in batch_stats.items():
-                stats[k] = stats.get(k, 0.0) + v
-        if self.cfg.optim.clip_grad:
-            stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        return stats
+                prepared.append(self.task.prepare_batch(batch, train=True))
+        # Gradients left over by a multi-optimizer task (the discriminator's pass reaching the generator)
+        # must not leak into the next step: they are not checkpointed, so resume would differ.
+        self.model.zero_grad(set_to_none=True)
+        return self.task.optimizer_step(_StepLoop(self), prepared)
 
     def _eval_batches(self):
-        idx = list(range(self.dist.rank, len(self.eval_set), self.dist.world_size))
-        loader = DataLoader(self.eval_set, batch_sampler=BatchSampler(idx, self.cfg.train.eval_batch_size, False),
-                            collate_fn=batch_collate, num_workers=self.cfg.data.num_workers)
-        for images, labels in loader:
-            yield self.eval_tf(images.to(self.dist.device)), labels.to(self.dist.device)
+        for batch in self.task.ctx.iterate(self.eval_set, self.cfg.train.eval_batch_size):
+            yield self.task.prepare_batch(batch, train=False)
 
     def evaluate(self) -> dict[str, Any]:
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
         with self._autocast():
-            metrics = self.task.evaluate(model, self._eval_batches(), lambda t: all_reduce_sum(t, self.dist))
+            metrics = self.task.evaluate(model, self._eval_batches())
         model.train(was_training)
         return metrics
 
@@ -228,15 +282,12 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / eval "
                       f"{len(self.eval_set)} images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
-                      f"batch {t.batch_size} on {self.dist.world_size} process(es){' | bf16' if t.bf16 else ''}")
+                      f"batch {t.batch_size} on {self.dist.world_size} process(es) | {'bf16' if self.bf16 else 'fp32'}"
+                      + (" (train.bf16=auto)" if t.bf16 == "auto" else ""))
         self.model.train()
         stopped = False
         while self.epoch < t.epochs and not stopped:
             stopped = self._run_epoch()
-        if self.dist.is_main and not stopped and self.history:
-            last_eval = self.history[-1].get("_eval")
-            if last_eval:
-                self.task.write_artifacts(last_eval, self.out, self.model.pretrained_cfg.get("class_names"))
         summary = self.summary(stopped)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
@@ -261,10 +312,11 @@ class Trainer:
             self.step_in_epoch += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
+            totals["step_count"] = totals.get("step_count", 0.0) + 1
             seen += int(stats.get("count", 0)) * self.dist.world_size
             elapsed = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss'] / max(1, stats.get('count', 1)):.4f}",
+            bar.set_postfix(loss=f"{stats.get('loss', math.nan) / max(1, stats.get('count', 1)):.4f}",
                             lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}", img_s=f"{seen / elapsed:.0f}")
             if t.max_steps is not None and self.step >= t.max_steps and self.step_in_epoch < self.steps_per_epoch:
                 bar.close()
@@ -286,69 +338,98 @@ class Trainer:
         self.epoch_totals = {}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
             metrics = self.evaluate()
-            record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"], eval_loss=metrics["loss"])
-            record["_eval"] = metrics
+            scalars = scalar_metrics(metrics)
             key = self.task.primary_metric
-            if not self.best or metrics[key] > self.best["value"]:
-                self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch}
-                self.save("best", model=self.ema.module if self.ema is not None else self.model, with_state=False)
-            self._log(f"epoch {self.epoch}: train loss {record['train_loss']:.4f} | eval top-1 "
-                      f"{100 * metrics['top1']:.2f}% top-5 {100 * metrics['top5']:.2f}% | "
+            if key not in scalars:
+                raise ConfigError(f"task {self.task.name!r} declares primary metric {key!r} but its evaluation "
+                                  f"returned {sorted(scalars)}")
+            record.update({f"eval_{k}": v for k, v in scalars.items()})
+            self.last_eval = metrics
+            eval_model = self.ema.module if self.ema is not None else self.model
+            if self._improves(scalars[key]):
+                self.best = {"epoch": self.epoch, **scalars}
+                self.save("best", model=eval_model, with_state=False)
+            if self.dist.is_main:
+                self.task.write_artifacts(eval_model, metrics, self.out)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "count")
+            self._log(f"epoch {self.epoch}: train loss {record.get('train_loss', math.nan):.4f} | eval {shown} | "
                       f"{record['train_img_s']:.0f} img/s")
         self.history.append(record)
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}) + "\n")
+                f.write(json.dumps(record) + "\n")
             from ..viz.plots import plot_curves
 
-            plot_curves(self.history, self.out / "curves.png")
+            plot_curves(self.history, self.out / "curves.png", self.task.primary_metric)
         self.save("last")
         barrier(self.dist)
         return t.max_steps is not None and self.step >= t.max_steps and self.epoch < t.epochs
 
+    def _improves(self, value: float) -> bool:
+        if not self.best:
+            return True
+        best = self.best[self.task.primary_metric]
+        return value > best if self.task.mode == "max" else value < best
+
     def _epoch_record(self, totals: dict[str, float], seen: int, elapsed: float) -> dict[str, Any]:
-        reduced = all_reduce_sum(torch.tensor([totals.get("loss", 0.0), totals.get("correct", math.nan),
-                                               totals.get("count", 0.0)], dtype=torch.float64), self.dist)
-        loss, correct, count = reduced.tolist()
-        return {
-            "epoch": self.epoch + 1, "step": self.step, "train_loss": loss / max(1, count),
-            "train_acc": None if math.isnan(correct) else correct / max(1, count),
-            "lr": self.optimizer.param_groups[-1]["lr"], "train_img_s": seen / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed,
-        }
+        """Every statistic the task returned: sums divided by ``count``, ``step_*`` values averaged per step."""
+        keys = sorted(totals)
+        reduced = dict(zip(keys, all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64),
+                                                self.dist).tolist()))
+        count, steps = reduced.pop("count", 0.0), reduced.pop("step_count", 0.0)
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step}
+        for k, v in reduced.items():
+            if k.startswith("step_"):
+                record[f"train_{k[5:]}"] = v / max(1.0, steps)  # both summed over processes
+            else:
+                record[f"train_{k}"] = v / max(1.0, count)
+        record.update(lr=self.optimizer.param_groups[-1]["lr"], train_img_s=seen / max(elapsed, 1e-9),
+                      epoch_time_s=elapsed)
+        return record
 
     # ------------------------------------------------------------------ report
     def summary(self, stopped: bool = False) -> dict[str, Any]:
-        evals = [h for h in self.history if "eval_top1" in h]
+        evals = [h for h in self.history if any(k.startswith("eval_") for k in h)]
         speeds = [h["train_img_s"] for h in self.history]
-        return {
-            "model": self.cfg.model.name,
+        final = ({k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} | {"epoch": evals[-1]["epoch"]}
+                 if evals else {})
+        summary = {
+            "model": self.cfg.model.name, "task": self.task.name,
+            "primary_metric": self.task.primary_metric, "mode": self.task.mode,
             "finished": not stopped and self.epoch >= self.cfg.train.epochs,
             "epochs_done": self.epoch, "steps": self.step,
-            "best_top1": self.best.get("value"), "best_epoch": self.best.get("epoch"),
-            "final_top1": evals[-1]["eval_top1"] if evals else None,
-            "final_top5": evals[-1]["eval_top5"] if evals else None,
+            "best": dict(self.best), "final": final,
             "train_wall_clock_s": self.wall_clock,
             "train_img_s": float(np.median(speeds)) if speeds else None,
             "params": sum(p.numel() for p in self.model.parameters()),
             "best_checkpoint": str(self.ckpt_dir / "best"), "last_checkpoint": str(self.ckpt_dir / "last"),
             "output_dir": str(self.out),
         }
+        if self.last_eval is not None:
+            summary.update(self.task.summary_fields(self.last_eval))
+        return summary
 
     @staticmethod
     def format_summary(s: dict[str, Any]) -> str:
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+        key = s["primary_metric"]
+
+        def show(d: dict[str, Any]) -> str:
+            v = d.get(key)
+            return "n/a" if v is None else f"{v:.4f}" + (f" (epoch {d['epoch']})" if "epoch" in d else "")
+
+        others = ", ".join(f"{k} {v:.4g}" for k, v in s["final"].items() if k not in (key, "epoch", "count"))
         lines = [
             "=" * 64,
             f"{'finished' if s['finished'] else 'stopped'}: {s['model']} ({s['params'] / 1e6:.2f}M params), "
-            f"{s['epochs_done']} epochs / {s['steps']} steps",
-            f"best test top-1 {pct(s['best_top1'])} (epoch {s['best_epoch']}), final top-1 {pct(s['final_top1'])}, "
-            f"top-5 {pct(s['final_top5'])}",
+            f"task {s['task']}, {s['epochs_done']} epochs / {s['steps']} steps",
+            f"best eval {key} {show(s['best'])} ({'higher' if s['mode'] == 'max' else 'lower'} is better), "
+            f"final {show(s['final'])}",
+            *([f"final eval: {others}"] if others else []),
             f"training wall-clock {s['train_wall_clock_s']:.1f} s, " + (
                 "train images/s n/a (no full epoch)" if s["train_img_s"] is None
                 else f"{s['train_img_s']:.0f} train images/s (median epoch)"),
             f"best checkpoint: {s['best_checkpoint']}",
-            f"metrics, curves.png, confusion.png: {s['output_dir']}",
+            f"metrics.jsonl, curves.png and the task's pictures: {s['output_dir']}",
             "=" * 64,
         ]
         return "\n".join(lines)

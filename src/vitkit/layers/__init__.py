@@ -7,6 +7,7 @@ from .mlp import Mlp, get_act_layer
 from .patch_embed import HybridEmbed, PatchEmbed, check_image_batch
 from .pos_embed import (
     POS_EMBED_KINDS,
+    SINCOS_ORDERS,
     LearnedPosEmbed1D,
     LearnedPosEmbed2D,
     RelativePositionBias,
@@ -20,7 +21,7 @@ from .resnet_stem import ResNetStem, StdConv2d
 
 __all__ = [
     "Attention", "AttentionMapSource", "capture_attention", "Block", "LayerScale", "DropPath", "drop_path",
-    "Mlp", "get_act_layer", "HybridEmbed", "PatchEmbed", "check_image_batch", "POS_EMBED_KINDS",
+    "Mlp", "get_act_layer", "HybridEmbed", "PatchEmbed", "check_image_batch", "POS_EMBED_KINDS", "SINCOS_ORDERS",
     "LearnedPosEmbed1D", "LearnedPosEmbed2D", "RelativePositionBias", "SinCosPosEmbed2D", "build_pos_embed",
     "resample_abs_pos_embed", "sincos_1d", "sincos_2d", "ResNetStem", "StdConv2d",
 ]

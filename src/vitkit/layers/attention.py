@@ -102,8 +102,9 @@ class Attention(AttentionMapSource, nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.mix(x, attn_bias)))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
+                ) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.mix(x, attn_bias, queries)))
 
     def mix(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
             ) -> torch.Tensor:

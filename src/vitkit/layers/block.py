@@ -22,6 +22,9 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block. Inference code may swap a block for an equivalent subclass built from the
+    same modules (``engine.inference.FusedBlock.from_block``); parameter names stay the same."""
+
     def __init__(
         self,
         dim: int,
@@ -48,7 +51,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias)))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
+                ) -> torch.Tensor:
+        """``queries`` computes the output of those tokens only (keys and values still come from all tokens):
+        exact, and cheaper when only e.g. the CLS token is read afterwards."""
+        y = self.attn(self.norm1(x), attn_bias, queries)
+        if queries is not None:
+            x = x[:, queries]
+        x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

@@ -7,9 +7,10 @@ Kinds (the ``pos_embed`` switch of the ViT family):
 * ``learned_2d``: the ViT paper's appendix D.4 variant. Two learned tables, one per axis, each of width D/2;
   the embedding of patch (row i, column j) is the **concatenation** ``[row_table[i], col_table[j]]``.
   The CLS token gets its own learned vector.
-* ``sincos_2d``: fixed 2D sine-cosine (as in MAE): the first half of the channels encodes the row, the second
-  half the column, each as ``[sin(p*w_k), cos(p*w_k)]``. The CLS position is zero. Nothing is stored in the
-  state dict; other grids are recomputed, not interpolated.
+* ``sincos_2d``: fixed 2D sine-cosine: half of the channels encodes the row, the other half the column, each
+  as ``[sin(p*w_k), cos(p*w_k)]``. ``order='hw'`` (vitkit's default) puts the row half first; ``order='wh'``
+  puts the column half first, the layout of MAE, big_vision and HF ViTMAE (whose checkpoints need it). The CLS
+  position is zero. Nothing is stored in the state dict; other grids are recomputed, not interpolated.
 * ``relative``: a learned per-head bias added to the attention logits, indexed by the 2D offset between two
   patches (a (2H-1)x(2W-1) table per head), plus three learned entries for CLS->patch, patch->CLS and
   CLS->CLS, as in BEiT.
@@ -33,6 +34,7 @@ from torch import nn
 from ..errors import CheckpointError
 
 POS_EMBED_KINDS = ("none", "learned_1d", "learned_2d", "sincos_2d", "relative")
+SINCOS_ORDERS = ("hw", "wh")
 Grid = tuple[int, int]
 
 
@@ -93,13 +95,16 @@ def sincos_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(h*w, dim): first half encodes the row, second half the column."""
+def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, order: str = "hw") -> torch.Tensor:
+    """(h*w, dim), tokens row-major: ``order='hw'``: first half encodes the row, second half the column;
+    ``'wh'``: the column first (MAE / big_vision / HF ViTMAE layout)."""
     if dim % 4:
         raise ValueError(f"sincos_2d needs an embed dim divisible by 4, got {dim}")
-    rows = torch.arange(grid[0]).repeat_interleave(grid[1])
-    cols = torch.arange(grid[1]).repeat(grid[0])
-    return torch.cat([sincos_1d(rows, dim // 2, temperature), sincos_1d(cols, dim // 2, temperature)], dim=1)
+    if order not in SINCOS_ORDERS:
+        raise ValueError(f"sin-cos order must be one of {SINCOS_ORDERS}, got {order!r}")
+    rows = sincos_1d(torch.arange(grid[0]).repeat_interleave(grid[1]), dim // 2, temperature)
+    cols = sincos_1d(torch.arange(grid[1]).repeat(grid[0]), dim // 2, temperature)
+    return torch.cat([rows, cols] if order == "hw" else [cols, rows], dim=1)
 
 
 class _AbsolutePosEmbed(nn.Module):
@@ -191,19 +196,23 @@ class LearnedPosEmbed2D(_AbsolutePosEmbed):
 
 class SinCosPosEmbed2D(_AbsolutePosEmbed):
     def __init__(self, grid: Grid, dim: int, num_prefix_tokens: int = 1, interp: str = "bicubic",
-                 antialias: bool = True, temperature: float = 10000.0) -> None:
+                 antialias: bool = True, temperature: float = 10000.0, order: str = "hw") -> None:
         super().__init__(grid, dim, num_prefix_tokens, interp, antialias)
         self.temperature = temperature
+        self.order = order
         self.register_buffer("weight", self._build(self.grid), persistent=False)
 
     def _build(self, grid: Grid) -> torch.Tensor:
-        patch = sincos_2d(grid, self.dim, self.temperature)
+        patch = sincos_2d(grid, self.dim, self.temperature, self.order)
         return torch.cat([torch.zeros(self.num_prefix_tokens, self.dim), patch])[None]
 
     def table(self, grid: Grid) -> torch.Tensor:
         if grid == self.grid:
             return self.weight
         return self._build(grid).to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", order={self.order}"
 
 
 class RelativePositionBias(nn.Module):
@@ -281,8 +290,8 @@ class RelativePositionBias(nn.Module):
 
 
 def build_pos_embed(kind: str, grid: Grid, dim: int, num_heads: int, num_prefix_tokens: int,
-                    interp: str = "bicubic", antialias: bool = True) -> nn.Module | None:
-    """Factory for the ``pos_embed`` switch; ``none`` returns None."""
+                    interp: str = "bicubic", antialias: bool = True, sincos_order: str = "hw") -> nn.Module | None:
+    """Factory for the ``pos_embed`` switch; ``none`` returns None. ``sincos_order`` only affects ``sincos_2d``."""
     if kind == "none":
         return None
     if kind == "learned_1d":
@@ -290,7 +299,7 @@ def build_pos_embed(kind: str, grid: Grid, dim: int, num_heads: int, num_prefix_
     if kind == "learned_2d":
         return LearnedPosEmbed2D(grid, dim, num_prefix_tokens, interp, antialias)
     if kind == "sincos_2d":
-        return SinCosPosEmbed2D(grid, dim, num_prefix_tokens, interp, antialias)
+        return SinCosPosEmbed2D(grid, dim, num_prefix_tokens, interp, antialias, order=sincos_order)
     if kind == "relative":
         return RelativePositionBias(grid, num_heads, num_prefix_tokens, interp, antialias)
     raise ValueError(f"unknown pos_embed {kind!r}; choose one of {POS_EMBED_KINDS}")

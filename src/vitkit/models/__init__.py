@@ -1,22 +1,27 @@
 """Model families. Importing a family module registers its named configurations."""
 
-from . import t2t_vit, vit  # noqa: F401  (importing a family module registers its configs)
-from ._base import VitkitModel, get_model_class
-from ._pretrained import from_pretrained, load_pretrained, load_weights, read_state_dict, save_pretrained
+from . import mae, simclr, t2t_vit, vit  # noqa: F401  (importing a family module registers its configs)
+from ._base import TokenClassifier, VitkitModel
+from ._pretrained import load_backbone, load_pretrained, load_weights, read_state_dict, save_pretrained
 from ._registry import (
     create_model,
+    from_pretrained,
+    get_model_class,
     list_models,
     model_defaults,
     model_family,
     register_config,
     register_model,
+    registered_class,
     resolve_model_args,
 )
+from .mae import MAEOutput, MaskedAutoencoderViT
 from .t2t_vit import T2TViT
 from .vit import VisionTransformer
 
 __all__ = [
-    "VitkitModel", "get_model_class", "from_pretrained", "load_pretrained", "load_weights", "read_state_dict",
-    "save_pretrained", "create_model", "list_models", "model_defaults", "model_family", "register_config",
-    "register_model", "resolve_model_args", "VisionTransformer", "T2TViT",
+    "VitkitModel", "TokenClassifier", "get_model_class", "from_pretrained", "load_pretrained", "load_backbone",
+    "load_weights", "read_state_dict", "save_pretrained", "create_model", "list_models", "model_defaults",
+    "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
+    "VisionTransformer", "T2TViT", "MaskedAutoencoderViT", "MAEOutput",
 ]

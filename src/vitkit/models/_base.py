@@ -17,20 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..layers.attention import capture_attention
-
-_MODEL_CLASSES: dict[str, type[VitkitModel]] = {}
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
-
-
-def get_model_class(name: str) -> type[VitkitModel]:
-    try:
-        return _MODEL_CLASSES[name]
-    except KeyError:
-        raise KeyError(f"unknown model class {name!r}; known: {sorted(_MODEL_CLASSES)}") from None
+from ._pretrained import save_pretrained
+from ._registry import from_pretrained, register_class
 
 
 def _jsonable(value: Any) -> Any:
@@ -50,10 +38,13 @@ class VitkitModel(nn.Module):
     model_name: str | None = None
     # Parameter-name prefixes of the task head; a checkpoint whose head does not fit is loaded without it.
     head_prefixes: tuple[str, ...] = ("head.",)
+    # Models that pretrain a backbone (MAE, contrastive) name its submodule prefix, e.g. "encoder.": their
+    # checkpoints then give just the backbone to a model of another class (see models.load_backbone).
+    backbone_prefix: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _MODEL_CLASSES[cls.__name__] = cls
+        register_class(cls)
         init = cls.__dict__.get("__init__")
         if init is None:
             return
@@ -93,25 +84,26 @@ class VitkitModel(nn.Module):
         """What ``config.json`` holds: enough to rebuild the model and to preprocess its inputs."""
         from .. import __version__
 
-        return {
+        cfg = {
             "vitkit_version": __version__,
             "model_class": type(self).__name__,
             "model_name": self.model_name,
             "model_args": self.model_args,
             "pretrained_cfg": _jsonable(self.pretrained_cfg),
         }
+        if self.backbone_prefix:
+            backbone = self.get_submodule(self.backbone_prefix.rstrip("."))
+            cfg["backbone"] = {"prefix": self.backbone_prefix, "model_class": type(backbone).__name__,
+                               "model_args": getattr(backbone, "model_args", {})}
+        return cfg
 
     # ----------------------------------------------------------------- I/O
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (both atomically) into ``directory``."""
-        from ._pretrained import save_pretrained
-
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> VitkitModel:
-        from ._pretrained import from_pretrained
-
         model = from_pretrained(path, **overrides)
         if not isinstance(model, cls):
             raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
@@ -127,6 +119,16 @@ class VitkitModel(nn.Module):
         with capture_attention(self) as maps:
             self(x, **forward_kwargs)
         return maps
+
+    def adapt_backbone_state(self, state: dict[str, torch.Tensor], backbone: dict[str, Any]
+                             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Complete a backbone's weights for this model before they are loaded (see ``models.load_backbone``).
+
+        ``backbone`` is the checkpoint's description of it (``model_class``, ``model_args``). Returns the state
+        and notes for the load message. The default changes nothing; ViT fills a learned position table from
+        a backbone's fixed sin-cos positions.
+        """
+        return state, []
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed besides norms and biases (tokens, tables)."""
@@ -154,9 +156,17 @@ def check_pool(pool: str, class_token: bool) -> None:
 class TokenClassifier(VitkitModel):
     """The classifier interface of isotropic token models (ViT, T2T-ViT, ...), written once.
 
-    A subclass provides ``_embed(x) -> (tokens, grid)`` (prefix tokens first), ``blocks``, ``norm``, ``head``,
-    ``pre_logits``, ``head_drop``, ``cls_token`` (or None), ``pool`` and ``num_prefix_tokens``, and may override
-    ``_before_block`` to inject position information or an attention bias per block.
+    The forward pass is two public steps with one place in between where tokens may be dropped::
+
+        tokens, grid = model.embed_tokens(images)   # patches + prefix tokens + input positions + dropout
+        tokens = tokens[:, keep]                     # optional: MAE masking, token pruning, ...
+        tokens, _ = model.run_blocks(tokens, grid)   # the transformer blocks
+        feats = model.norm(tokens)
+
+    A subclass provides ``embed_tokens``, ``blocks``, ``norm``, ``head``, ``pre_logits``, ``head_drop``,
+    ``cls_token`` (or None), ``pool`` and ``num_prefix_tokens``. One whose positions enter inside the blocks
+    (per-block tables, relative attention biases) overrides ``_block_inputs`` and ``_token_drop_blocker``,
+    so that dropping tokens is refused with a clear error rather than mis-indexing position tables.
     """
 
     grad_checkpointing = False
@@ -165,22 +175,57 @@ class TokenClassifier(VitkitModel):
     # parameter-name prefixes indexed like blocks ("<prefix><i>.") that belong to block i
     per_block_prefixes: tuple[str, ...] = ("blocks.",)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) images -> ((B, prefix + h*w, D) tokens, (h, w) grid), input positions added.
+
+        Prefix tokens (CLS) come first. After this call tokens may be dropped or reordered along dim 1 (if
+        :attr:`supports_token_dropping`) before :meth:`run_blocks`.
+        """
         raise NotImplementedError
 
-    def _before_block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
+    def _block_inputs(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens entering block ``i`` and its attention bias; ``cache`` lives for one forward pass."""
+        """Tokens entering block ``i`` and its attention bias; ``cache`` lives for one forward pass.
+
+        The hook for position information injected per block; the default injects nothing.
+        """
         return x, None
 
-    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: set[int] = frozenset(),
-                    stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the blocks; return the final tokens and the outputs of the blocks in ``collect``."""
+    def _token_drop_blocker(self) -> str | None:
+        """Why tokens cannot be dropped between ``embed_tokens`` and ``run_blocks`` (None when they can)."""
+        return None
+
+    @property
+    def supports_token_dropping(self) -> bool:
+        """True when tokens may be dropped after :meth:`embed_tokens` (all position information is in them)."""
+        return self._token_drop_blocker() is None
+
+    def check_token_dropping(self) -> None:
+        """Raise a ValueError saying why this model cannot run on a subset of its tokens, if it cannot."""
+        reason = self._token_drop_blocker()
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__} cannot drop tokens after embed_tokens (MAE masking, token "
+                             f"pruning): {reason}")
+
+    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: set[int] | frozenset[int] = frozenset(),
+                   stop_after: int | None = None, last_queries: slice | None = None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks on tokens from :meth:`embed_tokens` (possibly a subset of them).
+
+        Returns the final tokens and the outputs of the blocks whose indices are in ``collect``; stops after
+        block ``stop_after`` if given. ``last_queries`` computes the last block for those query tokens only
+        (keys and values stay complete), e.g. ``slice(0, 1)`` when only the CLS token is read afterwards.
+        """
+        if x.shape[1] != self.num_prefix_tokens + grid[0] * grid[1]:
+            self.check_token_dropping()
         cache: dict = {}
         collected = []
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, bias = self._before_block(i, x, grid, cache)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x, bias = self._block_inputs(i, x, grid, cache)
+            if i == last and last_queries is not None:
+                x = blk(x, bias, queries=last_queries)
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
             else:
                 x = blk(x, bias)
@@ -192,8 +237,8 @@ class TokenClassifier(VitkitModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, prefix + patch tokens, D) normalised tokens."""
-        x, grid = self._embed(x)
-        x, _ = self._run_blocks(x, grid)
+        x, grid = self.embed_tokens(x)
+        x, _ = self.run_blocks(x, grid)
         return self.norm(x)
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +281,8 @@ class TokenClassifier(VitkitModel):
             take = [i % depth for i in indices]
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        tokens, grid = self._embed(x)
-        tokens, collected = self._run_blocks(tokens, grid, set(take), max(take) if intermediates_only else None)
+        tokens, grid = self.embed_tokens(x)
+        tokens, collected = self.run_blocks(tokens, grid, set(take), max(take) if intermediates_only else None)
         outputs = []
         for out in collected:
             out = self.norm(out) if norm else out

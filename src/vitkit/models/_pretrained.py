@@ -2,8 +2,11 @@
 
 Weights are only ever read from safetensors, or from PyTorch files with ``torch.load(weights_only=True)``,
 so a checkpoint cannot execute code. Loading adapts what can be adapted (position tables for another
-resolution, a classifier for another number of classes) and fails with a readable
-:class:`~vitkit.errors.CheckpointError` for everything else.
+resolution, a classifier for another number of classes, the backbone of a pretraining checkpoint) and fails
+with a readable :class:`~vitkit.errors.CheckpointError` for everything else.
+
+This module knows no model classes (rebuilding a model from its ``config.json`` is
+:func:`vitkit.models.from_pretrained`, in the registry), so it imports nothing else from ``vitkit.models``.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def read_state_dict(path: str | os.PathLike,
 
 
 def _head_keys(model: nn.Module, keys) -> list[str]:
-    prefixes = getattr(model, "head_prefixes", ("head.",))
-    return [k for k in keys if k.startswith(tuple(prefixes))]
+    prefixes = tuple(getattr(model, "head_prefixes", ("head.",)))
+    return [k for k in keys if prefixes and k.startswith(prefixes)]
 
 
 def _shorten(keys: list[str], limit: int = 12) -> str:
@@ -91,12 +94,15 @@ def _shorten(keys: list[str], limit: int = 12) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Load ``state_dict`` into ``model`` after checking that it fits.
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict",
+                 warn_head: bool = True) -> str:
+    """Load ``state_dict`` into ``model`` after checking that it fits; returns what happened to the head.
 
     * position tables made for another grid are resampled (by the position-embedding modules);
     * a classifier head of another shape is dropped with a warning (the model's head stays as initialised);
     * any other missing, unexpected or mis-shaped key is a :class:`CheckpointError` that lists them.
+
+    ``warn_head=False`` leaves reporting the head to the caller (the backbone transfer folds it into its line).
     """
     state_dict = dict(state_dict)
     own = model.state_dict()
@@ -104,16 +110,17 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     head_ckpt = _head_keys(model, state_dict)
     head_mismatch = [k for k in head_ckpt if k in own and own[k].shape != state_dict[k].shape]
     head_absent = head_own - set(state_dict)
+    head_note = "head loaded" if head_own else ""
     if head_mismatch or (head_ckpt and set(head_ckpt) - head_own):
         shapes = {k: tuple(state_dict[k].shape) for k in head_ckpt}
-        warnings.warn(f"{source}: classifier head {shapes} does not fit the model's; it is dropped and the "
-                      f"model's head keeps its fresh initialisation", stacklevel=3)
+        head_note = f"classifier head {shapes} dropped (does not fit), the model's head keeps its fresh initialisation"
         for k in head_ckpt:
             state_dict.pop(k)
         head_absent = head_own
     elif head_absent:
-        warnings.warn(f"{source}: no classifier head in the checkpoint; the model's head is freshly initialised",
-                      stacklevel=3)
+        head_note = "no classifier head in the checkpoint, the model's head is freshly initialised"
+    if warn_head and head_note and head_note != "head loaded":
+        warnings.warn(f"{source}: {head_note}", stacklevel=3)
     missing = sorted(set(own) - set(state_dict) - head_absent)
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
@@ -130,6 +137,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: {e}") from None
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    return head_note
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
@@ -146,16 +154,70 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | Non
     return path, None
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a vitkit folder or weights file into an already built model (used by ``create_model``)."""
-    weights, cfg = resolve_weights(path)
-    load_weights(model, read_state_dict(weights), source=str(weights))
-    if cfg and hasattr(model, "pretrained_cfg"):
-        _merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {})
+def _module_summary(keys: list[str]) -> str:
+    """``decoder_blocks.*, mask_token`` for a list of parameter names: the modules a reader recognises."""
+    tops: dict[str, bool] = {}
+    for k in keys:
+        top, _, rest = k.partition(".")
+        tops[top] = tops.get(top, False) or bool(rest)
+    return ", ".join(f"{t}.*" if nested else t for t, nested in tops.items())
+
+
+def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], backbone: dict[str, Any],
+                  source: str, source_class: str = "model") -> nn.Module:
+    """Load the backbone of a pretraining checkpoint (an MAE's encoder, a contrastive model's encoder) into
+    ``model``, dropping the rest (decoder, projection head), and say so in one warning line.
+
+    ``backbone`` is the ``"backbone"`` entry of the checkpoint's ``config.json``: ``prefix`` (``"encoder."``),
+    ``model_class`` and ``model_args`` of the backbone. If ``model`` holds a backbone itself (its own
+    ``backbone_prefix``), the weights go into that submodule. Before loading, the receiving model's
+    ``adapt_backbone_state(state, backbone)`` (when it has one) fills what the checkpoint cannot hold, e.g. a
+    learned position table initialised from the backbone's fixed sin-cos positions.
+    """
+    prefix = backbone["prefix"]
+    kept = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    dropped = sorted(k for k in state_dict if not k.startswith(prefix))
+    if not kept:
+        raise CheckpointError(f"{source}: config.json names a backbone under {prefix!r}, no weight has that prefix")
+    own_prefix = getattr(model, "backbone_prefix", None)
+    target = model.get_submodule(own_prefix.rstrip(".")) if own_prefix else model
+    notes: list[str] = []
+    adapt = getattr(target, "adapt_backbone_state", None)
+    if adapt is not None:
+        kept, notes = adapt(kept, backbone)
+    head = load_weights(target, kept, source=source, warn_head=False)
+    into = f"{type(model).__name__}" + (f".{own_prefix.rstrip('.')}" if own_prefix else "")
+    parts = [f"{source}: loaded the {prefix.rstrip('.')} of {source_class} into {into} ({len(kept)} tensors)"]
+    if dropped:
+        parts.append(f"dropped {len(dropped)} tensors ({_module_summary(dropped)})")
+    parts += notes
+    if head and head != "head loaded":
+        parts.append(head)
+    warnings.warn("; ".join(parts), stacklevel=3)
     return model
 
 
-def _merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any]) -> None:
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a vitkit folder or weights file into an already built model (used by ``create_model``).
+
+    A folder saved by a model of another class that holds a backbone (its ``config.json`` has a ``backbone``
+    entry, e.g. :class:`~vitkit.models.mae.MaskedAutoencoderViT`) gives its backbone weights only, through
+    :func:`load_backbone`; everything else must fit exactly (see :func:`load_weights`).
+    """
+    weights, cfg = resolve_weights(path)
+    state = read_state_dict(weights)
+    backbone = (cfg or {}).get("backbone")
+    source_class = (cfg or {}).get("model_class")
+    if backbone and source_class != type(model).__name__:
+        load_backbone(model, state, backbone, str(weights), source_class)
+    else:
+        load_weights(model, state, source=str(weights))
+    if cfg and hasattr(model, "pretrained_cfg"):
+        merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {})
+    return model
+
+
+def merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any]) -> None:
     """Keep the checkpoint's normalisation; keep class names only if the head still has that many classes."""
     cfg = dict(model.pretrained_cfg)
     for key in ("mean", "std", "interpolation"):
@@ -165,30 +227,3 @@ def _merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any]) -> None:
     if names and len(names) == getattr(model, "num_classes", -1):
         cfg["class_names"] = names
     model.pretrained_cfg = cfg
-
-
-def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild a model from a ``save_pretrained`` folder; ``overrides`` change constructor arguments.
-
-    Changing ``img_size`` resamples the position tables; changing ``num_classes`` drops the head.
-    """
-    from ._base import get_model_class
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    cfg = read_config(path)
-    try:
-        cls = get_model_class(cfg["model_class"])
-        args = dict(cfg["model_args"])
-    except KeyError as e:
-        raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
-    args.update(overrides)
-    try:
-        model = cls(**args)
-    except TypeError as e:
-        raise CheckpointError(f"{path / CONFIG_NAME}: model_args do not fit {cls.__name__}: {e}") from None
-    model.model_name = cfg.get("model_name")
-    _merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {})
-    load_weights(model, read_state_dict(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))
-    return model

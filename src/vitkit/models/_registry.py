@@ -1,7 +1,13 @@
-"""The model registry: ``create_model(name, pretrained=PATH, **overrides)`` and ``list_models(pattern)``.
+"""The one model registry: model classes by name, and named configurations (entry points).
 
-Families register named configurations with :func:`register_model` (a function returning a model) or
-:func:`register_config` (a class plus default arguments, for families with many sizes).
+* Classes: every :class:`~vitkit.models.VitkitModel` subclass registers itself here when it is defined, so a
+  ``config.json`` naming ``"model_class": "VisionTransformer"`` can be rebuilt (:func:`get_model_class`).
+* Entry points: families register named configurations with :func:`register_model` (a function returning a
+  model) or :func:`register_config` (a class plus default arguments, for families with many sizes);
+  :func:`create_model` builds them and :func:`list_models` lists them.
+
+Import order inside the package: ``_pretrained`` (checkpoint I/O, knows no classes) < ``_registry`` <
+``_base`` (the base classes, which register into this module) < the family files.
 """
 
 from __future__ import annotations
@@ -11,16 +17,37 @@ import fnmatch
 import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..errors import CheckpointError
+from ._pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_weights, merge_pretrained_cfg, read_config
+from ._pretrained import read_state_dict as _read_state_dict
+
+_MODEL_CLASSES: dict[str, type[nn.Module]] = {}
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
 _CLASSES: dict[str, type] = {}
 
 
+# ---------------------------------------------------------------------- classes
+def register_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """Make ``cls`` rebuildable from a ``config.json`` (``VitkitModel`` subclasses call this themselves)."""
+    _MODEL_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def get_model_class(name: str) -> type[nn.Module]:
+    try:
+        return _MODEL_CLASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown model class {name!r}; known: {sorted(_MODEL_CLASSES)}") from None
+
+
+# ---------------------------------------------------------------------- named configurations
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Decorator: register ``fn(**overrides) -> model`` under its function name."""
     name = fn.__name__
@@ -86,11 +113,21 @@ def model_family(name: str) -> str:
     return _FAMILY[name]
 
 
+def registered_class(name: str) -> type | None:
+    """The class a registered configuration builds (None for function entry points), without building it."""
+    if name not in _ENTRYPOINTS:
+        raise ValueError(f"unknown model {name!r}")
+    return _CLASSES.get(name)
+
+
+# ---------------------------------------------------------------------- building
 def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; with ``pretrained`` (a vitkit folder or weights file) load its weights.
 
     ``overrides`` change constructor arguments (``num_classes=10``, ``img_size=384``, ``drop_path_rate=0.1``);
-    the weights are adapted to them where that is meaningful (resampled position tables, a new head).
+    the weights are adapted to them where that is meaningful (resampled position tables, a new head). A folder
+    of a model that holds a backbone (an MAE or contrastive pretraining checkpoint) gives its backbone only;
+    see :func:`~vitkit.models.load_pretrained`.
     """
     if name not in _ENTRYPOINTS:
         close = difflib.get_close_matches(name, _ENTRYPOINTS, n=5)
@@ -99,7 +136,30 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     model = _ENTRYPOINTS[name](**overrides)
     model.model_name = name
     if pretrained is not None:
-        from ._pretrained import load_pretrained
-
         load_pretrained(model, pretrained)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Rebuild a model from a ``save_pretrained`` folder; ``overrides`` change constructor arguments.
+
+    Changing ``img_size`` resamples the position tables; changing ``num_classes`` drops the head.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    cfg = read_config(path)
+    try:
+        cls = get_model_class(cfg["model_class"])
+        args = dict(cfg["model_args"])
+    except KeyError as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+    args.update(overrides)
+    try:
+        model = cls(**args)
+    except TypeError as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: model_args do not fit {cls.__name__}: {e}") from None
+    model.model_name = cfg.get("model_name")
+    merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {})
+    load_weights(model, _read_state_dict(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))
     return model

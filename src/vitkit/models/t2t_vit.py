@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import InputShapeError
 from ..layers import Block, check_image_batch
 from ..layers.t2t import TokensToToken, sinusoid_table
 from ..utils import to_2tuple
-from ._base import IMAGENET_MEAN, IMAGENET_STD, TokenClassifier, check_pool
+from ._base import TokenClassifier, check_pool
 from ._registry import register_config
-from .vit import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 
 TOKENS_TYPES = ("performer", "transformer")
 OFFICIAL_KERNELS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -124,7 +124,7 @@ class T2TViT(TokenClassifier):
         return sinusoid_table(self.num_prefix_tokens + grid[0] * grid[1], self.embed_dim)[None]
 
     # ------------------------------------------------------------------ embedding and blocks
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         check_image_batch(x, self.in_chans, self.reduction, None if self.dynamic_img_size else self.img_size,
                           type(self).__name__)
         expected = self.tokens_to_token.output_grid((x.shape[-2], x.shape[-1]))

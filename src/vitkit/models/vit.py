@@ -7,10 +7,13 @@ Switches (constructor arguments, so ablations are flags, not copies):
 
 * ``pos_embed``: ``none`` | ``learned_1d`` | ``learned_2d`` | ``sincos_2d`` | ``relative`` (see
   :mod:`vitkit.layers.pos_embed` for how each is built and resampled).
+* ``pos_sincos_order``: for ``sincos_2d``, ``hw`` (row channels first) or ``wh`` (column channels first, the
+  MAE / big_vision / HF ViTMAE layout).
 * ``pos_placement``: ``input`` (added once, before the first block) | ``every_layer`` (a separate table
   before each block) | ``every_layer_shared`` (one table added before each block). For ``relative``,
   the bias enters the first block's attention only, every block's attention with its own table, or every
-  block's with one shared table.
+  block's with one shared table. Only ``input`` with an absolute kind (or ``none``) lets tokens be dropped
+  after :meth:`embed_tokens` (MAE masking); the others index their tables by the full token grid.
 * ``pool``: ``cls`` | ``gap`` (mean of patch tokens) | ``none`` (all tokens go through the head);
   ``class_token`` switches the CLS token on or off.
 * ``patch_stride < patch_size``: overlapping patches with the same token grid.
@@ -27,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import Block, HybridEmbed, PatchEmbed, build_pos_embed, check_image_batch
+from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, INCEPTION_MEAN, INCEPTION_STD
+from ..errors import CheckpointError
+from ..layers import SINCOS_ORDERS, Block, HybridEmbed, PatchEmbed, build_pos_embed, check_image_batch, sincos_2d
 from ..utils import to_2tuple
 from ._base import (
-    INCEPTION_MEAN,
-    INCEPTION_STD,
     POOL_TYPES,  # noqa: F401  (re-exported: the pool switch values)
     TokenClassifier,
     check_pool,
@@ -60,6 +63,7 @@ class VisionTransformer(TokenClassifier):
         class_token: bool = True,
         pool: str = "cls",
         pos_embed: str = "learned_1d",
+        pos_sincos_order: str = "hw",
         pos_placement: str = "input",
         pos_interp: str = "bicubic",
         pos_interp_antialias: bool = True,
@@ -80,12 +84,15 @@ class VisionTransformer(TokenClassifier):
         check_pool(pool, class_token)
         if pos_placement not in POS_PLACEMENTS:
             raise ValueError(f"pos_placement must be one of {POS_PLACEMENTS}, got {pos_placement!r}")
+        if pos_sincos_order not in SINCOS_ORDERS:
+            raise ValueError(f"pos_sincos_order must be one of {SINCOS_ORDERS}, got {pos_sincos_order!r}")
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.pool = pool
         self.pos_kind = pos_embed
+        self.pos_sincos_order = pos_sincos_order
         self.pos_placement = pos_placement
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1 if class_token else 0
@@ -104,7 +111,7 @@ class VisionTransformer(TokenClassifier):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         make_pos = lambda: build_pos_embed(pos_embed, self.grid, embed_dim, num_heads, self.num_prefix_tokens,
-                                           pos_interp, pos_interp_antialias)
+                                           pos_interp, pos_interp_antialias, pos_sincos_order)
         self.pos_embed = make_pos() if pos_placement != "every_layer" else None
         self.block_pos_embeds = (nn.ModuleList([make_pos() for _ in range(depth)])
                                  if pos_placement == "every_layer" and pos_embed != "none" else None)
@@ -140,13 +147,16 @@ class VisionTransformer(TokenClassifier):
             nn.init.zeros_(self.patch_embed.proj.bias)
 
     # ------------------------------------------------------------------ embedding and blocks
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         check_image_batch(x, self.in_chans, self.patch_embed.reduction,
                           None if self.dynamic_img_size else self.img_size, type(self).__name__)
         x, grid = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return x, grid
+        first = self._position_schedule()[0]
+        if first is not None and not first.is_bias:  # the input position (block 0's, for every_layer*)
+            x = first(x, grid)
+        return self.pos_drop(x), grid
 
     def _position_schedule(self) -> list[nn.Module | None]:
         """Which position module acts before (or, for a relative bias, inside) each block."""
@@ -159,21 +169,53 @@ class VisionTransformer(TokenClassifier):
             return [self.pos_embed] + [None] * (depth - 1)
         return [self.pos_embed] * depth
 
-    def _before_block(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
+    def _block_inputs(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if "schedule" not in cache:
             cache["schedule"] = self._position_schedule()
-        pe, bias = cache["schedule"][i], None
-        if pe is not None:
-            if pe.is_bias:  # a shared relative table is evaluated once per forward pass
-                if id(pe) not in cache:
-                    cache[id(pe)] = pe(grid)[None]
-                bias = cache[id(pe)]
-            else:
-                x = pe(x, grid)
-        if i == 0:
-            x = self.pos_drop(x)
-        return x, bias
+        pe = cache["schedule"][i]
+        if pe is None:
+            return x, None
+        if pe.is_bias:  # a shared relative table is evaluated once per forward pass
+            if id(pe) not in cache:
+                cache[id(pe)] = pe(grid)[None]
+            return x, cache[id(pe)]
+        return (x if i == 0 else pe(x, grid)), None  # block 0's table was added by embed_tokens
+
+    def _token_drop_blocker(self) -> str | None:
+        if self.pos_kind == "relative":
+            return "its relative position bias is indexed by the full token grid (pos_embed='relative')"
+        if self.pos_kind != "none" and self.pos_placement != "input":
+            return (f"it adds a position table over the full token grid before every block "
+                    f"(pos_placement={self.pos_placement!r}); use pos_placement='input'")
+        return None
+
+    # ------------------------------------------------------------------ backbone transfer
+    def adapt_backbone_state(self, state: dict[str, torch.Tensor], backbone: dict[str, Any]
+                             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A backbone pretrained with fixed sin-cos positions (MAE) stores no position weights.
+
+        A learned table (``learned_1d``, input placement) then starts from those sin-cos values, computed for
+        this model's grid, and is fine-tuned: what official MAE fine-tuning does. A ``sincos_2d`` model keeps
+        fixed positions and needs the backbone's channel order. Any other kind is left to the usual
+        missing-key error.
+        """
+        args = backbone.get("model_args", {})
+        if args.get("pos_embed") != "sincos_2d" or "pos_embed.weight" in state:
+            return state, []
+        order = args.get("pos_sincos_order", "hw")
+        if self.pos_kind == "sincos_2d":
+            if self.pos_sincos_order != order:
+                raise CheckpointError(f"the backbone was pretrained with pos_sincos_order={order!r}; build this "
+                                      f"model with the same order (or a learned_1d table)")
+            return state, []
+        if self.pos_kind == "learned_1d" and self.pos_placement == "input":
+            table = sincos_2d(self.grid, self.embed_dim, order=order)
+            prefix = torch.zeros(self.num_prefix_tokens, self.embed_dim)
+            state = {**state, "pos_embed.weight": torch.cat([prefix, table])[None]}
+            return state, [f"pos_embed.weight (learned_1d) initialised from the backbone's fixed sincos_2d "
+                           f"positions ({order})"]
+        return state, []
 
     # ------------------------------------------------------------------ optimiser metadata
     def no_weight_decay(self) -> set[str]:
@@ -217,9 +259,6 @@ for _name, _cfg in _HYBRID_CONFIGS.items():
                     **{"img_size": 224, "depth": 12, "stem": "resnet", **_cfg})
 
 # Fashion-MNIST: 28x28 grayscale, 10 classes; patch 4 gives a 7x7 grid of 49 patch tokens.
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
 _FMNIST_CFG = {"mean": FMNIST_MEAN, "std": FMNIST_STD, "class_names": FMNIST_CLASSES}
 _FMNIST_BASE: dict[str, Any] = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4)
 _FMNIST_CONFIGS = {

@@ -1,6 +1,28 @@
-"""Objectives the engine can train: a task builds its model, turns a batch into a loss and evaluates."""
+"""Objectives the engine can train. A task builds its model, turns a batch into a loss and statistics,
+evaluates, declares its primary metric and direction, and draws its own pictures (see :mod:`.base`).
 
-from .base import Task
-from .classify import TASKS, ClassificationTask, format_eval_report
+Importing a task module registers it; ``build_task(name, args, ctx)`` makes one from a recipe's
+``task: {name: ..., args: {...}}``.
+"""
 
-__all__ = ["Task", "TASKS", "ClassificationTask", "format_eval_report"]
+from . import classify, contrastive, mae  # noqa: F401  (importing a task module registers it)
+from .base import (
+    TASKS,
+    NoArgs,
+    StepLoop,
+    Task,
+    TaskContext,
+    batch_images,
+    build_task,
+    parse_task_args,
+    register_task,
+    replace_images,
+    scalar_metrics,
+    to_device,
+)
+from .classify import ClassificationTask
+
+__all__ = [
+    "TASKS", "NoArgs", "StepLoop", "Task", "TaskContext", "batch_images", "build_task", "parse_task_args",
+    "register_task", "replace_images", "scalar_metrics", "to_device", "ClassificationTask",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,23 +10,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import AugmentConfig, build_mixup
+from ..errors import DataError
 from ..models import create_model
+from .base import Batch, Task, TaskContext, checkpoint_folder, register_task
 
 
-class ClassificationTask:
+def _images_labels(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["images"], batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise DataError("the classify task needs labelled batches (images, labels); this dataset yields "
+                    f"{type(batch).__name__}")
+
+
+@register_task
+class ClassificationTask(Task):
     name = "classify"
     primary_metric = "top1"
+    mode = "max"
 
-    def __init__(self, augment: AugmentConfig, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.label_smoothing = augment.label_smoothing
-        self.mixup = build_mixup(augment, num_classes)
+    def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
+        super().__init__(args, ctx)
+        from ..data.transforms import build_mixup
 
-    def build_model(self, model_cfg: Any, train_set: Any) -> nn.Module:
+        self.label_smoothing = self.ctx.augment.label_smoothing if self.ctx.augment is not None else 0.0
+        self.num_classes = len(self.ctx.train_set.classes) if self.ctx.train_set is not None else None
+        self.mixup = (build_mixup(self.ctx.augment, self.num_classes)
+                      if self.ctx.augment is not None and self.num_classes else None)
+
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        train_set = self.ctx.train_set
         args = dict(model_cfg.args)
         args.setdefault("num_classes", len(train_set.classes))
-        model = create_model(model_cfg.name, pretrained=model_cfg.pretrained, **args)
+        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
+        model = create_model(model_cfg.name, pretrained=pretrained, **args)
         cfg = dict(model.pretrained_cfg)
         cfg.update(mean=tuple(train_set.mean), std=tuple(train_set.std))
         if model.num_classes == len(train_set.classes):
@@ -34,58 +52,75 @@ class ClassificationTask:
         model.pretrained_cfg = cfg
         return model
 
-    def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = _images_labels(batch)
+        n = len(labels)
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
             logits = model(images)
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            return loss, {"loss": loss.item() * len(labels), "count": len(labels)}
+            return loss, {"loss": loss.item() * n, "count": n}
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         correct = (logits.argmax(-1) == labels).sum().item()
-        return loss, {"loss": loss.item() * len(labels), "correct": correct, "count": len(labels)}
+        return loss, {"loss": loss.item() * n, "acc": correct, "count": n}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, Any]:
-        n = self.num_classes
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        n = getattr(model, "num_classes", None) or self.num_classes
         confusion = torch.zeros(n, n, dtype=torch.long)
         top5 = torch.zeros((), dtype=torch.long)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for images, labels in batches:
+        for batch in batches:
+            images, labels = _images_labels(batch)
             logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            if logits.shape[-1] != n:
+                raise DataError(f"the model predicts {logits.shape[-1]} classes, expected {n}")
+            if len(labels) and int(labels.max()) >= n:
+                raise DataError(f"label {int(labels.max())} is out of range for a {n}-class model")
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
             pred = logits.argmax(-1)
-            confusion += torch.bincount(labels * n + pred, minlength=n * n).reshape(n, n)
+            confusion += torch.bincount((labels * n + pred).cpu(), minlength=n * n).reshape(n, n)
             k = min(5, n)
-            top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum()
+            top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().cpu()
+        reduce = self.ctx.all_reduce_sum
         confusion, top5, loss_sum = reduce(confusion), reduce(top5), reduce(loss_sum)
         total = confusion.sum().item()
         per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
+        names = getattr(model, "pretrained_cfg", {}).get("class_names")
         return {
             "top1": confusion.diag().sum().item() / max(1, total),
             "top5": top5.item() / max(1, total),
             "loss": loss_sum.item() / max(1, total),
-            "per_class": per_class,
             "count": total,
+            "per_class": per_class,
             "confusion": confusion.tolist(),
+            "class_names": names if names and len(names) == n else [str(i) for i in range(n)],
         }
 
-    def write_artifacts(self, metrics: dict[str, Any], folder: Path, class_names: list[str] | None) -> None:
+    def write_artifacts(self, model: nn.Module, metrics: dict[str, Any], folder: Path) -> list[str]:
         from ..viz.plots import plot_confusion
 
-        plot_confusion(torch.tensor(metrics["confusion"]), class_names, folder / "confusion.png")
+        plot_confusion(torch.tensor(metrics["confusion"]), metrics["class_names"], Path(folder) / "confusion.png")
+        return ["confusion.png"]
 
+    def summary_fields(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"per_class_top1": dict(zip(metrics["class_names"], metrics["per_class"]))}
 
-def format_eval_report(metrics: dict[str, Any], class_names: list[str] | None) -> str:
-    """A readable top-1 / top-5 / per-class summary."""
-    names = class_names or [str(i) for i in range(len(metrics["per_class"]))]
-    width = max(len(n) for n in names)
-    lines = [f"top-1 {100 * metrics['top1']:.2f}%   top-5 {100 * metrics['top5']:.2f}%   "
-             f"loss {metrics['loss']:.4f}   ({metrics['count']} images)", "per-class accuracy:"]
-    lines += [f"  {name:<{width}}  {100 * acc:6.2f}%" for name, acc in zip(names, metrics["per_class"])]
-    return "\n".join(lines)
+    def format_report(self, metrics: dict[str, Any]) -> str:
+        """A readable top-1 / top-5 / per-class summary."""
+        names = metrics["class_names"]
+        width = max(len(n) for n in names)
+        lines = [f"top-1 {100 * metrics['top1']:.2f}%   top-5 {100 * metrics['top5']:.2f}%   "
+                 f"loss {metrics['loss']:.4f}   ({metrics['count']} images)", "per-class accuracy:"]
+        lines += [f"  {name:<{width}}  {100 * acc:6.2f}%" for name, acc in zip(names, metrics["per_class"])]
+        return "\n".join(lines)
 
-
-TASKS = {"classify": ClassificationTask}
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor, topk: int = 5, **kw: Any) -> list[dict[str, Any]]:
+        """Top-k classes with probabilities per image."""
+        probs = model(images).float().softmax(-1)
+        names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(probs.shape[-1])]
+        top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+        return [{"top": [(names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]}
+                for vals, idx in zip(top.values, top.indices)]

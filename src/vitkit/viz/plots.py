@@ -21,22 +21,32 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Loss (train and eval) and accuracy (train and eval) against epoch."""
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, primary: str = "top1") -> None:
+    """Loss (train and eval) and the task's primary metric (eval, and train when logged) against epoch.
+
+    Metrics in [0, 1] whose name says accuracy (``top1``, ``acc``, ``knn_top1``, ...) are drawn in percent.
+    """
     path = Path(path)
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
     evals = [h for h in history if "eval_loss" in h]
     if evals:
         ax_loss.plot([h["epoch"] for h in evals], [h["eval_loss"] for h in evals], "s-", label="eval")
-        ax_acc.plot([h["epoch"] for h in evals], [100 * h["eval_top1"] for h in evals], "s-", label="eval top-1")
-    trains = [h for h in history if h.get("train_acc") is not None]
-    if trains:
-        ax_acc.plot([h["epoch"] for h in trains], [100 * h["train_acc"] for h in trains], "o-", label="train")
+    percent = primary != "loss" and any(w in primary for w in ("top", "acc", "recall"))
+    scale = 100 if percent else 1
+    key = f"eval_{primary}"
+    if primary != "loss":
+        with_metric = [h for h in history if key in h]
+        if with_metric:
+            ax_metric.plot([h["epoch"] for h in with_metric], [scale * h[key] for h in with_metric], "s-",
+                           label=f"eval {primary}")
+        trains = [h for h in history if h.get("train_acc") is not None and primary == "top1"]
+        if trains:
+            ax_metric.plot([h["epoch"] for h in trains], [100 * h["train_acc"] for h in trains], "o-", label="train")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_metric.set(xlabel="epoch", ylabel=f"{primary}{' (%)' if percent else ''}", title=primary)
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
@@ -85,4 +95,31 @@ def plot_ablation(lines: Sequence[dict[str, Any]], title: str, path: str | Path)
     ax.set(ylabel="test top-1 (%), mean ± std over seeds")
     ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_image_rows(rows: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], path: str | Path,
+                    title: str | None = None) -> None:
+    """A grid with one named row per entry of ``rows`` (each a normalised (N, C, H, W) batch), e.g. original /
+    masked / reconstructed images; pixel values are un-normalised with ``mean``/``std`` and clipped to [0, 1]."""
+    path = Path(path)
+    names = list(rows)
+    n = max(int(rows[k].shape[0]) for k in names)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    fig, axes = plt.subplots(len(names), n, figsize=(1.3 * n, 1.4 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        images = (rows[name].detach().float().cpu() * s + m).clamp(0, 1)
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < images.shape[0]:
+                img = images[c].permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                          vmin=0, vmax=1)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     _save(fig, path)

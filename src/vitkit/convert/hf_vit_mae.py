@@ -1,0 +1,198 @@
+"""Hugging Face ``transformers`` ``ViTMAEForPreTraining`` -> vitkit :class:`~vitkit.models.mae.MaskedAutoencoderViT`.
+
+Everything comes from ``config.json`` (widths, depths, heads, MLP sizes, activation, eps, qkv bias, mask
+ratio, ``norm_pix_loss``) and the weights; ``overrides`` set the rest (``dynamic_img_size``, ``drop_path_rate``
+go to the encoder, MAE arguments to the model). As for ViT, HF's separate query/key/value Linears are
+concatenated into vitkit's fused ``qkv``.
+
+HF stores its two fixed sin-cos position tables as (frozen) weights; vitkit recomputes them. The converter
+checks that the stored tables are MAE's 2D sin-cos (column half first, the layout of the official MAE
+weights; the row-first layout is recognised too) and fails if they are not, e.g. all zeros.
+
+Three key layouts are read: the Hub's (``vit.encoder.layer.N.attention.attention.query``, decoder
+``decoder.decoder_layers.N...``), the one transformers 5 writes (decoder ``decoder.decoder_encoder.layer.N``)
+and transformers 5's in-memory names (``vit.layers.N.attention.q_proj``), as ``torch.save(state_dict())`` has.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CheckpointError
+from ..layers import SINCOS_ORDERS, sincos_2d
+from ..models import list_models, model_defaults
+from ..models._pretrained import load_weights
+from ..models.mae import MaskedAutoencoderViT
+from ._common import check_consumed, read_hf_folder, read_json, take
+from .hf_vit import HF_ACTIVATIONS
+
+# Layer stacks: (pattern of a layer prefix, vitkit prefix)
+_STACKS = [
+    (re.compile(r"^vit\.encoder\.layer\.(\d+)\."), "encoder.blocks.{}."),
+    (re.compile(r"^vit\.layers\.(\d+)\."), "encoder.blocks.{}."),
+    (re.compile(r"^decoder\.decoder_layers\.(\d+)\."), "decoder_blocks.{}."),
+    (re.compile(r"^decoder\.decoder_encoder\.layer\.(\d+)\."), "decoder_blocks.{}."),
+]
+# Inside a layer: HF module path (either generation) -> canonical name (q, k, v are fused afterwards)
+_LAYER_PARTS = {
+    "attention.attention.query.": "q.", "attention.q_proj.": "q.",
+    "attention.attention.key.": "k.", "attention.k_proj.": "k.",
+    "attention.attention.value.": "v.", "attention.v_proj.": "v.",
+    "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+    "intermediate.dense.": "mlp.fc1.", "mlp.fc1.": "mlp.fc1.",
+    "output.dense.": "mlp.fc2.", "mlp.fc2.": "mlp.fc2.",
+    "layernorm_before.": "norm1.", "layernorm_after.": "norm2.",
+}
+_DIRECT = {
+    "vit.embeddings.cls_token": "encoder.cls_token",
+    "vit.embeddings.patch_embeddings.projection.weight": "encoder.patch_embed.proj.weight",
+    "vit.embeddings.patch_embeddings.projection.bias": "encoder.patch_embed.proj.bias",
+    "vit.layernorm.weight": "encoder.norm.weight",
+    "vit.layernorm.bias": "encoder.norm.bias",
+    "decoder.mask_token": "mask_token",
+    "decoder.decoder_embed.weight": "decoder_embed.weight",
+    "decoder.decoder_embed.bias": "decoder_embed.bias",
+    "decoder.decoder_norm.weight": "decoder_norm.weight",
+    "decoder.decoder_norm.bias": "decoder_norm.bias",
+    "decoder.decoder_pred.weight": "decoder_pred.weight",
+    "decoder.decoder_pred.bias": "decoder_pred.bias",
+}
+_POS_TABLES = ("vit.embeddings.position_embeddings", "decoder.decoder_pos_embed")
+
+
+def convert_hf_vit_mae_state_dict(state: dict[str, torch.Tensor], source: str = "state dict"
+                                  ) -> dict[str, torch.Tensor]:
+    """Rename (and fuse) HF ViTMAE weights into vitkit's MAE layout. The position tables are not included."""
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    for hf, ours in _DIRECT.items():
+        out[ours] = take(state, hf, source)
+    pending: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        for pattern, prefix in _STACKS:
+            m = pattern.match(key)
+            if not m:
+                continue
+            rest = key[m.end():]
+            part = next((p for p in _LAYER_PARTS if rest.startswith(p)), None)
+            if part is not None:
+                pending[prefix.format(m.group(1)) + _LAYER_PARTS[part] + rest[len(part):]] = state.pop(key)
+            break
+    for key in [k for k in pending if re.search(r"\.q\.(weight|bias)$", k)]:
+        base, kind = key.rsplit(".q.", 1)
+        parts = [pending.pop(f"{base}.{n}.{kind}", None) for n in "qkv"]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"{source}: {base} lacks one of its query/key/value {kind}s")
+        out[f"{base}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    left = sorted(k for k in pending if re.search(r"\.[kv]\.(weight|bias)$", k))
+    if left:
+        raise CheckpointError(f"{source}: key/value weights without a query: {', '.join(left[:6])}")
+    out.update(pending)
+    check_consumed(state, source, ignore=_POS_TABLES)
+    return out
+
+
+def _sincos_order(table: torch.Tensor, grid: tuple[int, int], source: str, name: str) -> str:
+    """Which sin-cos channel order a stored (1, 1 + h*w, D) table has; fails if it is no sin-cos table."""
+    table = table.reshape(-1, table.shape[-1]).float()
+    if table.shape[0] != 1 + grid[0] * grid[1] or table[0].abs().max() > 1e-6:
+        raise CheckpointError(f"{source}: {name} has shape {tuple(table.shape)}, expected a zero CLS row + "
+                              f"{grid[0]}x{grid[1]} sin-cos rows")
+    errors = {}
+    for order in ("wh", "hw"):
+        errors[order] = (sincos_2d(grid, table.shape[-1], order=order) - table[1:]).abs().max().item()
+        if errors[order] <= 1e-4:
+            return order
+    raise CheckpointError(f"{source}: {name} is not MAE's fixed 2D sin-cos table (max diff {min(errors.values()):.3g} "
+                          f"for orders {SINCOS_ORDERS}); vitkit recomputes the positions, so it cannot hold a "
+                          f"trained or zero table")
+
+
+def _encoder_name(args: dict[str, Any]) -> str:
+    """A registered ViT with this encoder's size (only for a readable config.json; the args fix everything)."""
+    keys = ("embed_dim", "depth", "num_heads", "patch_size")
+    for name in list_models("vit_*_patch*"):
+        d = model_defaults(name)
+        if all(d.get(k) == args[k] for k in keys) and d.get("stem", "patch") == "patch":
+            return name
+    return "vit_base_patch16_224"
+
+
+def hf_vit_mae_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json"
+                    ) -> dict[str, Any]:
+    """MaskedAutoencoderViT constructor arguments equivalent to an HF ``ViTMAEConfig`` (+ what the weights hold)."""
+    if config.get("model_type", "vit_mae") != "vit_mae":
+        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'vit_mae'")
+    if not any(k.startswith("decoder.") for k in state):
+        raise CheckpointError(f"{source}: no decoder weights (a ViTMAEModel?); hf-vit-mae converts "
+                              f"ViTMAEForPreTraining checkpoints")
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    img, patch = config.get("image_size", 224), config.get("patch_size", 16)
+    grid = (img // patch, img // patch)
+    orders = {_sincos_order(state[k], grid, source, k) for k in _POS_TABLES if k in state}
+    if len(orders) > 1:
+        raise CheckpointError(f"{source}: encoder and decoder sin-cos tables use different channel orders")
+    hidden = config.get("hidden_size", 768)
+    encoder_args = dict(
+        img_size=img, patch_size=patch, in_chans=config.get("num_channels", 3), embed_dim=hidden,
+        depth=config.get("num_hidden_layers", 12), num_heads=config.get("num_attention_heads", 12),
+        mlp_dim=config.get("intermediate_size", 4 * hidden), qkv_bias=config.get("qkv_bias", True),
+        norm_eps=config.get("layer_norm_eps", 1e-12), act=HF_ACTIVATIONS[act], pos_embed="sincos_2d",
+        pos_sincos_order=orders.pop() if orders else "wh", pos_interp_antialias=False,
+    )
+    return dict(
+        encoder=_encoder_name(encoder_args), encoder_args=encoder_args,
+        decoder_embed_dim=config.get("decoder_hidden_size", 512),
+        decoder_depth=config.get("decoder_num_hidden_layers", 8),
+        decoder_num_heads=config.get("decoder_num_attention_heads", 16),
+        decoder_mlp_dim=config.get("decoder_intermediate_size", 2048),
+        decoder_qkv_bias=config.get("qkv_bias", True),
+        mask_ratio=config.get("mask_ratio", 0.75), norm_pix_loss=config.get("norm_pix_loss", False),
+    )
+
+
+def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencoderViT:
+    """Build a vitkit MAE from a local HF ``ViTMAEForPreTraining`` folder.
+
+    ``overrides``: MaskedAutoencoderViT arguments (``mask_ratio=0.6``) or, for anything else, encoder
+    arguments (``drop_path_rate=0.1``, ``dynamic_img_size=True``).
+    """
+    src = Path(src)
+    config, state = read_hf_folder(src)
+    args = hf_vit_mae_args(config, state, str(src / "config.json"))
+    own = set(inspect.signature(MaskedAutoencoderViT.__init__).parameters)
+    for key, value in overrides.items():
+        if key in own and key != "encoder_args":
+            args[key] = value
+        else:
+            args["encoder_args"] = {**args["encoder_args"], **(value if key == "encoder_args" else {key: value})}
+    model = MaskedAutoencoderViT(**args)
+    load_weights(model, convert_hf_vit_mae_state_dict(state, str(src)), source=str(src))
+    cfg = dict(model.pretrained_cfg)
+    if model.in_chans == 3:  # the defaults of HF's ViTMAE image processor (and of the official MAE)
+        cfg.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    processor = src / "preprocessor_config.json"
+    if processor.is_file():
+        proc = read_json(processor)
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if theirs in proc:
+                cfg[ours] = tuple(proc[theirs])
+    model.pretrained_cfg = cfg
+    model.model_name = config.get("_name_or_path") or "hf_vit_mae"
+    return model
+
+
+def convert_hf_vit_mae(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MaskedAutoencoderViT:
+    """Convert an HF ViTMAEForPreTraining folder into a vitkit checkpoint folder ``dst``; returns the model."""
+    model = load_hf_vit_mae(src, **overrides)
+    model.save_pretrained(dst)
+    return model
