@@ -64,3 +64,15 @@ def check_consumed(state: dict[str, torch.Tensor], source: str, ignore: tuple[st
     if left:
         raise CheckpointError(f"{source}: keys the converter does not understand ({len(left)}): "
                               f"{', '.join(left[:12])}")
+
+
+def preprocessor_stats(src: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the normalisation of an HF folder's ``preprocessor_config.json`` (when it has one)."""
+    cfg = dict(cfg)
+    processor = Path(src) / "preprocessor_config.json"
+    if processor.is_file():
+        proc = read_json(processor)
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if theirs in proc:
+                cfg[ours] = tuple(proc[theirs])
+    return cfg

@@ -18,7 +18,7 @@ import torch
 from ..errors import CheckpointError
 from ..models._pretrained import load_weights
 from ..models.vit import VisionTransformer
-from ._common import check_consumed, read_hf_folder, read_json, strip_prefix, take
+from ._common import check_consumed, preprocessor_stats, read_hf_folder, strip_prefix, take
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
@@ -123,13 +123,7 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     id2label = config.get("id2label")
     if id2label and len(id2label) == args["num_classes"]:
         cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
-    processor = src / "preprocessor_config.json"
-    if processor.is_file():
-        proc = read_json(processor)
-        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
-            if theirs in proc:
-                cfg[ours] = tuple(proc[theirs])
-    model.pretrained_cfg = cfg
+    model.pretrained_cfg = preprocessor_stats(src, cfg)
     model.model_name = config.get("_name_or_path") or "hf_vit"
     return model
 

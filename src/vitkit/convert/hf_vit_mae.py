@@ -30,7 +30,7 @@ from ..layers import SINCOS_ORDERS, sincos_2d
 from ..models import list_models, model_defaults
 from ..models._pretrained import load_weights
 from ..models.mae import MaskedAutoencoderViT
-from ._common import check_consumed, read_hf_folder, read_json, take
+from ._common import check_consumed, preprocessor_stats, read_hf_folder, take
 from .hf_vit import HF_ACTIVATIONS
 
 # Layer stacks: (pattern of a layer prefix, vitkit prefix)
@@ -180,13 +180,7 @@ def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencod
     cfg = dict(model.pretrained_cfg)
     if model.in_chans == 3:  # the defaults of HF's ViTMAE image processor (and of the official MAE)
         cfg.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    processor = src / "preprocessor_config.json"
-    if processor.is_file():
-        proc = read_json(processor)
-        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
-            if theirs in proc:
-                cfg[ours] = tuple(proc[theirs])
-    model.pretrained_cfg = cfg
+    model.pretrained_cfg = preprocessor_stats(src, cfg)
     model.model_name = config.get("_name_or_path") or "hf_vit_mae"
     return model
 

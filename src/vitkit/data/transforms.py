@@ -29,6 +29,16 @@ from vitkit.data.base import as_size
 from vitkit.errors import ConfigError, DataError
 
 
+def settings_from_dict(cls: type, d: Mapping[str, Any] | None, section: str) -> Any:
+    """A settings dataclass from a plain/OmegaConf mapping; unknown keys fail by name, so typos never pass."""
+    d = dict(d or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation options; the defaults apply none, so every choice is explicit in a config.
@@ -85,12 +95,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> AugmentConfig:
         """Build from a plain/OmegaConf mapping, rejecting unknown keys so typos do not pass silently."""
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown augment keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return settings_from_dict(cls, d, "augment")
 
 
 class Normalize(nn.Module):
@@ -336,12 +341,7 @@ class ViewConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ViewConfig:
         """Build from a plain/OmegaConf mapping; an unknown key is a ConfigError naming it."""
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown views keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return settings_from_dict(cls, d, "views")
 
 
 class ContrastiveViews(nn.Module):

@@ -153,6 +153,33 @@ def check_pool(pool: str, class_token: bool) -> None:
         raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
 
 
+class EncoderWrapper(VitkitModel):
+    """A pretraining model built around a vitkit encoder at ``self.encoder`` (MAE, contrastive).
+
+    The encoder is the backbone a classifier takes over (``backbone_prefix``); optimiser metadata follows the
+    encoder's depth, and everything outside it (decoder, projector) counts as the top layer for layer decay.
+    """
+
+    backbone_prefix = "encoder."
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {self.backbone_prefix + n for n in self.encoder.no_weight_decay()}
+
+    @property
+    def num_lr_layers(self) -> int:
+        return self.encoder.num_lr_layers
+
+    def lr_layer_id(self, name: str) -> int:
+        if name.startswith(self.backbone_prefix):
+            return self.encoder.lr_layer_id(name[len(self.backbone_prefix):])
+        return self.num_lr_layers - 1
+
+
 class TokenClassifier(VitkitModel):
     """The classifier interface of isotropic token models (ViT, T2T-ViT, ...), written once.
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data.constants import FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..layers import Block, PatchEmbed, SinCosPosEmbed2D
-from ._base import VitkitModel
+from ._base import EncoderWrapper
 from ._registry import create_model, register_config, registered_class
 from .vit import VisionTransformer
 
@@ -43,10 +43,9 @@ class MAEOutput(NamedTuple):
     mask: torch.Tensor  # (B, L) float, 1 = masked (predicted), 0 = visible to the encoder
 
 
-class MaskedAutoencoderViT(VitkitModel):
+class MaskedAutoencoderViT(EncoderWrapper):
     """MAE pretraining model: ``model(images) -> MAEOutput(loss, pred, mask)``; ``encode(images)`` -> features."""
 
-    backbone_prefix = "encoder."
     head_prefixes = ()  # no classifier head
 
     def __init__(
@@ -238,22 +237,8 @@ class MaskedAutoencoderViT(VitkitModel):
         return self.encoder.forward_head(self.encoder.forward_features(imgs), pre_logits=True)
 
     # ------------------------------------------------------------------ training metadata
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        self.encoder.set_grad_checkpointing(enable)
-
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
-
-    @property
-    def num_lr_layers(self) -> int:
-        return self.encoder.num_lr_layers
-
-    def lr_layer_id(self, name: str) -> int:
-        """Encoder parameters by encoder depth; the whole decoder with the encoder's final norm (the top)."""
-        if name.startswith(self.backbone_prefix):
-            return self.encoder.lr_layer_id(name[len(self.backbone_prefix):])
-        return self.num_lr_layers - 1
+        return super().no_weight_decay() | {"mask_token"}
 
 
 # ---------------------------------------------------------------------- registered configurations

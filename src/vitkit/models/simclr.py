@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.constants import FMNIST_MEAN, FMNIST_STD
-from ._base import VitkitModel
+from ._base import EncoderWrapper
 from ._registry import create_model, register_config
 
 
-class ContrastiveViT(VitkitModel):
+class ContrastiveViT(EncoderWrapper):
     """ViT encoder + projection MLP; ``forward`` gives L2-normalised projections, ``encode`` pooled features.
 
     It also speaks the classifier interface (``forward_features``, ``forward_head(pre_logits=True)``,
@@ -37,7 +37,6 @@ class ContrastiveViT(VitkitModel):
     probes and inspection tools treat it like any vitkit model.
     """
 
-    backbone_prefix = "encoder."  # config.json describes the encoder, so a classifier can load it alone
     head_prefixes = ()  # the projector is part of the model: a checkpoint must fit it exactly
 
     def __init__(
@@ -104,23 +103,6 @@ class ContrastiveViT(VitkitModel):
     def forward_intermediates(self, x: torch.Tensor, **kwargs: Any):
         """The encoder's per-block feature maps (see ``TokenClassifier.forward_intermediates``)."""
         return self.encoder.forward_intermediates(x, **kwargs)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
-
-    # ------------------------------------------------------------------ optimiser metadata
-    def no_weight_decay(self) -> set[str]:
-        return {self.backbone_prefix + n for n in self.encoder.no_weight_decay()}
-
-    @property
-    def num_lr_layers(self) -> int:
-        return self.encoder.num_lr_layers
-
-    def lr_layer_id(self, name: str) -> int:
-        """The encoder's depth index for its parameters; the projector sits with the top layer."""
-        if name.startswith(self.backbone_prefix):
-            return self.encoder.lr_layer_id(name[len(self.backbone_prefix):])
-        return self.num_lr_layers - 1
 
 
 # ---------------------------------------------------------------------- registered configurations
