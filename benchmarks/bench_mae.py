@@ -10,8 +10,8 @@ two models round by round (other processes share the CPU), after warm-up; median
     python benchmarks/bench_mae.py --cases vit_b16:fp32 fmnist_tiny:fp32,bf16   # precisions per case
     python benchmarks/bench_mae.py --cases fmnist_tiny --profile    # where the MAE step's time goes
 
-The optimizer is ``torch.optim.AdamW`` with its defaults (as the engine builds it); on CPU that is the
-per-parameter loop, a visible share of a ViT-B step (see ``--profile``).
+The optimizer is the engine's (``vitkit.engine.optim.build_optimizer``: fused AdamW, weight-decay groups), so
+the step is what ``vitkit train`` runs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitkit
+from vitkit.engine.config import OptimConfig
 from vitkit.engine.inference import native_bf16_supported
+from vitkit.engine.optim import build_optimizer
 from vitkit.models import MaskedAutoencoderViT
 
 
@@ -59,7 +61,7 @@ def build(case: Case) -> tuple[MaskedAutoencoderViT, nn.Module, torch.Tensor, to
 
 
 def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], bf16: bool) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=0.05))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -112,7 +114,7 @@ def profile_mae_step(case: Case, bf16: bool, rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     mae, _, x, _ = build(case)
-    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = build_optimizer(mae, OptimConfig(lr=1e-4, weight_decay=0.05))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
