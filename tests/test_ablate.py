@@ -102,5 +102,6 @@ def test_ssl_study_fills_pretrained_checkpoints_and_matches_steps(tmp_path, monk
                         pretrained={"mae": "runs/m", "contrastive": "runs/c"})
     mae_1 = next(o for o in seen if "model.pretrained=runs/m" in o and "data.train_fraction=0.01" in o)
     assert "train.epochs=20" in mae_1 and "optim.layer_decay=0.75" in mae_1 and "train.eval_every=4" in mae_1
+    assert "schedule.warmup_epochs=10" in mae_1
     scratch_10 = next(o for o in seen if "data.train_fraction=0.1" in o and not any("pretrained" in x for x in o))
     assert "train.epochs=2" in scratch_10 and "optim.layer_decay=0.75" not in scratch_10
