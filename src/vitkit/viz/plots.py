@@ -22,31 +22,27 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, primary: str = "top1") -> None:
-    """Loss (train and eval) and the task's primary metric (eval, and train when logged) against epoch.
-
-    Metrics in [0, 1] whose name says accuracy (``top1``, ``acc``, ``knn_top1``, ...) are drawn in percent.
-    """
+    """Loss (train and eval) and every logged top-1 accuracy (eval ``*top1``, e.g. top1, knn_top1,
+    linear_top1; train accuracy when logged) against epoch, in percent. ``primary`` is drawn first and bold."""
     path = Path(path)
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
     evals = [h for h in history if "eval_loss" in h]
     if evals:
         ax_loss.plot([h["epoch"] for h in evals], [h["eval_loss"] for h in evals], "s-", label="eval")
-    percent = primary != "loss" and any(w in primary for w in ("top", "acc", "recall"))
-    scale = 100 if percent else 1
-    key = f"eval_{primary}"
-    if primary != "loss":
-        with_metric = [h for h in history if key in h]
-        if with_metric:
-            ax_metric.plot([h["epoch"] for h in with_metric], [scale * h[key] for h in with_metric], "s-",
-                           label=f"eval {primary}")
-        trains = [h for h in history if h.get("train_acc") is not None and primary == "top1"]
-        if trains:
-            ax_metric.plot([h["epoch"] for h in trains], [100 * h["train_acc"] for h in trains], "o-", label="train")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_metric.set(xlabel="epoch", ylabel=f"{primary}{' (%)' if percent else ''}", title=primary)
-    for ax in (ax_loss, ax_metric):
+    keys = sorted({k for h in history for k in h if k.startswith("eval_") and k.endswith("top1")},
+                  key=lambda k: (k != f"eval_{primary}", k))
+    for key in keys:
+        rows = [h for h in history if key in h]
+        ax_acc.plot([h["epoch"] for h in rows], [100 * h[key] for h in rows], "s-", label=key.replace("_", " "),
+                    linewidth=2.5 if key == f"eval_{primary}" else 1.2)
+    trains = [h for h in history if h.get("train_acc") is not None]
+    if trains:
+        ax_acc.plot([h["epoch"] for h in trains], [100 * h["train_acc"] for h in trains], "o-", label="train acc")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"loss{' (primary metric)' if primary == 'loss' else ''}")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
