@@ -105,3 +105,7 @@ def test_ssl_study_fills_pretrained_checkpoints_and_matches_steps(tmp_path, monk
     assert "schedule.warmup_epochs=10" in mae_1
     scratch_10 = next(o for o in seen if "data.train_fraction=0.1" in o and not any("pretrained" in x for x in o))
     assert "train.epochs=2" in scratch_10 and "optim.layer_decay=0.75" not in scratch_10
+    table = (tmp_path / "ablation_ssl.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "Δ vs first of its group" in table
+    assert "| — |" in rows["scratch_10pct"] and "| — |" in rows["scratch_1pct"] and "| — |" not in rows["mae_10pct"]

@@ -44,6 +44,8 @@ class Study:
     reference_fraction: float = 1.0
     evals_per_run: int | None = None  # evaluate this many times per run (long small-data runs), else the recipe's
     scale_warmup: bool = False  # with steps_matched_fraction: warm-up epochs scaled too (same warm-up steps)
+    # Δ against the first variant with the same label suffix ("..._10pct" vs "scratch_10pct"), not the first row
+    compare_within_suffix: bool = False
 
     @property
     def needs_pretrained(self) -> bool:
@@ -101,7 +103,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
             ("mae", ("model.pretrained={pretrained.mae}", "optim.layer_decay=0.75")),
             ("contrastive", ("model.pretrained={pretrained.contrastive}", "optim.layer_decay=0.75")),
         )
-    ), steps_matched_fraction=True, reference_fraction=0.1, evals_per_run=5, scale_warmup=True),
+    ), steps_matched_fraction=True, reference_fraction=0.1, evals_per_run=5, scale_warmup=True,
+        compare_within_suffix=True),
 )}
 
 
@@ -282,11 +285,18 @@ def format_table(study: Study, rows: list[dict[str, Any]]) -> str:
     lines = summarize(study, rows)
     sweep = len(study.lr_multipliers) > 1
     ref = next((ln for ln in lines if ln["best_lr"] or not sweep), None)
+    suffix = lambda ln: ln["variant"].rsplit("_", 1)[-1]
+    refs = {}
+    if study.compare_within_suffix:
+        for ln in lines:
+            refs.setdefault(suffix(ln), ln)
     out = [f"### {study.name}", "", f"Claim: {study.claim}", "",
-           "| variant | " + ("lr | " if sweep else "") + "test top-1 (mean ± std) | seeds | Δ vs first (±2 SE) | "
+           "| variant | " + ("lr | " if sweep else "") + "test top-1 (mean ± std) | seeds | "
+           + ("Δ vs first of its group (±2 SE) | " if refs else "Δ vs first (±2 SE) | ") +
            "params | train img/s | wall-clock (s) | epochs |",
            "|---|" + ("---|" if sweep else "") + "---|---|---|---|---|---|---|"]
     for ln in lines:
+        ref = refs.get(suffix(ln), ref) if refs else ref
         if ref is None or ln is ref:
             delta = "—"
         else:
