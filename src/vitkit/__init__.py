@@ -5,8 +5,7 @@
 >>> vitkit.list_models("vit_*_patch16_*")
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402,F401
 from .errors import CheckpointError, ConfigError, DataError, InputShapeError, VitkitError  # noqa: E402
 from .layers import capture_attention  # noqa: E402
 from .models import (  # noqa: E402

@@ -12,29 +12,23 @@ from ..data import batch_collate, build_dataset
 from ..data.image_folder import load_image
 from ..errors import CheckpointError, DataError
 from ..models import from_pretrained
-from ..tasks import Task, TaskContext, build_task
+from ..tasks import TASKS, Task, TaskContext, build_task
+from ..tasks.base import checkpoint_folder
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder means its best checkpoint; a checkpoint folder is used as it is."""
+    """A run folder means its best checkpoint (then its last); a checkpoint folder is used as it is."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "last"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
+    candidate = checkpoint_folder(path)
+    if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+        return candidate
     raise CheckpointError(f"{path} is neither a vitkit checkpoint folder (config.json + model.safetensors) nor a "
                           f"training run folder with checkpoints/best")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The checkpoint's model in eval mode, remembering the task it was trained for (``pretrained_cfg["task"]``)."""
-    import json
-
-    folder = resolve_model_dir(path)
-    model = from_pretrained(folder).to(device).eval()
-    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pretrained_cfg") or {}
-    if "task" in saved:
-        model.pretrained_cfg = {**model.pretrained_cfg, "task": saved["task"]}
-    return model
+    """The checkpoint's model in eval mode (``pretrained_cfg["task"]`` names the task it was trained for)."""
+    return from_pretrained(resolve_model_dir(path)).to(device).eval()
 
 
 def _input_spec(model) -> tuple[int, tuple[int, int]]:
@@ -42,18 +36,22 @@ def _input_spec(model) -> tuple[int, tuple[int, int]]:
     return int(channels), (int(h), int(w))
 
 
-def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx: TaskContext | None = None
-                   ) -> Task:
-    """The task a checkpoint was trained for: the run's ``train_config.yaml`` (name and settings) when the
-    folder has one, else ``pretrained_cfg["task"]``, else classification (converted checkpoints)."""
-    name, args = model.pretrained_cfg.get("task", "classify"), None
+def task_spec(model: torch.nn.Module, folder: str | Path | None = None) -> tuple[str, dict[str, Any] | None]:
+    """(name, settings) of the task a checkpoint was trained for: the run's ``train_config.yaml`` when the folder
+    has one, else ``pretrained_cfg["task"]``, else classification (converted checkpoints)."""
     saved = Path(folder) / "train_config.yaml" if folder is not None else None
     if saved is not None and saved.is_file():
         from .config import load_config
 
         cfg = load_config(saved)
-        name, args = cfg.task.name, cfg.task.args
-    return build_task(name, args, ctx)
+        return cfg.task.name, cfg.task.args
+    return model.pretrained_cfg.get("task", "classify"), None
+
+
+def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx: TaskContext | None = None
+                   ) -> Task:
+    """The task a checkpoint was trained for (see :func:`task_spec`), built with ``ctx``."""
+    return build_task(*task_spec(model, folder), ctx)
 
 
 def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: str = "test",
@@ -69,12 +67,12 @@ def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: st
     dataset = build(split)
     names = model.pretrained_cfg.get("class_names")
     num_classes = getattr(model, "num_classes", None)
-    probe = task_for_model(model, folder)
-    train_set = build("train") if getattr(probe, "eval_needs_train_set", False) else dataset
+    name, args = task_spec(model, folder)
+    train_set = build("train") if getattr(TASKS.get(name), "eval_needs_train_set", False) else dataset
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     ctx = TaskContext(train_set=train_set, eval_set=dataset, eval_batch_size=batch_size, collate=batch_collate,
                       autocast=autocast)
-    task = task_for_model(model, folder, ctx)
+    task = build_task(name, args, ctx)
     if task.name == "classify" and num_classes != len(dataset.classes):
         raise DataError(f"the model predicts {num_classes} classes, the {data} {split} set has "
                         f"{len(dataset.classes)}")

@@ -16,6 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .._version import __version__
 from ..layers.attention import capture_attention
 from ._pretrained import save_pretrained
 from ._registry import from_pretrained, register_class
@@ -82,8 +83,6 @@ class VitkitModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What ``config.json`` holds: enough to rebuild the model and to preprocess its inputs."""
-        from .. import __version__
-
         cfg = {
             "vitkit_version": __version__,
             "model_class": type(self).__name__,

@@ -217,10 +217,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any]) -> None:
-    """Keep the checkpoint's normalisation; keep class names only if the head still has that many classes."""
+def merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any], same_model: bool = False) -> None:
+    """Keep the checkpoint's normalisation; keep class names only if the head still has that many classes;
+    with ``same_model`` (the checkpoint's own architecture rebuilt) also the task it was trained for."""
     cfg = dict(model.pretrained_cfg)
-    for key in ("mean", "std", "interpolation"):
+    for key in ("mean", "std", "interpolation", *(("task",) if same_model else ())):
         if key in saved:
             cfg[key] = saved[key]
     names = saved.get("class_names")

@@ -160,6 +160,6 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     except TypeError as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: model_args do not fit {cls.__name__}: {e}") from None
     model.model_name = cfg.get("model_name")
-    merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {})
+    merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {}, same_model=True)
     load_weights(model, _read_state_dict(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))
     return model

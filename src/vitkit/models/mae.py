@@ -201,14 +201,17 @@ class MaskedAutoencoderViT(EncoderWrapper):
                 x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, p:]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over the masked patches (in fp32 under autocast)."""
+    def patch_losses(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """(B, L) mean squared error of every patch against its (optionally normalised) pixels, in fp32."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
             mean, std = self._patch_stats(target)
             target = (target - mean) / std
-        loss = (pred.float() - target).pow(2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum().clamp_min(1)
+        return (pred.float() - target).pow(2).mean(dim=-1)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the masked patches (in fp32 under autocast)."""
+        return (self.patch_losses(imgs, pred) * mask).sum() / mask.sum().clamp_min(1)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:

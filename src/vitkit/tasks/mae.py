@@ -137,12 +137,7 @@ class MAETask(Task):
         generator = torch.Generator().manual_seed(self.args.eval_seed)
         noise = _eval_noise(images.shape[0], self._num_patches(model, images), generator, images.device)
         out = model(images, noise=noise)
-        target = model.patchify(images)
-        if getattr(model, "norm_pix_loss", False):
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = ((out.pred.float() - target.float()) ** 2).mean(-1)
-        per_image = (per_patch * out.mask).sum(1) / out.mask.sum(1)
+        per_image = (model.patch_losses(images, out.pred) * out.mask).sum(1) / out.mask.sum(1)
         return [{"reconstruction_loss": round(float(v), 6)} for v in per_image]
 
 
