@@ -25,3 +25,7 @@ class ConfigError(VitkitError):
 
 class InputShapeError(VitkitError, ValueError):
     """A tensor given to a model has the wrong shape, size or channel count."""
+
+
+class TrainingError(VitkitError):
+    """A run cannot go on: its loss became non-finite, or its state on disk does not allow resuming."""

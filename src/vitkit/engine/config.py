@@ -36,7 +36,10 @@ class DataConfig:
     train_fraction: float = 1.0  # data-size studies: a stratified, seeded subset of the training set
     image_size: int | None = None  # resize (None: the dataset's own size)
     download: bool = True
-    max_bad_images: int = 0
+    max_bad_images: int = 0  # unreadable images dropped (and reported) at start or skipped during training
+    # image_folder: how each file is checked when the dataset is built; "header" reads headers (fast),
+    # "decode" decodes every file and so also catches truncated data before the first step
+    verify: Literal["header", "decode"] = "header"
     num_workers: int = 0
 
 

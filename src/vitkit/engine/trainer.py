@@ -158,6 +158,8 @@ class Trainer:
         common = dict(data_dir=cfg.data.data_dir, image_size=size, num_channels=channels,
                       max_bad_images=cfg.data.max_bad_images)
         extra = {"root": cfg.data.root} if cfg.data.root else {}
+        if cfg.data.name == "image_folder":
+            extra["check"] = cfg.data.verify
         download = cfg.data.download and self.dist.is_main
         if self.dist.enabled and self.dist.is_main:  # rank 0 downloads first, the others wait and then read
             build_dataset(cfg.data.name, "train", download=download, **common, **extra)
