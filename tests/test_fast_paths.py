@@ -209,10 +209,29 @@ def test_bench_helpers():
     add_bench_args(p)
     args = p.parse_args(["--quick", "--batches", "1"])
     assert args.quick and args.batches == [1]
-    meter = ContentionMeter()
+    # Deterministic: injected tick counters and clock (a real sub-millisecond window is noise, see #12).
+    from vitkit.benchmark import _CLK_TCK
+
+    def fake(*values):
+        it = iter(values)
+        return lambda: next(it)
+
+    # 1 s on 2 CPUs = 2 * CLK_TCK ticks available; the machine got CLK_TCK busy ticks, ours were CLK_TCK / 2
+    meter = ContentionMeter(busy_ticks=fake(0, 0, _CLK_TCK), own_ticks=fake(0, _CLK_TCK // 2),
+                            clock=fake(10.0, 11.0), cpus=2)
     with meter.measure() as m:
-        sum(range(10000))
-    assert 0.0 <= m["contention"] <= 1.0
+        pass
+    assert m["seconds"] == 1.0 and abs(m["contention"] - (_CLK_TCK - _CLK_TCK // 2) / (2 * _CLK_TCK)) < 1e-9
+    # more ticks of others than the window holds (coarse ticks over a short window) are capped at 1
+    meter = ContentionMeter(busy_ticks=fake(0, 0, 50), own_ticks=fake(0, 0), clock=fake(0.0, 0.001), cpus=2)
+    with meter.measure() as m:
+        pass
+    assert m["contention"] == 1.0
+    # our own ticks above the machine's (counter skew) read as no contention, never negative
+    meter = ContentionMeter(busy_ticks=fake(0, 0, 1), own_ticks=fake(0, 5), clock=fake(0.0, 1.0), cpus=2)
+    with meter.measure() as m:
+        pass
+    assert m["contention"] == 0.0
     x = realistic_images(2, 32)
     assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1.0
     row = dict(model="ViT-S/16", batch=1, precision="fp32", name="vitkit", library="vitkit", is_peer=False,

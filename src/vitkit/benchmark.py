@@ -93,24 +93,30 @@ def _own_ticks() -> int:
 
 
 class ContentionMeter:
-    """CPU share that other processes took while a block of code ran (0 = machine was ours)."""
+    """CPU share that other processes took while a block of code ran (0 = machine was ours, 1 = all of it).
 
-    def __init__(self) -> None:
-        self.available = _machine_busy_ticks() is not None
-        self.cpus = os.cpu_count() or 1
+    The tick sources and the clock can be injected, so the arithmetic is testable without a busy machine.
+    """
+
+    def __init__(self, busy_ticks: Callable[[], int | None] = _machine_busy_ticks,
+                 own_ticks: Callable[[], int] = _own_ticks, clock: Callable[[], float] = time.perf_counter,
+                 cpus: int | None = None) -> None:
+        self.busy_ticks, self.own_ticks, self.clock = busy_ticks, own_ticks, clock
+        self.available = busy_ticks() is not None
+        self.cpus = cpus or os.cpu_count() or 1
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[dict[str, float]]:
         result = {"contention": 0.0, "seconds": 0.0}
-        busy0, own0, t0 = _machine_busy_ticks(), _own_ticks(), time.perf_counter()
+        busy0, own0, t0 = self.busy_ticks(), self.own_ticks(), self.clock()
         yield result
-        elapsed = time.perf_counter() - t0
-        busy1, own1 = _machine_busy_ticks(), _own_ticks()
+        elapsed = self.clock() - t0
+        busy1, own1 = self.busy_ticks(), self.own_ticks()
         result["seconds"] = elapsed
         if busy0 is not None and busy1 is not None and elapsed > 0:
             others = max(0, (busy1 - busy0) - (own1 - own0))
             # ticks are 1/CLK_TCK s coarse: over a window of a few ms one tick of another process would read as
-            # more than the whole machine, so the share is capped at 1
+            # more than the whole machine, so the share is kept in [0, 1]
             result["contention"] = min(1.0, others / (elapsed * _CLK_TCK * self.cpus))
 
 

@@ -28,6 +28,14 @@ def command(name: str, help: str):
     return wrap
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into one usage line and exit code 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 # ---------------------------------------------------------------------------- models
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vit_*_patch16_*'")
@@ -115,9 +123,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "digits, image_folder)")
     p.add_argument("--data-dir", help="where the dataset lives (image_folder: the root)")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=_positive_int, default=512)
     p.add_argument("--bf16", action="store_true", help="run in bfloat16 autocast")
     p.add_argument("--confusion", metavar="PNG", help="also write the confusion matrix picture here")
+    p.add_argument("--ignore-class-names", action="store_true",
+                   help="score a classifier by class index even though its class names differ from the dataset's")
 
 
 @command("eval", "evaluate a checkpoint with its task (a classifier: top-1, top-5, per-class accuracy)")
@@ -125,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
 
     metrics, task = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.data_dir, args.batch_size,
-                                        args.bf16)
+                                        args.bf16, ignore_class_names=args.ignore_class_names)
     print(task.format_report(metrics))
     if args.confusion:
         if "confusion" not in metrics:
@@ -148,7 +158,7 @@ cmd_eval.configure = _eval_args
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder or a training run folder (uses checkpoints/best)")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to show (>= 1)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
 
@@ -231,12 +241,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 cmd_ablate.configure = _ablate_args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers on PyTorch")
+    parser = _Parser(prog="vitkit", description="Vision Transformers on PyTorch")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, fn in _COMMANDS.items():
         p = sub.add_parser(name, help=fn.help, description=fn.help)
         fn.configure(p)
@@ -251,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except VitkitError as e:
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written: name it in one line
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"vitkit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)

@@ -19,8 +19,8 @@ class DataError(VitkitError):
     """A dataset, image file or archive cannot be used."""
 
 
-class ConfigError(VitkitError):
-    """A configuration key is unknown or its value is invalid."""
+class ConfigError(VitkitError, ValueError):
+    """A configuration key is unknown or its value is invalid (a ValueError too, as Python code expects)."""
 
 
 class InputShapeError(VitkitError, ValueError):

@@ -3,6 +3,10 @@
 Each converter is a function and a ``vitkit convert <kind> SRC DST`` command.
 """
 
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
 from .hf_vit_mae import convert_hf_vit_mae, convert_hf_vit_mae_state_dict, load_hf_vit_mae
 from .t2t import convert_t2t, convert_t2t_state_dict, load_t2t
@@ -22,8 +26,20 @@ def convert(kind: str, src: str, dst: str, **overrides):
     try:
         fn = CONVERTERS[kind]
     except KeyError:
-        raise ValueError(f"unknown converter {kind!r}; choose one of {sorted(CONVERTERS)}") from None
+        raise ConfigError(f"unknown converter {kind!r}; choose one of {sorted(CONVERTERS)}") from None
+    _check_destination(Path(dst))
     return fn(src, dst, **overrides)
+
+
+def _check_destination(dst: Path) -> None:
+    """Fail before converting when ``dst`` cannot become a checkpoint folder."""
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} exists and is not a folder")
+    existing = dst
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write the destination {dst}: {existing} is not a writable folder")
 
 
 __all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, VitkitError
 from ..models._pretrained import read_state_dict
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -17,13 +18,45 @@ HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a CheckpointError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def config_value(config: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
+    """A required ``config.json`` entry of the right type (bool is not an int here), or an error naming it."""
+    if key not in config:
+        raise CheckpointError(f"{source}: key {key!r} is missing")
+    value = config[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CheckpointError(f"{source}: {key}={value!r} must be a {kind.__name__}")
+    return value
+
+
+def build_converted(cls: type, args: dict[str, Any], overrides: dict[str, Any], source: str):
+    """``cls(**args, **overrides)`` where ``args`` come from the foreign checkpoint and ``overrides`` from
+    ``--arg``: an override the class does not take is a ConfigError, arguments that cannot build the model a
+    CheckpointError naming the source (e.g. heads that do not divide the width)."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ConfigError(f"--arg {', '.join(unknown)}: {cls.__name__} does not take it; it takes "
+                          f"{', '.join(sorted(accepted))}")
+    try:
+        return cls(**{**args, **overrides})
+    except VitkitError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        given = f" (with --arg {overrides})" if overrides else ""
+        raise CheckpointError(f"{source}: its configuration cannot build a {cls.__name__}{given}: {e}") from None
 
 
 def read_hf_folder(src: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -39,8 +72,13 @@ def read_hf_folder(src: str | os.PathLike) -> tuple[dict[str, Any], dict[str, to
     for name in HF_INDEX_FILES:
         if (src / name).is_file():
             index = read_json(src / name)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{src / name}: 'weight_map' must be an object of tensor name -> shard file")
             state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard:
+                    raise CheckpointError(f"{src / name}: shard {shard!r} is not a file name in {src}")
                 state.update(read_state_dict(src / shard))
             return config, state
     raise CheckpointError(f"{src} holds no weights: expected one of {HF_WEIGHT_FILES + HF_INDEX_FILES}")

@@ -18,7 +18,15 @@ import torch
 from ..errors import CheckpointError
 from ..models._pretrained import load_weights
 from ..models.vit import VisionTransformer
-from ._common import check_consumed, preprocessor_stats, read_hf_folder, strip_prefix, take
+from ._common import (
+    build_converted,
+    check_consumed,
+    config_value,
+    preprocessor_stats,
+    read_hf_folder,
+    strip_prefix,
+    take,
+)
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
@@ -57,7 +65,7 @@ def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: 
     act = config.get("hidden_act", "gelu")
     if act not in HF_ACTIVATIONS:
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
-    hidden = config["hidden_size"]
+    hidden = config_value(config, "hidden_size", source)
     representation = None
     if "pooler.dense.weight" in state:
         if config.get("pooler_act", "tanh") != "tanh":
@@ -67,7 +75,8 @@ def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: 
     return dict(
         img_size=config.get("image_size", 224), patch_size=config.get("patch_size", 16),
         in_chans=config.get("num_channels", 3), num_classes=num_classes, embed_dim=hidden,
-        depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        depth=config_value(config, "num_hidden_layers", source),
+        num_heads=config_value(config, "num_attention_heads", source),
         mlp_dim=config.get("intermediate_size", 4 * hidden), qkv_bias=config.get("qkv_bias", True),
         norm_eps=config.get("layer_norm_eps", 1e-12), act=HF_ACTIVATIONS[act],
         representation_size=representation, pos_interp_antialias=False,
@@ -100,9 +109,13 @@ def convert_hf_vit_state_dict(state: dict[str, torch.Tensor], depth: int,
             out[f"{ours}mlp.fc1.{kind}"] = take(state, f"{hf}intermediate.dense.{kind}", source)
             out[f"{ours}mlp.fc2.{kind}"] = take(state, f"{hf}output.dense.{kind}", source)
     for hf, ours in (("pooler.dense", "pre_logits.0"), ("classifier", "head")):
-        for kind in ("weight", "bias"):
-            if f"{hf}.{kind}" in state:
-                out[f"{ours}.{kind}"] = state.pop(f"{hf}.{kind}")
+        present = [kind for kind in ("weight", "bias") if f"{hf}.{kind}" in state]
+        if len(present) == 1:
+            absent = "bias" if present == ["weight"] else "weight"
+            raise CheckpointError(f"{source}: {hf}.{present[0]} is there but {hf}.{absent} is missing (a "
+                                  f"truncated or hand-edited checkpoint?)")
+        for kind in present:
+            out[f"{ours}.{kind}"] = state.pop(f"{hf}.{kind}")
     # mask_token exists only for masked-image-modelling variants and plays no part in classification.
     check_consumed(state, source, ignore=("embeddings.mask_token",))
     return out
@@ -116,8 +129,9 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     src = Path(src)
     config, state = read_hf_folder(src)
     state = normalize_hf_vit_keys(state)
-    args = {**hf_vit_args(config, state, str(src / "config.json")), **overrides}
-    model = VisionTransformer(**args)
+    args = hf_vit_args(config, state, str(src / "config.json"))
+    model = build_converted(VisionTransformer, args, overrides, str(src / "config.json"))
+    args = {**args, **overrides}
     load_weights(model, convert_hf_vit_state_dict(state, args["depth"], str(src)), source=str(src))
     cfg = dict(model.pretrained_cfg)
     id2label = config.get("id2label")

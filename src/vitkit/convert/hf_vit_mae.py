@@ -30,7 +30,7 @@ from ..layers import SINCOS_ORDERS, sincos_2d
 from ..models import list_models, model_defaults
 from ..models._pretrained import load_weights
 from ..models.mae import MaskedAutoencoderViT
-from ._common import check_consumed, preprocessor_stats, read_hf_folder, take
+from ._common import build_converted, check_consumed, preprocessor_stats, read_hf_folder, take
 from .hf_vit import HF_ACTIVATIONS
 
 # Layer stacks: (pattern of a layer prefix, vitkit prefix)
@@ -175,7 +175,7 @@ def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencod
             args[key] = value
         else:
             args["encoder_args"] = {**args["encoder_args"], **(value if key == "encoder_args" else {key: value})}
-    model = MaskedAutoencoderViT(**args)
+    model = build_converted(MaskedAutoencoderViT, args, {}, str(src / "config.json"))
     load_weights(model, convert_hf_vit_mae_state_dict(state, str(src)), source=str(src))
     cfg = dict(model.pretrained_cfg)
     if model.in_chans == 3:  # the defaults of HF's ViTMAE image processor (and of the official MAE)

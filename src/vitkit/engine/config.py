@@ -7,7 +7,10 @@ value fails with a :class:`~vitkit.errors.ConfigError` that names the key.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -101,35 +104,129 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split("\n")[:2]).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _config_error(e: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(e, "full_key", None)
-    msg = str(e).splitlines()[0]
+    msg = (str(e).splitlines() or [type(e).__name__])[0]
     return ConfigError(f"{origin}: {'key ' + repr(key) + ': ' if key else ''}{msg}")
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _positive(x: Any) -> bool:
+    return _finite(x) and x > 0
+
+
+def _non_negative(x: Any) -> bool:
+    return _finite(x) and x >= 0
+
+
+def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: x is None or rule(x)
+
+
+def _in_unit(x: Any) -> bool:
+    return _finite(x) and 0 <= x < 1
+
+
+# key: (rule, what the value must be). Every setting with a range is here, so a bad value fails before any
+# work starts instead of training the wrong thing (a negative clip reverses the gradients, a negative min_lr
+# drives the learning rate below zero) or failing an epoch later.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "output_dir": (lambda x: bool(str(x).strip()), "a folder path"),
+    "model.name": (lambda x: bool(str(x).strip()), "a registered model name (vitkit models)"),
+    "data.train_fraction": (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]"),
+    "data.image_size": (_optional(lambda x: x >= 1), "an integer >= 1, or null for the dataset's own size"),
+    "data.max_bad_images": (lambda x: x >= 0, "an integer >= 0"),
+    "data.num_workers": (lambda x: x >= 0, "an integer >= 0 (0 loads in the main process)"),
+    "optim.lr": (_positive, "a finite number > 0"),
+    "optim.weight_decay": (_non_negative, "a finite number >= 0"),
+    "optim.betas": (lambda x: len(x) == 2 and all(_in_unit(b) for b in x), "two numbers in [0, 1)"),
+    "optim.momentum": (_in_unit, "in [0, 1)"),
+    "optim.layer_decay": (_optional(lambda x: _finite(x) and 0 < x <= 1), "in (0, 1], or null"),
+    "optim.clip_grad": (_optional(_positive), "a finite number > 0, or null for no clipping"),
+    "schedule.warmup_epochs": (_non_negative, "a finite number >= 0"),
+    "schedule.min_lr": (_non_negative, "a finite number >= 0"),
+    "schedule.warmup_lr": (_non_negative, "a finite number >= 0"),
+    "train.epochs": (lambda x: x >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda x: x >= 1, "an integer >= 1"),
+    "train.grad_accum": (lambda x: x >= 1, "an integer >= 1"),
+    "train.ema_decay": (_optional(lambda x: _finite(x) and 0 < x < 1), "in (0, 1), or null"),
+    "train.bf16": (lambda x: x in (True, False, "auto"), "true, false or auto"),
+    "train.eval_every": (lambda x: x >= 1, "an integer >= 1 (epochs between evaluations)"),
+    "train.eval_batch_size": (lambda x: x >= 1, "an integer >= 1"),
+    "train.checkpoint_every_steps": (_optional(lambda x: x >= 1), "an integer >= 1, or null"),
+    "train.max_steps": (_optional(lambda x: x >= 1), "an integer >= 1, or null for the whole schedule"),
+    "train.threads": (_optional(lambda x: x >= 1), "an integer >= 1, or null for torch's default"),
+}
+
+
 def _validate(cfg: RunConfig) -> RunConfig:
-    checks = {
-        "train.epochs": cfg.train.epochs >= 1,
-        "train.batch_size": cfg.train.batch_size >= 1,
-        "train.grad_accum": cfg.train.grad_accum >= 1 and cfg.train.batch_size % cfg.train.grad_accum == 0,
-        "train.ema_decay": cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1,
-        "train.bf16": cfg.train.bf16 in (True, False, "auto"),
-        "optim.lr": cfg.optim.lr > 0,
-        "optim.weight_decay": cfg.optim.weight_decay >= 0,
-        "optim.layer_decay": cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1,
-        "data.train_fraction": 0 < cfg.data.train_fraction <= 1,
-        "schedule.warmup_epochs": cfg.schedule.warmup_epochs >= 0,
-    }
-    bad = [k for k, ok in checks.items() if not ok]
+    bad = []
+    for key, (rule, expected) in _RULES.items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        try:
+            ok = bool(rule(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            bad.append(f"{key}={_show(value)} must be {expected}")
+    t = cfg.train
+    if not bad and t.batch_size % t.grad_accum:
+        bad.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     if bad:
-        values = ", ".join(f"{k}={OmegaConf.select(OmegaConf.structured(cfg), k)!r}" for k in bad)
-        raise ConfigError(f"invalid value: {values} (batch_size must be divisible by grad_accum)")
+        raise ConfigError("invalid setting: " + "; ".join(bad))
     from ..tasks import TASKS, parse_task_args
 
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not a known task; known tasks: {', '.join(sorted(TASKS))}")
     parse_task_args(TASKS[cfg.task.name], cfg.task.args)  # a misspelt task.args key fails here, by name
+    _check_model(cfg.model)
     return cfg
+
+
+def _show(value: Any) -> str:
+    from collections.abc import Sequence
+
+    return str(list(value)) if isinstance(value, Sequence) and not isinstance(value, str) else repr(value)
+
+
+def _check_model(model: ModelConfig) -> None:
+    """The model name is registered and ``model.args`` names only arguments its constructor takes.
+
+    Values are checked by the constructor itself when the run builds the model, before the first step.
+    """
+    from ..models import list_models, model_argument_names
+
+    if model.name not in list_models():
+        import difflib
+
+        close = difflib.get_close_matches(model.name, list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
+        raise ConfigError(f"model.name={model.name!r} is not a registered model{hint}")
+    accepted = model_argument_names(model.name)
+    unknown = sorted(set(model.args) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"model.args: {model.name} does not take {', '.join(unknown)}; it takes "
+                          f"{', '.join(sorted(accepted))}")
+    # The constructor checks the values; on the meta device that costs no memory and no initialisation.
+    import torch
+
+    from ..models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(model.name, **model.args)
+    except ConfigError as e:
+        raise ConfigError(f"model.args: {e}") from None
+    except Exception:  # noqa: BLE001 - a constructor that cannot run on meta is checked when the run builds it
+        pass
 
 
 def _task_shorthand(layer: DictConfig) -> DictConfig:
@@ -140,10 +237,15 @@ def _task_shorthand(layer: DictConfig) -> DictConfig:
     return layer
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RunConfig)
+
+
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- ``base`` dict <- YAML ``recipe`` <- dotted ``overrides`` (``["optim.lr=1e-3", ...]``)."""
-    schema = OmegaConf.structured(RunConfig)
+    schema = _schema()  # merge never changes its inputs, so one schema serves every call
     layers: list[tuple[str, DictConfig]] = []
     if base:
         layers.append(("base config", OmegaConf.create(base)))
@@ -154,22 +256,33 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
         try:
             layers.append((str(path), OmegaConf.load(path)))
         except Exception as e:  # noqa: BLE001 - YAML errors come in several types
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_first_line(e)}") from None
     if overrides:
         for item in overrides:
-            if "=" not in item:
+            if "=" not in item or not item.partition("=")[0].strip():
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-3")
-        layers.append(("--set", OmegaConf.from_dotlist(list(overrides))))
+            try:
+                layers.append((f"--set {item}", OmegaConf.from_dotlist([item])))
+            except Exception as e:  # noqa: BLE001 - the value is parsed as YAML: ScannerError, ParserError, ...
+                raise ConfigError(f"--set {item}: the value is not valid YAML ({_first_line(e)})") from None
     merged = schema
     for origin, layer in layers:
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{origin}: the top level must be a mapping of sections (task, model, data, optim, "
+                              f"schedule, train, ...), got a {type(layer).__name__}")
         try:
             merged = OmegaConf.merge(merged, _task_shorthand(layer))
         except OmegaConfBaseException as e:
             raise _config_error(e, origin) from None
+        except (TypeError, ValueError) as e:  # e.g. a list merged onto a mapping
+            raise ConfigError(f"{origin}: the value does not have the structure of its key, e.g. a list where a "
+                              f"mapping belongs ({_first_line(e)})") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _config_error(e, "config") from None
+    except ConfigError as e:  # raised by a section's own checks (augment)
+        raise ConfigError(f"config: {e}") from None
     return _validate(cfg)  # type: ignore[arg-type]
 
 

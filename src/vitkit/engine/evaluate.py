@@ -10,7 +10,7 @@ import torch
 
 from ..data import batch_collate, build_dataset
 from ..data.image_folder import load_image
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..models import from_pretrained
 from ..tasks import TASKS, Task, TaskContext, build_task
 from ..tasks.base import checkpoint_folder
@@ -27,8 +27,22 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The checkpoint's model in eval mode (``pretrained_cfg["task"]`` names the task it was trained for)."""
-    return from_pretrained(resolve_model_dir(path)).to(device).eval()
+    """The checkpoint's model in eval mode (``pretrained_cfg["task"]`` names the task it was trained for).
+
+    A checkpoint with NaN or infinite weights (a diverged run) is refused: its scores would mean nothing."""
+    folder = resolve_model_dir(path)
+    model = from_pretrained(folder)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", … ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{folder / 'model.safetensors'}: {len(bad)} tensors hold NaN or infinite values "
+                              f"({shown}); the run that wrote it diverged")
+    return model.to(device).eval()
+
+
+def _placeholder_names(names: list[str]) -> bool:
+    """Names that say nothing about the classes (HF's LABEL_0, plain indices): no reason to compare them."""
+    return all(str(n) in (f"LABEL_{i}", str(i), f"class_{i}") for i, n in enumerate(names))
 
 
 def _input_spec(model) -> tuple[int, tuple[int, int]]:
@@ -56,9 +70,15 @@ def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx
 
 def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: str = "test",
                         data_dir: str | None = None, batch_size: int = 512, bf16: bool = False,
-                        download: bool = False, **data_kw: Any) -> tuple[dict[str, Any], Task]:
+                        download: bool = False, ignore_class_names: bool = False, **data_kw: Any
+                        ) -> tuple[dict[str, Any], Task]:
     """Evaluate a checkpoint with its own task (top-1 for a classifier, reconstruction loss and k-NN for MAE,
-    ...); normalisation comes from the checkpoint. Returns the metrics and the task (for its report)."""
+    ...); normalisation comes from the checkpoint. Returns the metrics and the task (for its report).
+
+    A classifier whose class names differ from the dataset's is refused (a digits model scored on Fashion-MNIST
+    would count "0" as "T-shirt/top"); ``ignore_class_names`` scores it by class index anyway."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     folder = resolve_model_dir(path)
     model = load_model(folder)
     channels, size = _input_spec(model)
@@ -76,6 +96,12 @@ def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: st
     if task.name == "classify" and num_classes != len(dataset.classes):
         raise DataError(f"the model predicts {num_classes} classes, the {data} {split} set has "
                         f"{len(dataset.classes)}")
+    if (task.name == "classify" and names and not ignore_class_names and not _placeholder_names(names)
+            and list(map(str, names)) != list(map(str, dataset.classes))):
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, dataset.classes)) if str(a) != str(b)]
+        raise DataError(f"{folder} was trained on other classes than the {data} {split} set ({len(diff)} of "
+                        f"{len(names)} names differ, e.g. {'; '.join(diff[:3])}); pass --ignore-class-names to "
+                        f"score it by class index anyway")
     if names is None and task.name == "classify":
         model.pretrained_cfg = {**model.pretrained_cfg, "class_names": list(dataset.classes)}
     task.setup(model)
@@ -89,6 +115,8 @@ def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: st
 def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 5) -> list[dict[str, Any]]:
     """The model's task's prediction for each image file (top-k classes with probabilities for a classifier);
     unreadable files raise a DataError naming them."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
     channels, size = _input_spec(model)
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:

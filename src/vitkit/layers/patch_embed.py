@@ -13,8 +13,14 @@ from .resnet_stem import ResNetStem
 def check_image_batch(x: torch.Tensor, in_chans: int, reduction: tuple[int, int],
                       fixed_size: tuple[int, int] | None, what: str = "model") -> tuple[int, int]:
     """Validate a (B, C, H, W) batch and return its token grid; raise a readable error otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise InputShapeError(f"{what} expects a torch.Tensor batch (B, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
         raise InputShapeError(f"{what} expects a 4D batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputShapeError(
+            f"{what} expects normalised floating-point images, got {x.dtype}; for uint8 pixels use "
+            f"x.float() / 255 and the model's mean/std (model.pretrained_cfg), as vitkit's transforms do")
     if x.shape[1] != in_chans:
         raise InputShapeError(
             f"{what} expects {in_chans} input channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})")

@@ -8,6 +8,7 @@ from ._registry import (
     from_pretrained,
     get_model_class,
     list_models,
+    model_argument_names,
     model_defaults,
     model_family,
     register_config,
@@ -21,7 +22,7 @@ from .vit import VisionTransformer
 
 __all__ = [
     "VitkitModel", "TokenClassifier", "get_model_class", "from_pretrained", "load_pretrained", "load_backbone",
-    "load_weights", "read_state_dict", "save_pretrained", "create_model", "list_models", "model_defaults",
-    "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
+    "load_weights", "read_state_dict", "save_pretrained", "create_model", "list_models", "model_argument_names",
+    "model_defaults", "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
     "VisionTransformer", "T2TViT", "MaskedAutoencoderViT", "MAEOutput",
 ]

@@ -145,11 +145,46 @@ class VitkitModel(nn.Module):
 POOL_TYPES = ("cls", "gap", "none")
 
 
+def check_model_args(num_classes: int, positive: dict[str, Any], rates: dict[str, float]) -> None:
+    """Reject sizes a constructor would otherwise accept silently (``num_classes=-1`` builds no head at all).
+
+    ``num_classes`` may be 0 (a headless feature extractor); every entry of ``positive`` must be >= 1 (or > 0
+    for floats such as ``mlp_ratio``); every rate must be in [0, 1).
+    """
+    bad = [] if isinstance(num_classes, int) and num_classes >= 0 else [
+        f"num_classes={num_classes!r} (must be >= 0; 0 builds no classifier head)"]
+    for name, value in positive.items():
+        values = value if isinstance(value, (tuple, list)) and len(value) == 2 else [value]  # sizes may be pairs
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            bad.append(f"{name}={value!r} (must be > 0)")
+    bad += [f"{name}={value!r} (must be in [0, 1))" for name, value in rates.items()
+            if not (isinstance(value, (int, float)) and 0 <= value < 1)]
+    if bad:
+        raise ValueError("invalid model argument(s): " + ", ".join(bad))
+
+
 def check_pool(pool: str, class_token: bool) -> None:
     if pool not in POOL_TYPES:
         raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
     if pool == "cls" and not class_token:
         raise ValueError("pool='cls' needs class_token=True; use pool='gap' without a CLS token")
+
+
+def select_blocks(indices: int | list[int] | tuple[int, ...] | None, depth: int, what: str = "model") -> list[int]:
+    """Block indices for ``forward_intermediates``: None = all, n = the last n, a list = those (negative from the
+    end). An index outside the model is an error, never silently wrapped around to another block."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, bool) or not isinstance(indices, (int, list, tuple)):
+        raise ValueError(f"indices must be None, an int or a list of ints, got {indices!r}")
+    if isinstance(indices, int):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices={indices}: {what} has {depth} blocks, so the last n needs 1 <= n <= {depth}")
+        return list(range(depth - indices, depth))
+    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth]
+    if bad or not indices:
+        raise ValueError(f"indices={list(indices)}: {what} has {depth} blocks (valid indices {-depth}..{depth - 1})")
+    return sorted({i % depth for i in indices})
 
 
 class EncoderWrapper(VitkitModel):
@@ -208,6 +243,12 @@ class TokenClassifier(VitkitModel):
         :attr:`supports_token_dropping`) before :meth:`run_blocks`.
         """
         raise NotImplementedError
+
+    def input_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype of the model's weights: an fp16/bf16 batch for an fp32 model (or the reverse) is
+        cast instead of failing deep inside a convolution; under autocast the layers still pick their own."""
+        weight = next(self.parameters(), None)
+        return x if weight is None or x.dtype == weight.dtype else x.to(weight.dtype)
 
     def _block_inputs(self, i: int, x: torch.Tensor, grid: tuple[int, int], cache: dict
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,13 +339,7 @@ class TokenClassifier(VitkitModel):
         ``(final_normed_tokens, list)`` unless ``intermediates_only``. With ``return_prefix_tokens`` each entry
         is a pair (map, prefix tokens).
         """
-        depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
+        take = select_blocks(indices, len(self.blocks), type(self).__name__)
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         tokens, grid = self.embed_tokens(x)
@@ -322,6 +357,7 @@ class TokenClassifier(VitkitModel):
     def reset_classifier(self, num_classes: int, pool: str | None = None,
                          class_names: list[str] | None = None) -> None:
         """Replace the head (e.g. for fine-tuning on another label set)."""
+        check_model_args(num_classes, {}, {})
         if pool is not None:
             check_pool(pool, self.cls_token is not None)
             self.pool = pool

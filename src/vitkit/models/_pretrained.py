@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def read_state_dict(path: str | os.PathLike,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+            raise CheckpointError(torch_load_refusal(path, e)) from None
         for key in unwrap:
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -82,6 +83,17 @@ def read_state_dict(path: str | os.PathLike,
         return obj
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or a "
                           f"PyTorch file ({', '.join(TORCH_SUFFIXES)})")
+
+
+def torch_load_refusal(path: str | os.PathLike, error: Exception) -> str:
+    """One line for a PyTorch file that ``torch.load(weights_only=True)`` refused or could not read."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return (f"{path} was refused: loading it would need code execution (it pickles objects other than "
+                f"tensors and plain containers), which vitkit never runs; if you trust the file, re-save its "
+                f"state dict as safetensors")
+    first = (text.strip().splitlines() or [""])[0][:200]
+    return f"{path} is not a readable PyTorch file ({type(error).__name__}: {first})"
 
 
 def _head_keys(model: nn.Module, keys) -> list[str]:

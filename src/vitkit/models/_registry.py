@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, VitkitError
 from ._pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_weights, merge_pretrained_cfg, read_config
 from ._pretrained import read_state_dict as _read_state_dict
 
@@ -65,6 +65,17 @@ def register_config(name: str, cls: type, pretrained_cfg: dict[str, Any] | None 
         model = cls(**{**defaults, **overrides})
         if pretrained_cfg:
             cfg = {**model.pretrained_cfg, **pretrained_cfg}
+            channels = getattr(model, "in_chans", None)
+            for key in ("mean", "std"):  # stats of another channel count (in_chans overridden)
+                stats = cfg.get(key)
+                if channels and stats is not None and len(stats) != channels:
+                    # a gray image read as RGB repeats its one value; an RGB statistic averages to gray
+                    if len(stats) == 1:
+                        cfg[key] = tuple(stats) * channels
+                    elif channels == 1:
+                        cfg[key] = (round(sum(stats) / len(stats), 4),)
+                    else:
+                        cfg[key] = model.pretrained_cfg.get(key)
             names = cfg.get("class_names")
             if names is not None and len(names) != getattr(model, "num_classes", len(names)):
                 cfg.pop("class_names")  # the head was overridden to another label set
@@ -82,7 +93,7 @@ def register_config(name: str, cls: type, pretrained_cfg: dict[str, Any] | None 
 def model_defaults(name: str) -> dict[str, Any]:
     """The constructor arguments a registered configuration sets (empty for function entry points)."""
     if name not in _ENTRYPOINTS:
-        raise ValueError(f"unknown model {name!r}")
+        raise ConfigError(f"unknown model {name!r}")
     return dict(_DEFAULTS.get(name, {}))
 
 
@@ -108,6 +119,20 @@ def resolve_model_args(name: str, **overrides: Any) -> dict[str, Any] | None:
     return {**args, **_DEFAULTS[name], **overrides}
 
 
+def model_argument_names(name: str) -> set[str] | None:
+    """The keyword arguments ``create_model(name, **kw)`` accepts, without building the model.
+
+    None when the constructor also takes ``**kwargs`` (then only building it can tell).
+    """
+    if name not in _ENTRYPOINTS:
+        raise ConfigError(f"unknown model {name!r}")
+    target = _CLASSES.get(name)
+    params = inspect.signature(target.__init__ if target is not None else _ENTRYPOINTS[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
 def model_family(name: str) -> str:
     """The module (family file) a registered model comes from, e.g. ``'vit'``."""
     return _FAMILY[name]
@@ -116,7 +141,7 @@ def model_family(name: str) -> str:
 def registered_class(name: str) -> type | None:
     """The class a registered configuration builds (None for function entry points), without building it."""
     if name not in _ENTRYPOINTS:
-        raise ValueError(f"unknown model {name!r}")
+        raise ConfigError(f"unknown model {name!r}")
     return _CLASSES.get(name)
 
 
@@ -132,12 +157,35 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     if name not in _ENTRYPOINTS:
         close = difflib.get_close_matches(name, _ENTRYPOINTS, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see vitkit.list_models()"
-        raise ValueError(f"unknown model {name!r}{hint}")
-    model = _ENTRYPOINTS[name](**overrides)
+        raise ConfigError(f"unknown model {name!r}{hint}")
+    model = _construct(name, _ENTRYPOINTS[name], overrides)
     model.model_name = name
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def _construct(name: str, build: Callable[..., nn.Module], args: dict[str, Any]) -> nn.Module:
+    """``build(**args)``, with the constructor's complaints about its arguments as one ConfigError naming them.
+
+    Constructors raise ValueError (or TypeError for an argument they do not take) for bad arguments; errors of
+    vitkit's own types pass through unchanged.
+    """
+    try:
+        return build(**args)
+    except VitkitError:
+        raise
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise ConfigError(f"{name}: {_first_line(e)}") from None
+    except (ValueError, OverflowError) as e:  # OverflowError: absurd sizes such as img_size=1e30
+        raise ConfigError(f"{name}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
@@ -151,14 +199,20 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     cfg = read_config(path)
     try:
         cls = get_model_class(cfg["model_class"])
-        args = dict(cfg["model_args"])
-    except KeyError as e:
+        args = cfg["model_args"]
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path / CONFIG_NAME}: model_args must be a JSON object, got {type(args).__name__}")
+    args = dict(args)
+    saved_keys = set(args)
     args.update(overrides)
     try:
-        model = cls(**args)
-    except TypeError as e:
-        raise CheckpointError(f"{path / CONFIG_NAME}: model_args do not fit {cls.__name__}: {e}") from None
+        model = _construct(cls.__name__, cls, args)
+    except ConfigError as e:
+        if saved_keys - set(overrides):
+            raise CheckpointError(f"{path / CONFIG_NAME}: model_args do not fit {cls.__name__}: {e}") from None
+        raise
     model.model_name = cfg.get("model_name")
     merge_pretrained_cfg(model, cfg.get("pretrained_cfg") or {}, same_model=True)
     load_weights(model, _read_state_dict(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))

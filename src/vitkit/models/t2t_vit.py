@@ -34,7 +34,7 @@ from ..errors import InputShapeError
 from ..layers import Block, check_image_batch
 from ..layers.t2t import TokensToToken, sinusoid_table
 from ..utils import to_2tuple
-from ._base import TokenClassifier, check_pool
+from ._base import TokenClassifier, check_model_args, check_pool
 from ._registry import register_config
 
 TOKENS_TYPES = ("performer", "transformer")
@@ -69,6 +69,10 @@ class T2TViT(TokenClassifier):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        check_model_args(num_classes, dict(img_size=img_size, in_chans=in_chans, token_dim=token_dim,
+                                           embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                           mlp_ratio=mlp_ratio),
+                         dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate))
         if tokens_type not in TOKENS_TYPES:
             raise ValueError(f"tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}")
         check_pool(pool, class_token)
@@ -131,7 +135,7 @@ class T2TViT(TokenClassifier):
         if min(expected) < 1:
             raise InputShapeError(f"image size {x.shape[-2]}x{x.shape[-1]} is too small for the soft splits "
                                   f"{self.tokens_to_token.kernels} of this {type(self).__name__}")
-        x, grid = self.tokens_to_token(x)
+        x, grid = self.tokens_to_token(self.input_dtype(x))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         pos = self.pos_embed if grid == self.grid else self._pos_table(grid).to(x.device)

@@ -37,6 +37,7 @@ from ..utils import to_2tuple
 from ._base import (
     POOL_TYPES,  # noqa: F401  (re-exported: the pool switch values)
     TokenClassifier,
+    check_model_args,
     check_pool,
 )
 from ._registry import register_config
@@ -81,6 +82,11 @@ class VisionTransformer(TokenClassifier):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        check_model_args(num_classes, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                           embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                           mlp_ratio=mlp_ratio),
+                         dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
+                              drop_path_rate=drop_path_rate))
         check_pool(pool, class_token)
         if pos_placement not in POS_PLACEMENTS:
             raise ValueError(f"pos_placement must be one of {POS_PLACEMENTS}, got {pos_placement!r}")
@@ -150,7 +156,7 @@ class VisionTransformer(TokenClassifier):
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         check_image_batch(x, self.in_chans, self.patch_embed.reduction,
                           None if self.dynamic_img_size else self.img_size, type(self).__name__)
-        x, grid = self.patch_embed(x)
+        x, grid = self.patch_embed(self.input_dtype(x))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         first = self._position_schedule()[0]

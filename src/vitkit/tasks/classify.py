@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models import create_model
 from .base import Batch, Task, TaskContext, checkpoint_folder, register_task
 
@@ -45,6 +45,10 @@ class ClassificationTask(Task):
         args.setdefault("num_classes", len(train_set.classes))
         pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
         model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        classes = len(train_set.classes)
+        if getattr(model, "num_classes", classes) != classes:
+            raise ConfigError(f"model.args.num_classes={model.num_classes} but the training data has {classes} "
+                              f"classes; drop num_classes to take it from the data")
         cfg = dict(model.pretrained_cfg)
         cfg.update(mean=tuple(train_set.mean), std=tuple(train_set.std))
         if model.num_classes == len(train_set.classes):
