@@ -181,6 +181,11 @@ def _construct(name: str, build: Callable[..., nn.Module], args: dict[str, Any])
         raise ConfigError(f"{name}: {_first_line(e)}") from None
     except (ValueError, OverflowError) as e:  # OverflowError: absurd sizes such as img_size=1e30
         raise ConfigError(f"{name}: {_first_line(e)}") from None
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ConfigError(f"{name}: these arguments need more memory than this machine has (sizes: "
+                          f"{ {k: v for k, v in args.items() if 'size' in k or 'dim' in k} })") from None
 
 
 def _first_line(e: Exception) -> str:
