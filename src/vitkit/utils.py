@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +16,15 @@ from typing import Any
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in the target's folder; on success fsync it and rename it over ``path``.
 
-    A crash in the middle leaves the old file untouched, never a half-written one.
+    A crash in the middle leaves the old file untouched, never a half-written one. The file gets the usual
+    mode of a new file (``0666`` less the umask, e.g. ``0644``), not ``tempfile``'s private ``0600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_unique(path.parent, f".{path.name}.", ".tmp")
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())  # writers that replace the file (safetensors' save_file) leave it 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,6 +33,37 @@ def atomic_path(path: str | os.PathLike):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``0o644`` under umask 022)."""
+    try:  # Linux: read the umask without changing it (changing it races with other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _create_unique(folder: Path, prefix: str, suffix: str) -> str:
+    """Create an empty file with a fresh random name in ``folder``; the kernel applies the umask to 0666."""
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
 def _fsync_dir(folder: Path) -> None:

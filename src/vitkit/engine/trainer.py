@@ -7,6 +7,10 @@ What it guarantees:
   epoch are done; ``resume`` replays nothing and skips exactly those batches.
 * **Same result on N processes** as on one with the same global batch: every process takes an interleaved
   shard of the same permutation, so step k sees the same images in total, and DDP averages gradients.
+* **Crash safety.** Checkpoints are swapped in atomically (:mod:`.checkpoint`); ``--resume RUN`` continues
+  in RUN wherever it was moved, cuts ``metrics.jsonl`` back to the checkpoint's history (no duplicate epochs
+  after a kill), and removes what interrupted checkpoint writes left. A NaN or infinite loss stops the run
+  with a :class:`~vitkit.errors.TrainingError` before anything is saved over the last good checkpoint.
 * Rank 0 alone prints, writes ``metrics.jsonl``, plots and checkpoints.
 """
 
@@ -17,7 +21,7 @@ import json
 import math
 import random
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +33,19 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..data import batch_collate, build_dataset
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..models import load_weights, model_defaults
 from ..tasks import Task, TaskContext, build_task, scalar_metrics, to_device
 from ..utils import atomic_write_json, atomic_write_text
-from .checkpoint import read_ema_state, read_train_state, resolve, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (
+    read_ema_state,
+    read_train_state,
+    remove_stale,
+    resolve,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from .config import RunConfig, config_to_yaml, load_config
 from .distributed import DistInfo, all_gather_with_grad, all_reduce_sum, barrier, cleanup, init_distributed
 from .optim import build_ema, build_optimizer, build_scheduler
@@ -58,6 +70,7 @@ class _StepLoop:
         self.model = trainer.train_model
         self.optimizers = trainer.optimizers
         self.grad_accum = trainer.cfg.train.grad_accum
+        self.bad_loss: float | None = None  # the first non-finite loss of this step
 
     def forward_context(self, last_micro_batch: bool):
         t = self.trainer
@@ -68,6 +81,10 @@ class _StepLoop:
         return stack
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.bad_loss is None:
+            value = float(loss.detach())  # tasks already read it (loss.item()) for their statistics
+            if not math.isfinite(value):
+                self.bad_loss = value
         (loss / self.grad_accum).backward()
 
     def step(self, name: str = "model") -> dict[str, float]:
@@ -146,8 +163,15 @@ class Trainer:
         self.best: dict[str, Any] = {}  # {"epoch": ..., <scalar metrics of that evaluation>}
         self.last_eval: dict[str, Any] | None = None  # the latest evaluation, with non-scalar values
         self.wall_clock = 0.0
+        self.saved_step: int | None = None  # the step of the latest checkpoints/last (for error messages)
         if resume is not None:
             self._resume(Path(resume))
+        # Leftovers of crashed checkpoint writes (whole temporary copies) go, once resume had its chance to
+        # use one; remove_stale never deletes the only complete copy.
+        barrier(self.dist)
+        if self.dist.is_main:
+            for path in remove_stale(self.ckpt_dir):
+                self._log(f"removed {path}, left by an interrupted checkpoint write")
 
     # ------------------------------------------------------------------ set-up
     def _build_data(self):
@@ -198,16 +222,24 @@ class Trainer:
         }
 
     def save(self, name: str = "last", model: nn.Module | None = None, with_state: bool = True) -> Path | None:
+        model = model or self.model
+        # A good checkpoint is never replaced by non-finite weights (a NaN gradient with a finite loss). DDP
+        # keeps the replicas identical, so every process comes to the same answer without communicating.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            self._stop_non_finite(f"the weights became non-finite after step {self.step} (epoch {self.epoch + 1}/"
+                                  f"{self.cfg.train.epochs})")
+        if name == "last":
+            self.saved_step = self.step
         if not self.dist.is_main:
             return None
         ema_state = self.ema.state_dict() if self.ema is not None and with_state else None
-        return write_checkpoint(self.ckpt_dir / name, model or self.model, self._train_state() if with_state else None,
+        path = write_checkpoint(self.ckpt_dir / name, model, self._train_state() if with_state else None,
                                 ema_state, {"train_config.yaml": config_to_yaml(self.cfg)})
+        remove_stale(self.ckpt_dir)  # e.g. the temporary copy this run resumed from, now superseded
+        return path
 
     def _resume(self, folder: Path) -> None:
-        if (folder / "checkpoints").is_dir():
-            folder = folder / "checkpoints" / "last"
-        folder = resolve(folder)
+        folder = resolve(checkpoint_target(folder))
         from ..models import read_state_dict
 
         load_weights(self.model, read_state_dict(folder / "model.safetensors"), source=str(folder))
@@ -233,6 +265,7 @@ class Trainer:
         self.epoch_totals = json.loads(state["epoch_totals"])
         self.wall_clock = state["wall_clock"]
         set_rng_state(state["rng"])
+        self.saved_step = self.step
         self._log(f"resumed from {folder} at epoch {self.epoch}, step {self.step}")
 
     # ------------------------------------------------------------------ loop
@@ -261,7 +294,37 @@ class Trainer:
         # Gradients left over by a multi-optimizer task (the discriminator's pass reaching the generator)
         # must not leak into the next step: they are not checkpointed, so resume would differ.
         self.model.zero_grad(set_to_none=True)
-        return self.task.optimizer_step(_StepLoop(self), prepared)
+        loop = _StepLoop(self)
+        stats = self.task.optimizer_step(loop, prepared)
+        self._check_finite(loop.bad_loss)
+        return stats
+
+    def _check_finite(self, bad_loss: float | None) -> None:
+        """Stop the run when a loss of this step was NaN or infinite, on any process (all of them agree).
+
+        Nothing is saved: ``checkpoints/last`` keeps the last good state, ``summary.json`` is not written.
+        """
+        bad = bad_loss is not None
+        if self.dist.enabled:
+            flag = torch.tensor([float(bad)], device=self.dist.device)
+            bad = all_reduce_sum(flag, self.dist).item() > 0
+        if bad:
+            value = "on another process" if bad_loss is None else f"{bad_loss}"
+            self._stop_non_finite(f"the training loss became non-finite ({value}) at step {self.step + 1} (epoch "
+                                  f"{self.epoch + 1}/{self.cfg.train.epochs}, step {self.step_in_epoch + 1} of "
+                                  f"{self.steps_per_epoch})")
+
+    def _stop_non_finite(self, what: str) -> None:
+        o = self.cfg.optim
+        kept = (f"{self.ckpt_dir / 'last'} (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint was written")
+        hints = [f"a lower optim.lr (now {o.lr:g})"]
+        if not o.clip_grad:
+            hints.append("gradient clipping (optim.clip_grad=1.0)")
+        if self.bf16:
+            hints.append("fp32 (train.bf16=false)")
+        hint = hints[0] if len(hints) == 1 else f"{', '.join(hints[:-1])} or {hints[-1]}"
+        raise TrainingError(f"{what}; the run stopped and {kept}; try {hint}")
 
     def _eval_batches(self):
         for batch in self.task.ctx.iterate(self.eval_set, self.cfg.train.eval_batch_size):
@@ -281,6 +344,9 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
+            # The checkpoint's history is the truth: records a crash left after the checkpoint go (on resume
+            # they would be written again), and a fresh run does not append to an older run's file.
+            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
             n_params = sum(p.numel() for p in self.model.parameters())
             self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / eval "
                       f"{len(self.eval_set)} images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
@@ -376,8 +442,9 @@ class Trainer:
     def _epoch_record(self, totals: dict[str, float], seen: int, elapsed: float) -> dict[str, Any]:
         """Every statistic the task returned: sums divided by ``count``, ``step_*`` values averaged per step."""
         keys = sorted(totals)
-        reduced = dict(zip(keys, all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64),
-                                                self.dist).tolist()))
+        device = self.dist.device if self.dist.enabled else "cpu"  # nccl reduces CUDA tensors only
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+        reduced = dict(zip(keys, all_reduce_sum(values, self.dist).tolist()))
         count, steps = reduced.pop("count", 0.0), reduced.pop("step_count", 0.0)
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step}
         for k, v in reduced.items():
@@ -441,20 +508,53 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
           base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train from a YAML recipe plus dotted overrides; returns the run summary (also ``summary.json``).
 
-    With ``resume`` (a run folder or checkpoint folder) the run continues where it stopped. The saved
-    ``config.yaml`` of that run is the base, so only new overrides need to be given.
+    With ``resume`` (a run folder or checkpoint folder) the run continues where it stopped, in that run folder
+    (wherever it is now, unless ``output_dir`` is overridden). The saved ``config.yaml`` of that run is the
+    base, so only new overrides need to be given.
     """
+    root = run_folder(resume) if resume is not None else None
     if resume is not None and recipe is None:
-        saved = Path(resume) / "config.yaml"
-        if saved.is_file():
+        saved = root / "config.yaml" if root is not None else None
+        if saved is None or not saved.is_file():  # the checkpoint's own copy of the run's config
+            with suppress(CheckpointError):
+                saved = resolve(checkpoint_target(resume)) / "train_config.yaml"
+        if saved is not None and saved.is_file():
             recipe = saved
             # max_steps stopped the earlier session; it is not part of what the run trains
             overrides = ["train.max_steps=null", *(overrides or [])]
     cfg = load_config(recipe, overrides, base)
+    saved_dir = cfg.output_dir
+    # The run continues in the folder it is resumed from, even when that folder was moved or renamed since,
+    # unless output_dir is given explicitly (to continue a copy of the run elsewhere).
+    into_root = root is not None and not any(o.partition("=")[0].strip() == "output_dir" for o in overrides or [])
+    if into_root:
+        cfg.output_dir = str(root)
     dist = init_distributed()
+    if into_root and dist.is_main and Path(saved_dir).resolve() != root.resolve():
+        tqdm.write(f"writing to {root}, the run folder resumed from (the saved config says output_dir={saved_dir})")
     try:
         trainer = Trainer(cfg, resume=resume, dist=dist)
         return trainer.fit()
     finally:
         cleanup(dist)
+
+
+def checkpoint_target(resume: str | Path) -> Path:
+    """The checkpoint folder a ``--resume`` target names: ``RUN/checkpoints/last`` for a run folder."""
+    path = Path(resume)
+    return path / "checkpoints" / "last" if (path / "checkpoints").is_dir() else path
+
+
+def run_folder(resume: str | Path) -> Path | None:
+    """The run folder of a ``--resume`` target: a run folder itself, or ``RUN`` for ``RUN/checkpoints/<name>``
+    (and for the ``.<name>.old`` / ``.<name>.tmp-*`` copies a crash may leave there); None for a checkpoint
+    folder that is not inside a run folder."""
+    path = Path(resume)
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    if (path / "model.safetensors").is_file():
+        return None
+    return path
 

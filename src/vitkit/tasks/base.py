@@ -240,8 +240,10 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:
 def checkpoint_folder(path: str | Path) -> Path:
     """A run folder means its best checkpoint (then its last); a checkpoint folder or weights file is itself."""
     path = Path(path)
-    for candidate in (path / "checkpoints" / "best", path / "checkpoints" / "last"):
-        if (candidate / "model.safetensors").is_file():
+    folder = path / "checkpoints"
+    # ".<name>.old" is the previous complete copy when a crash fell between the two renames of a checkpoint swap
+    for candidate in (folder / "best", folder / ".best.old", folder / "last", folder / ".last.old"):
+        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
             return candidate
     return path
 
