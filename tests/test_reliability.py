@@ -332,3 +332,12 @@ def test_error_types_stay_catchable_as_python_errors():
     """ConfigError is a ValueError and every data/checkpoint error a VitkitError, so callers can catch either."""
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, VitkitError)
     assert issubclass(DataError, VitkitError) and issubclass(CheckpointError, VitkitError)
+
+
+def test_tilde_resets_a_key_to_its_default():
+    recipe = Path(__file__).resolve().parents[1] / "configs/fmnist/ablation.yaml"
+    cfg = load_config(recipe, ["~model.args", "model.args.depth=2"])
+    assert cfg.model.args == {"depth": 2}
+    assert load_config(recipe).model.args["embed_dim"] == 64
+    with pytest.raises(ConfigError, match="'bogus.key' is not a setting"):
+        load_config(None, ["~bogus.key"])

@@ -237,6 +237,22 @@ def _task_shorthand(layer: DictConfig) -> DictConfig:
     return layer
 
 
+@dataclass(frozen=True)
+class _Reset:
+    key: str
+
+
+def _reset_layer(key: str) -> _Reset:
+    """``~model.args``: drop what earlier layers set under ``key`` (e.g. a recipe's model arguments that a
+    variant with another model does not take), so later overrides start from the default."""
+    if OmegaConf.select(_schema(), key, default=_MISSING) is _MISSING:
+        raise ConfigError(f"--set ~{key}: {key!r} is not a setting")
+    return _Reset(key)
+
+
+_MISSING = object()
+
+
 @functools.lru_cache(maxsize=1)
 def _schema() -> DictConfig:
     return OmegaConf.structured(RunConfig)
@@ -244,7 +260,10 @@ def _schema() -> DictConfig:
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- ``base`` dict <- YAML ``recipe`` <- dotted ``overrides`` (``["optim.lr=1e-3", ...]``)."""
+    """Defaults <- ``base`` dict <- YAML ``recipe`` <- dotted ``overrides`` (``["optim.lr=1e-3", ...]``).
+
+    An override ``~key`` (no value) resets ``key`` to its default, e.g. ``~model.args`` before naming another
+    model whose constructor takes other arguments than the recipe's."""
     schema = _schema()  # merge never changes its inputs, so one schema serves every call
     layers: list[tuple[str, DictConfig]] = []
     if base:
@@ -259,6 +278,9 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
             raise ConfigError(f"{path} is not valid YAML: {_first_line(e)}") from None
     if overrides:
         for item in overrides:
+            if item.startswith("~") and "=" not in item:  # Hydra's deletion syntax: back to the default
+                layers.append((f"--set {item}", _reset_layer(item[1:])))
+                continue
             if "=" not in item or not item.partition("=")[0].strip():
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-3")
             try:
@@ -267,6 +289,10 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
                 raise ConfigError(f"--set {item}: the value is not valid YAML ({_first_line(e)})") from None
     merged = schema
     for origin, layer in layers:
+        if isinstance(layer, _Reset):
+            merged = merged.copy()
+            OmegaConf.update(merged, layer.key, OmegaConf.select(schema, layer.key), merge=False)
+            continue
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{origin}: the top level must be a mapping of sections (task, model, data, optim, "
                               f"schedule, train, ...), got a {type(layer).__name__}")
