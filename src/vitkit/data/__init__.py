@@ -35,7 +35,7 @@ _EXTRA_KEYS = {
     "cifar10": set(),
     "cifar100": {"label_type"},
     "digits": set(),
-    "image_folder": {"root", "check", "mean", "std", "stats_samples"},
+    "image_folder": {"root", "check", "mean", "std", "stats_samples", "limits"},
 }
 # Loaders are imported on first use: ``python -m vitkit.data.fashion_mnist`` must not find its own module
 # already imported by this package (runpy warns), and kornia should load only when transforms are used.
@@ -44,6 +44,11 @@ _LAZY = {
     "load_cifar": "cifar",
     "load_digits": "digits",
     "ImageFolder": "image_folder",
+    "BadImageError": "image_io",
+    "ImageLimits": "image_io",
+    "decode_image": "image_io",
+    "get_image_limits": "image_io",
+    "set_image_limits": "image_io",
     "AugmentConfig": "transforms",
     "BatchTransform": "transforms",
     "MixupCutmix": "transforms",
@@ -86,7 +91,7 @@ def build_dataset(
     """Dataset ``name`` for ``split`` ("train"/"test"; image folders also "val").
 
     Extra keywords: ``root`` (image_folder; defaults to ``data_dir``), ``label_type`` ("fine"/"coarse",
-    cifar100), ``check``/``mean``/``std``/``stats_samples`` (image_folder).
+    cifar100), ``check``/``mean``/``std``/``stats_samples``/``limits`` (image_folder).
     """
     if name not in _EXTRA_KEYS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -122,11 +127,13 @@ def build_dataset(
 __all__ = [
     "DATASETS",
     "AugmentConfig",
+    "BadImageError",
     "BadImageWarning",
     "BatchTransform",
     "ImageBatch",
     "ImageDataset",
     "ImageFolder",
+    "ImageLimits",
     "ImagesOnly",
     "InMemoryImageDataset",
     "MixupCutmix",
@@ -135,10 +142,13 @@ __all__ = [
     "build_mixup",
     "build_transforms",
     "compute_mean_std",
+    "decode_image",
+    "get_image_limits",
     "images_only",
     "load_cifar",
     "load_digits",
     "load_fashion_mnist",
     "make_loader",
+    "set_image_limits",
     "stratified_indices",
 ]

@@ -1,9 +1,14 @@
-"""A folder of class subfolders of image files, read with Pillow.
+"""A folder of class subfolders of image files, read with Pillow through :mod:`vitkit.data.image_io`.
 
-Every file is checked when the dataset is built. Unreadable files are never dropped silently:
-they are listed (path and reason) in ``bad_images`` and in a :class:`BadImageWarning`, and more
-than ``max_bad_images`` of them is an error, because a dataset that quietly loses part of its
-images gives results nobody can reproduce.
+Every file is checked when the dataset is built: its header, including the size it declares against
+the image limits (so a decompression bomb is reported here, not in the middle of training), or with
+``check="decode"`` a full decode. Unreadable files are never dropped silently: they are listed (path and
+reason) in ``bad_images`` and in a :class:`BadImageWarning`, and more than ``max_bad_images`` of them is an
+error, because a dataset that quietly loses part of its images gives results nobody can reproduce.
+
+A file that passes the header check but fails to decode later (a truncated JPEG) is handled the same way
+during training: recorded in ``bad_images``, reported with a :class:`BadImageWarning`, and replaced by the
+next sample that loads, until the total of bad files passes ``max_bad_images``; then it is a DataError.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from vitkit.data.base import BadImageWarning, Stats, as_size, compute_mean_std, stratified_indices
+from vitkit.data.image_io import (
+    BadImageError,
+    ImageLimits,
+    check_image_source,
+    decode_image,
+    get_image_limits,
+    resize_center_crop,
+    to_mode,
+)
 from vitkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CHECKS = ("header", "decode")
 _LIST_LIMIT = 20  # paths shown in one message; all of them stay in ``bad_images``
 
 
@@ -34,95 +48,42 @@ def _format_bad(bad: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _on_white(im: Image.Image) -> Image.Image:
-    """Composite an image with transparency onto white.
-
-    Plain ``convert("RGB")`` would expose whatever colour the transparent pixels happen to store
-    (often black), while logos, icons and product shots with alpha are meant to be seen on white.
-    """
-    rgba = im.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+def _check_mode(check: str) -> str:
+    check = "header" if check == "verify" else check  # "verify": the old name of "header"
+    if check not in CHECKS:
+        raise DataError(f"check must be 'header' or 'decode', got {check!r}")
+    return check
 
 
-def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit / int / float gray images: Pillow's ``convert("L")`` clips instead of scaling, so scale here."""
-    arr = np.asarray(im)
-    if im.mode == "F":
-        arr = arr * 255.0 if float(arr.max(initial=0.0)) <= 1.0 else arr
-    elif im.mode.startswith("I;16") or float(arr.max(initial=0)) > 255:
-        arr = arr / 257.0  # 0..65535 → 0..255
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+def check_image(
+    path: str,
+    mode: Literal["header", "decode", "verify"] = "header",
+    *,
+    num_channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    limits: ImageLimits | None = None,
+) -> str | None:
+    """None if ``path`` passes the check, else the reason (without the path).
 
-
-def to_mode(im: Image.Image, num_channels: int) -> Image.Image:
-    """Convert any Pillow mode to "L" (1 channel) or "RGB" (3 channels).
-
-    Transparency (RGBA, LA, PA, palette with a transparent colour) is composited onto white;
-    CMYK/YCbCr/LAB/HSV use Pillow's own conversions; 16-bit gray is scaled, not clipped.
-    """
-    target = {1: "L", 3: "RGB"}.get(num_channels)
-    if target is None:
-        raise DataError(f"num_channels must be 1 or 3, got {num_channels}")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        im = _high_depth_to_8bit(im)
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
-    if has_alpha:
-        im = _on_white(im)
-    elif im.mode not in ("1", "L", "P", "RGB"):
-        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV: not every pair has a direct conversion to "L"
-    return im if im.mode == target else im.convert(target)
-
-
-def resize_center_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Shorter-side resize then center crop to ``size`` (h, w), done as one bicubic resize of the crop box.
-
-    Cropping the central box with the target aspect ratio first and resizing it is the same result as
-    resize-then-crop, but resamples fewer pixels. Pillow's bicubic filter antialiases when shrinking.
-    """
-    th, tw = size
-    w, h = im.size
-    if (w, h) == (tw, th):
-        return im
-    scale = max(th / h, tw / w)
-    crop_w, crop_h = tw / scale, th / scale
-    left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return im.resize((tw, th), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
-
-
-def check_image(path: str, mode: Literal["verify", "decode"] = "verify") -> str | None:
-    """None if Pillow can read ``path``, else the reason.
-
-    "verify" checks the header and (for PNG) the chunk checksums without decoding, which is fast;
-    "decode" decodes the pixels too and also catches truncated JPEG/WebP data.
+    "header" (alias "verify") reads the header, refuses sizes beyond the image limits and checks PNG chunk
+    checksums, without decoding, which is fast; "decode" decodes the pixels too (to ``size`` and
+    ``num_channels`` when given, exactly as loading does) and so also catches truncated JPEG/WebP data.
     """
     try:
-        with Image.open(path) as im:
-            if mode == "decode":
-                im.load()
-            else:
-                im.verify()
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error...)
-        return f"{type(e).__name__}: {e}"
+        check_image_source(path, _check_mode(mode), num_channels=num_channels, size=size, limits=limits)
+    except BadImageError as e:
+        return e.reason
     return None
 
 
-def load_image(path: str, num_channels: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """Read one file as a uint8 C×H×W tensor (EXIF orientation applied), or raise DataError naming it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = to_mode(im, num_channels)
-            if size is not None:
-                im = resize_center_crop(im, size)
-            arr = np.array(im, dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot load image ({type(e).__name__}: {e})") from e
-    t = torch.from_numpy(arr)
-    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+def load_image(
+    path: str, num_channels: int, size: tuple[int, int] | None, limits: ImageLimits | None = None
+) -> torch.Tensor:
+    """Read one file as a uint8 C×H×W tensor (EXIF orientation applied), or raise DataError naming it.
+
+    The declared size is checked against ``limits`` (default: the limits in force) before decoding.
+    """
+    return decode_image(path, num_channels, size, limits)
 
 
 class ImageFolder(Dataset):
@@ -133,10 +94,23 @@ class ImageFolder(Dataset):
         image_size: output (h, w) or int; shorter-side bicubic resize + center crop. None keeps each
             file's own size (then batches only stack if all files have the same size).
         num_channels: 1 ("L") or 3 ("RGB"); transparent images are composited onto white.
-        max_bad_images: how many unreadable files may be dropped (with a warning) before it is an error.
-        check: "verify" (header + checksums, fast) or "decode" (full decode of every file).
+        max_bad_images: how many unreadable files may be left out (with a warning) before it is an error;
+            files found at build time and files that fail to decode later count together.
+        check: "header" (header, declared size and checksums; fast) or "decode" (every file is decoded
+            as training will); "verify" is an old name of "header".
         mean, std: normalisation stats; if None they are computed lazily from up to ``stats_samples``
             images on first access.
+        limits: the image limits (pixels, aspect ratio, formats); default: those in force when the dataset
+            is built (:func:`vitkit.data.image_io.get_image_limits`). They travel with the dataset into
+            DataLoader workers.
+
+    A file that fails to decode in ``__getitem__`` is appended to ``bad_images``, reported with a
+    :class:`BadImageWarning` and replaced by the next sample (in index order, wrapping around) that loads,
+    with that sample's label; once ``len(bad_images)`` exceeds ``max_bad_images`` it is a DataError naming
+    the file. With DataLoader workers, each worker holds its own copy of the dataset, so each worker
+    records and counts the files it meets itself (the message says which worker): the main process's
+    ``bad_images`` does not see them, and a bad file can be reported once per worker. The bound then holds
+    per worker; use ``check="decode"`` to find every bad file before training instead.
     """
 
     def __init__(
@@ -145,21 +119,23 @@ class ImageFolder(Dataset):
         image_size: int | tuple[int, int] | None,
         num_channels: int = 3,
         max_bad_images: int = 0,
-        check: Literal["verify", "decode"] = "verify",
+        check: Literal["header", "decode", "verify"] = "header",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         stats_samples: int = 2000,
+        limits: ImageLimits | None = None,
     ) -> None:
         if num_channels not in (1, 3):
             raise DataError(f"num_channels must be 1 or 3, got {num_channels}")
-        if check not in ("verify", "decode"):
-            raise DataError(f"check must be 'verify' or 'decode', got {check!r}")
+        check = _check_mode(check)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: image folder root does not exist or is not a folder")
         self.image_size = as_size(image_size)
         self.num_channels = num_channels
         self.stats_samples = stats_samples
+        self.max_bad_images = max_bad_images
+        self.limits = limits or get_image_limits()
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise DataError(f"{self.root}: no class subfolders found (expected root/<class_name>/<image files>)")
@@ -173,7 +149,7 @@ class ImageFolder(Dataset):
         self.bad_images: list[tuple[str, str]] = []
         self.samples: list[tuple[str, int]] = []
         for path, label in found:
-            reason = check_image(path, check)
+            reason = check_image(path, check, num_channels=num_channels, size=self.image_size, limits=self.limits)
             if reason is None:
                 self.samples.append((path, label))
             else:
@@ -190,6 +166,7 @@ class ImageFolder(Dataset):
                 BadImageWarning,
                 stacklevel=2,
             )
+        self._bad_paths = {path for path, _ in self.bad_images}
         counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
         empty = [self.classes[i] for i in np.flatnonzero(counts == 0)]
         if empty:
@@ -232,13 +209,59 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return load_image(path, self.num_channels, self.image_size), label
+        if path not in self._bad_paths:
+            try:
+                return self._load(path), label
+            except BadImageError as e:
+                self._record_bad(path, e.reason)
+        return self._replacement(index)
+
+    def _load(self, path: str) -> torch.Tensor:
+        return decode_image(path, self.num_channels, self.image_size, self.limits)
+
+    def _record_bad(self, path: str, reason: str) -> None:
+        """Count a file that failed to decode after the build check: warn, or raise past ``max_bad_images``."""
+        self.bad_images.append((path, reason))
+        self._bad_paths.add(path)
+        total = len(self.bad_images)
+        worker = get_worker_info()
+        where = f" (counted in DataLoader worker {worker.id}; each worker counts its own)" if worker else ""
+        if total > self.max_bad_images:
+            raise DataError(
+                f"{path}: cannot load image: {reason}; that makes {total} unreadable image files in {self.root}, "
+                f"more than max_bad_images={self.max_bad_images}{where}"
+            )
+        warnings.warn(
+            f"{path}: cannot load image: {reason}; skipped and replaced by the next loadable sample "
+            f"({total} unreadable image files in {self.root}, max_bad_images={self.max_bad_images}){where}",
+            BadImageWarning,
+            stacklevel=3,
+        )
+
+    def _replacement(self, index: int) -> tuple[torch.Tensor, int]:
+        """The next sample after ``index`` (wrapping around) that loads: deterministic, whatever the order."""
+        n = len(self.samples)
+        for step in range(1, n):
+            path, label = self.samples[(index + step) % n]
+            if path in self._bad_paths:
+                continue
+            try:
+                return self._load(path), label
+            except BadImageError as e:
+                self._record_bad(path, e.reason)
+        raise DataError(f"{self.root}: none of the {n} image files can be loaded any more (see dataset.bad_images)")
 
     def subset(self, fraction: float, seed: int = 0) -> ImageFolder:
-        """Class-stratified, seeded ``fraction`` of the files (nested across fractions for one seed)."""
+        """Class-stratified, seeded ``fraction`` of the files (nested across fractions for one seed).
+
+        The subset starts with its own copy of ``bad_images`` (the files left out at build time count
+        against its ``max_bad_images`` too); files found bad while using it are recorded in it only.
+        """
         idx = stratified_indices(self.targets, fraction, seed).tolist()
         sub = copy.copy(self)
         sub.samples = [self.samples[i] for i in idx]
+        sub.bad_images = list(self.bad_images)
+        sub._bad_paths = set(self._bad_paths)
         return sub
 
     def __repr__(self) -> str:
@@ -246,3 +269,16 @@ class ImageFolder(Dataset):
             f"ImageFolder(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "
             f"size={self.image_size}, channels={self.num_channels}, bad={len(self.bad_images)})"
         )
+
+
+__all__ = [
+    "CHECKS",
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "ImageFolder",
+    "ImageLimits",
+    "check_image",
+    "load_image",
+    "resize_center_crop",
+    "to_mode",
+]
