@@ -209,10 +209,10 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", "--config", dest="recipe", required=True, help="the base YAML recipe")
     p.add_argument("--study", action="append", required=True, choices=[*STUDIES, "all"],
                    help="which claim to test (repeatable, or 'all')")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant")
+    p.add_argument("--seeds", type=_positive_int, default=2, help="seeds per variant")
     p.add_argument("--output-dir", default="runs/ablate", help="results.jsonl, tables, plots and run folders")
     p.add_argument("--variants", help="comma-separated subset of the study's variants")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=_positive_int, default=1,
                    help="trainings side by side, each in its own process with cores/jobs threads (2 on 2 cores "
                         "is faster than 1 run on both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -212,6 +212,8 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
         raise ConfigError(f"unknown study {unknown}; choose from {sorted(STUDIES)} or 'all'")
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
