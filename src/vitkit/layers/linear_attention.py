@@ -1,0 +1,55 @@
+"""ReLU linear attention (EfficientViT's global attention), a plain reference.
+
+With q = ReLU(x W_q) and k = ReLU(x W_k), attention is taken as
+
+    out_i = sum_j (q_i · k_j) v_j / sum_j (q_i · k_j) = q_i (Kᵀ V) / q_i (Kᵀ 1),
+
+so Kᵀ V (head_dim x head_dim per head) is formed once and the cost is O(N · d²) instead of O(N² · d). As in
+EfficientViT, V is padded with a column of ones so that the numerator and the denominator come out of the same
+two matmuls, and the whole computation runs in fp32 (sums over N tokens overflow / lose precision in bf16/fp16),
+then casts back to the input dtype.
+
+This is the attention core only: no multi-scale aggregation and no depthwise convolutions (EfficientViT adds
+both for locality); the full EfficientViT module may replace it later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    """(..., N, d) q, k (already non-negative) and v -> (..., N, d_v), computed in fp32, returned in v's dtype."""
+    dtype = v.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    v = F.pad(v, (0, 1), value=1.0)  # (..., N, d_v + 1): the last column sums kᵀ1
+    kv = k.transpose(-2, -1) @ v  # (..., d, d_v + 1)
+    out = q @ kv  # (..., N, d_v + 1)
+    return (out[..., :-1] / (out[..., -1:] + eps)).to(dtype)
+
+
+class ReLULinearAttention(nn.Module):
+    """Multi-head ReLU linear attention with a fused ``qkv`` Linear and ``proj`` (names as in ``Attention``).
+
+    (B, N, C) -> (B, N, C); cost linear in N. A token whose q is all zero (ReLU) gets a zero output.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
+                 eps: float = 1e-15) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.eps = eps
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = relu_linear_attention(F.relu(q), F.relu(k), v, self.eps)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
