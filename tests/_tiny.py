@@ -53,7 +53,14 @@ def _simclr(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, i
     return dict(encoder_args=encoder, proj_hidden_dim=16, proj_dim=NUM_CLASSES), shape
 
 
-FAMILIES = {"vit": _vit, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
+def _swin(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """Two stages: an 8x8 map of 2x2 windows (regular + shifted block), merged to 4x4."""
+    size = 8 * defaults.get("patch_size", 4)
+    over = dict(embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=2, num_classes=NUM_CLASSES, img_size=size)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
+FAMILIES = {"vit": _vit, "swin": _swin, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
 
 
 def is_classifier(name: str) -> bool:

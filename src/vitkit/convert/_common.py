@@ -114,3 +114,13 @@ def preprocessor_stats(src: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             if theirs in proc:
                 cfg[ours] = tuple(proc[theirs])
     return cfg
+
+
+def apply_hf_metadata(model, config: dict[str, Any], src: Path, num_classes: int, default_name: str) -> None:
+    """Class names (``id2label``), normalisation (``preprocessor_config.json``) and name of an HF folder."""
+    cfg = dict(model.pretrained_cfg)
+    id2label = config.get("id2label")
+    if id2label and len(id2label) == num_classes:
+        cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+    model.pretrained_cfg = preprocessor_stats(src, cfg)
+    model.model_name = config.get("_name_or_path") or default_name

@@ -19,10 +19,10 @@ from ..errors import CheckpointError
 from ..models._pretrained import load_weights
 from ..models.vit import VisionTransformer
 from ._common import (
+    apply_hf_metadata,
     build_converted,
     check_consumed,
     config_value,
-    preprocessor_stats,
     read_hf_folder,
     strip_prefix,
     take,
@@ -133,12 +133,7 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     model = build_converted(VisionTransformer, args, overrides, str(src / "config.json"))
     args = {**args, **overrides}
     load_weights(model, convert_hf_vit_state_dict(state, args["depth"], str(src)), source=str(src))
-    cfg = dict(model.pretrained_cfg)
-    id2label = config.get("id2label")
-    if id2label and len(id2label) == args["num_classes"]:
-        cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
-    model.pretrained_cfg = preprocessor_stats(src, cfg)
-    model.model_name = config.get("_name_or_path") or "hf_vit"
+    apply_hf_metadata(model, config, src, args["num_classes"], "hf_vit")
     return model
 
 

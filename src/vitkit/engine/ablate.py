@@ -93,6 +93,15 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         Variant("t2t_performer", ("model.name=t2t_vit_fmnist_tiny",)),
         Variant("t2t_transformer", ("model.name=t2t_vit_t_fmnist_tiny",)),
     )),
+    Study("window", "Window attention (Swin) makes attention cost linear in the number of tokens, and shifting the "
+          "windows every other block lets information cross window borders; a hierarchical Swin of the same "
+          "size competes with a ViT (the efficient-ViT note).", (
+        Variant("vit", ()),
+        Variant("swin", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=40", f"{M}depths=[2,2]",
+                         f"{M}num_heads=[2,4]")),
+        Variant("swin_noshift", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=40",
+                                 f"{M}depths=[2,2]", f"{M}num_heads=[2,4]", f"{M}shift_windows=false")),
+    )),
     Study("ssl", "Self-supervised pretraining (MAE; contrastive) on the unlabelled training images helps when "
           "labels are few: fine-tuning from a pretrained encoder beats the same ViT trained from scratch on 1% "
           "and 10% of the labels (the self-supervised part of the efficient-ML note).", tuple(
