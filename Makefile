@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test demo data lint bench clean
+.PHONY: install test demo data lint bench clean browser-deps browser-test
 
 install: $(STAMP)
 
@@ -16,11 +16,27 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,hf,export]"
+	$(PIP) install -q -e ".[dev,hf,export,serve]"
 	touch $(STAMP)
 
-test: install
+test: install browser-deps
 	$(PY) -m pytest -q
+
+# Headless Chromium + chromedriver for tests/test_browser.py (Debian packages; apt-get needs root). Without them
+# the browser test is skipped and says so loudly.
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "chromium found: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)); then \
+		echo "chromium installed from Debian"; \
+	else \
+		echo "WARNING: no chromium/chromedriver and cannot install them: the browser test will be SKIPPED"; \
+	fi
+
+browser-test: install browser-deps
+	$(PY) -m pytest -q -ra tests/test_browser.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

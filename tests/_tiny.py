@@ -60,7 +60,16 @@ def _swin(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
     return over, (defaults.get("in_chans", 3), size, size)
 
 
-FAMILIES = {"vit": _vit, "swin": _swin, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
+def _efficientvit(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """The official five-stage layout at widths 8-16: the attention stages see a 4x4 map (linear path) and a
+    2x2 map (quadratic path)."""
+    size = 32 * defaults.get("stem_stride", 2)
+    over = dict(widths=[8, 8, 16, 16, 16], depths=[1, 1, 1, 1, 1], dim=8, head_widths=[16, 16],
+                num_classes=NUM_CLASSES, img_size=size)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
+FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
 
 
 def is_classifier(name: str) -> bool:

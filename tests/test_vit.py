@@ -66,6 +66,21 @@ def test_learned_2d_is_row_column_concatenation():
     assert torch.equal(table[2, 1, :4], pe.row[2]) and torch.equal(table[2, 1, 4:], pe.col[1])
 
 
+def test_learned_2d_resamples_each_axis_like_a_1d_signal():
+    """A ramp stays a ramp (torch 2.13 returns a constant for an antialiased width-1 image: resampled as a row)."""
+    import torch.nn.functional as F
+
+    pe = LearnedPosEmbed2D((4, 4), dim=8, num_prefix_tokens=0)
+    ramp = torch.arange(4.0)[:, None].expand(4, 4).contiguous()
+    with torch.no_grad():
+        pe.row.copy_(ramp)
+    rows = pe.table((6, 4))[0].reshape(6, 4, 8)[:, 0, :4]
+    ref = F.interpolate(ramp.t()[None, :, None, :], size=(1, 6), mode="bicubic", antialias=True,
+                        align_corners=False)[0, :, 0, :].t()
+    torch.testing.assert_close(rows, ref)
+    assert (rows[1:, 0] > rows[:-1, 0]).all()
+
+
 def test_sincos_is_fixed_and_not_saved():
     model = tiny_vit(pos_embed="sincos_2d")
     assert not any("pos_embed" in k for k in model.state_dict())

@@ -1,4 +1,4 @@
-"""The ``vitkit`` command line: models, convert, train, eval, predict, bench, ablate.
+"""The ``vitkit`` command line: models, convert, train, eval, predict, bench, ablate, explain, export, sparsevit, serve.
 
 Each command parses its arguments here and calls a library function, so everything the CLI does is also
 available from Python. Errors vitkit raises on purpose are printed as one clear line (exit code 2),
@@ -239,6 +239,91 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 cmd_ablate.configure = _ablate_args
+
+
+# ---------------------------------------------------------------------------- explain
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    from .viz.attention import add_explain_args
+
+    add_explain_args(p)
+
+
+@command("explain", "attention pictures for image files: rollout, last-layer CLS attention, gradient-weighted")
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .viz.attention import run_explain_args
+
+    return run_explain_args(args)
+
+
+cmd_explain.configure = _explain_args
+
+
+# ---------------------------------------------------------------------------- export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from .engine.export import add_export_args
+
+    add_export_args(p)
+
+
+@command("export", "export a trained model to ONNX, checked against PyTorch with onnxruntime")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import run_export_args
+
+    return run_export_args(args)
+
+
+cmd_export.configure = _export_args
+
+
+# ---------------------------------------------------------------------------- sparsevit
+def _sparsevit_args(p: argparse.ArgumentParser) -> None:
+    from .engine.sparsevit import add_sparsevit_args
+
+    add_sparsevit_args(p)
+
+
+@command("sparsevit", "SparseViT: search per-stage window keep ratios under latency budgets measured on this CPU")
+def cmd_sparsevit(args: argparse.Namespace) -> int:
+    from .engine.sparsevit import run_search
+    from .errors import ConfigError
+
+    if args.eval_images < 1 or args.latency_batch < 1 or any(b <= 0 for b in args.budget_ms):
+        raise ConfigError("--eval-images and --latency-batch must be >= 1 and every --budget-ms > 0")
+    run_search(args.run, args.budget_ms, args.out, args.data, args.split, parse_key_values(args.data_arg),
+               args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed)
+    print(f"wrote {Path(args.out) / 'search.json'} and {Path(args.out) / 'pareto.png'}")
+    return 0
+
+
+cmd_sparsevit.configure = _sparsevit_args
+
+
+# ---------------------------------------------------------------------------- serve
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a training run folder or checkpoint folder: the only model this server serves")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="larger uploads get 413")
+    p.add_argument("--explain", default="rollout", choices=["rollout", "last", "grad", "none"],
+                   help="attention overlay shown with each prediction")
+
+
+@command("serve", "serve a trained model: a web page (upload an image) and a JSON API, on 127.0.0.1 by default")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ConfigError(f"vitkit serve needs FastAPI and uvicorn: pip install 'vitkit[serve]' ({e})") from None
+    if not 0 < args.port < 65536 or args.max_upload_mb <= 0:
+        raise ConfigError("--port must be in 1..65535 and --max-upload-mb > 0")
+    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024),
+          None if args.explain == "none" else args.explain)
+    return 0
+
+
+cmd_serve.configure = _serve_args
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
+from .efficientvit import convert_efficientvit, convert_efficientvit_state_dict, load_efficientvit
 from .hf_swin import convert_hf_swin, convert_hf_swin_state_dict, load_hf_swin
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
 from .hf_vit_mae import convert_hf_vit_mae, convert_hf_vit_mae_state_dict, load_hf_vit_mae
@@ -17,6 +18,7 @@ CONVERTERS = {
     "hf-vit-mae": convert_hf_vit_mae,
     "hf-swin": convert_hf_swin,
     "t2t": convert_t2t,
+    "efficientvit": convert_efficientvit,
 }
 
 
@@ -47,4 +49,5 @@ def _check_destination(dst: Path) -> None:
 __all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict", "load_hf_vit",
            "convert_hf_vit_mae", "convert_hf_vit_mae_state_dict", "load_hf_vit_mae", "convert_t2t",
            "convert_t2t_state_dict", "load_t2t", "convert_hf_swin",
-           "convert_hf_swin_state_dict", "load_hf_swin"]
+           "convert_hf_swin_state_dict", "load_hf_swin", "convert_efficientvit",
+           "convert_efficientvit_state_dict", "load_efficientvit"]

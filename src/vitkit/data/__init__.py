@@ -16,6 +16,7 @@ from vitkit.data.base import (
     ImageDataset,
     ImagesOnly,
     InMemoryImageDataset,
+    as_size,
     batch_collate,
     compute_mean_std,
     images_only,
@@ -27,11 +28,12 @@ from vitkit.errors import DataError
 if TYPE_CHECKING:
     from vitkit.data.image_folder import ImageFolder
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "image_folder")
+DATASETS = ("fashion_mnist", "fmnist_scenes", "cifar10", "cifar100", "digits", "image_folder")
 _SPLIT_DIRS = ("train", "val", "test")
 # Extra keyword arguments each dataset accepts, so a misspelt config key is a clear error.
 _EXTRA_KEYS = {
     "fashion_mnist": set(),
+    "fmnist_scenes": {"canvas", "num_scenes", "num_eval_scenes", "min_items", "max_items", "seed"},
     "cifar10": set(),
     "cifar100": {"label_type"},
     "digits": set(),
@@ -104,6 +106,14 @@ def build_dataset(
         from vitkit.data.fashion_mnist import load_fashion_mnist
 
         return load_fashion_mnist(split, data_dir, download, image_size, num_channels)
+    if name == "fmnist_scenes":
+        from vitkit.data.scenes import load_fmnist_scenes
+
+        if image_size is not None and as_size(image_size) != (kw.get("canvas", 112),) * 2:
+            raise DataError("fmnist_scenes: set the canvas size with data.args.canvas, not data.image_size")
+        if num_channels not in (None, 1):
+            raise DataError(f"fmnist_scenes: scenes are gray (1 channel), the model asks for {num_channels}")
+        return load_fmnist_scenes(split, data_dir, download, **kw)
     if name in ("cifar10", "cifar100"):
         from vitkit.data.cifar import load_cifar
 

@@ -44,6 +44,8 @@ class DataConfig:
     # "decode" decodes every file and so also catches truncated data before the first step
     verify: Literal["header", "decode"] = "header"
     num_workers: int = 0
+    # settings of a generated dataset, e.g. fmnist_scenes: {canvas: 112, max_items: 4, num_scenes: 20000, seed: 0}
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -182,6 +182,7 @@ class Trainer:
         common = dict(data_dir=cfg.data.data_dir, image_size=size, num_channels=channels,
                       max_bad_images=cfg.data.max_bad_images)
         extra = {"root": cfg.data.root} if cfg.data.root else {}
+        extra.update(cfg.data.args)
         if cfg.data.name == "image_folder":
             extra["check"] = cfg.data.verify
         download = cfg.data.download and self.dist.is_main

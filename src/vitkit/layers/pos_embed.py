@@ -175,8 +175,10 @@ class LearnedPosEmbed2D(_AbsolutePosEmbed):
     def _axis(self, table: torch.Tensor, length: int) -> torch.Tensor:
         if table.shape[0] == length:
             return table
-        t = table.t()[None, :, :, None]  # (1, D/2, n, 1): a one-column image
-        return resample_grid_table(t, (length, 1), self.interp, self.antialias)[0, :, :, 0].t()
+        # (1, D/2, 1, n): a one-row image. Not a one-column image: torch 2.13's antialiased bicubic resampling of
+        # a width-1 input returns its first value everywhere.
+        t = table.t()[None, :, None, :]
+        return resample_grid_table(t, (1, length), self.interp, self.antialias)[0, :, 0, :].t()
 
     def table(self, grid: Grid) -> torch.Tensor:
         rows, cols = self._axis(self.row, grid[0]), self._axis(self.col, grid[1])

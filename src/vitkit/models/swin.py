@@ -22,6 +22,11 @@ Layout choices (the references': Microsoft's code and Hugging Face ``SwinModel``
 ``shift_windows=False`` is the ablation of the note's claim: every block uses the same window grid, so no
 information crosses a window border before the next merging.
 
+Window pruning (SparseViT): ``window_keep_ratios`` (per stage, changeable at run time with
+:meth:`SwinTransformer.set_keep_ratios`) runs each stage's blocks on its most important windows only (L2 norm of
+the window's activations), the others pass through; ``keep_ratio_choices`` trains with a ratio drawn per stage
+and step (sparsity-aware adaptation). The latency-constrained search is :mod:`vitkit.engine.sparsevit`.
+
 Sparse token sets: ``sparse_stages`` swaps the window blocks of those stages for
 :class:`~vitkit.layers.sparse_window.SparseWindowBlock` (equal-size groups of ``group_size`` tokens, sort axis and
 half-window shift alternating as in FlatFormer). ``forward(x, keep=mask)`` then runs those stages on the kept
@@ -44,7 +49,7 @@ from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, IMAGENET_M
 from ..errors import InputShapeError
 from ..layers.patch_embed import check_image_batch
 from ..layers.sparse_window import SparseWindowBlock, alternating_schedule
-from ..layers.window_attention import PatchMerging, SwinBlock
+from ..layers.window_attention import PatchMerging, SwinBlock, window_partition, window_reverse
 from ..utils import to_2tuple
 from ._base import VitkitModel, check_model_args, select_blocks
 from ._registry import register_config
@@ -77,14 +82,20 @@ class SwinStage(nn.Module):
                 for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
+        self.window_size = window_size
+        self.window_keep_ratio = 1.0  # SparseViT window pruning (see run_pruned); a run-time setting
 
     def _call(self, block: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def run_blocks(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, keep: torch.Tensor | None = None, keep_ratio: float | None = None
+                   ) -> torch.Tensor:
         """(B, H, W, C) -> same, before merging. A sparse stage computes the ``keep`` tokens only (all if None)."""
+        ratio = self.window_keep_ratio if keep_ratio is None else keep_ratio
+        if not self.sparse and ratio < 1.0:
+            return self.run_pruned(x, ratio)[0]
         if not self.sparse:
             for blk in self.blocks:
                 x = self._call(blk, x)
@@ -102,6 +113,33 @@ class SwinStage(nn.Module):
                 layouts[key] = blk.layout(coords, B)
             tokens = self._call(blk, tokens, layout=layouts[key])
         return x.index_put((b, r, c), tokens)
+
+    def run_pruned(self, x: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseViT window pruning: run the blocks on the ``keep_ratio`` most important M×M windows only.
+
+        Importance is the L2 norm of a window's input activations; each image keeps its top
+        ``max(1, round(keep_ratio · windows))``. Kept windows are gathered into a batch of M×M maps, every block
+        runs on them (one map = one window, so shifted blocks run unshifted inside a pruned stage: the shift would
+        need neighbours that may be pruned), and the results are scattered back; pruned windows pass through
+        unchanged. A map whose sides are not multiples of M is zero-padded before the blocks (the dense path pads
+        after each block's norm1), so pruning at ratio < 1 is exact only for whole windows. Returns the map and the
+        kept window indices (B, k), row-major over the window grid.
+        """
+        B, H, W, C = x.shape
+        m = min(self.window_size, H, W)
+        pad_b, pad_r = (-H) % m, (-W) % m
+        xp = F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
+        Hp, Wp = H + pad_b, W + pad_r
+        windows = window_partition(xp, m).reshape(B, -1, m * m, C)
+        k = max(1, round(keep_ratio * windows.shape[1]))
+        kept_idx = windows.float().square().sum(dim=(2, 3)).topk(k, dim=1).indices  # (B, k)
+        gather = kept_idx[:, :, None, None].expand(-1, -1, m * m, C)
+        kept = windows.gather(1, gather).reshape(B * k, m, m, C)
+        for blk in self.blocks:
+            kept = self._call(blk, kept)
+        windows = windows.scatter(1, gather, kept.reshape(B, k, m * m, C))
+        out = window_reverse(windows.reshape(-1, m * m, C), m, Hp, Wp)
+        return (out[:, :H, :W] if pad_b or pad_r else out), kept_idx
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.run_blocks(x, keep)
@@ -131,6 +169,8 @@ class SwinTransformer(VitkitModel):
         act: str = "gelu",
         sparse_stages: tuple[int, ...] = (),
         group_size: int | None = None,
+        window_keep_ratios: tuple[float, ...] | None = None,
+        keep_ratio_choices: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         check_model_args(num_classes, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -149,6 +189,12 @@ class SwinTransformer(VitkitModel):
             raise ValueError(f"sparse_stages {sparse_stages} must index the {len(depths)} stages")
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        for what, ratios in (("window_keep_ratios", window_keep_ratios), ("keep_ratio_choices", keep_ratio_choices)):
+            if ratios is not None and (not ratios or any(not 0 < float(r) <= 1 for r in ratios)):
+                raise ValueError(f"{what} must hold keep ratios in (0, 1], got {ratios}")
+        if window_keep_ratios is not None and len(window_keep_ratios) != len(depths):
+            raise ValueError(f"window_keep_ratios needs one ratio per stage ({len(depths)}), got {window_keep_ratios}")
+        self.keep_ratio_choices = tuple(float(r) for r in keep_ratio_choices) if keep_ratio_choices else None
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -173,6 +219,8 @@ class SwinTransformer(VitkitModel):
                       downsample=i < len(depths) - 1, sparse=i in sparse_stages, group_size=group_size,
                       shift_windows=shift_windows)
             for i in range(len(depths))])
+        if window_keep_ratios is not None:
+            self.set_keep_ratios(window_keep_ratios)
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -225,12 +273,37 @@ class SwinTransformer(VitkitModel):
             k = F.max_pool2d(k[:, None].float(), 2, ceil_mode=True)[:, 0].bool()
         return keeps
 
+    # ------------------------------------------------------------------ SparseViT window pruning
+    @property
+    def keep_ratios(self) -> tuple[float, ...]:
+        """The window keep ratio of every stage (1.0 = dense)."""
+        return tuple(stage.window_keep_ratio for stage in self.stages)
+
+    def set_keep_ratios(self, ratios: tuple[float, ...] | list[float]) -> None:
+        """Per-stage window keep ratios (SparseViT), changeable at any time without rebuilding the model."""
+        if len(ratios) != self.num_stages or any(not 0 < float(r) <= 1 for r in ratios):
+            raise ValueError(f"need {self.num_stages} keep ratios in (0, 1], got {list(ratios)}")
+        if any(float(r) < 1 for r, s in zip(ratios, self.stages) if s.sparse):
+            raise ValueError("window pruning applies to window-attention stages, not to sparse_stages")
+        for stage, r in zip(self.stages, ratios):
+            stage.window_keep_ratio = float(r)
+
+    def _step_ratios(self) -> list[float | None]:
+        """Sparsity-aware adaptation: while training with ``keep_ratio_choices``, every forward draws each
+        dense stage's ratio from the choices (torch's RNG, so seeded runs repeat), so one set of weights learns to
+        serve every ratio; otherwise the stages' own ratios."""
+        if not (self.training and self.keep_ratio_choices):
+            return [None] * self.num_stages
+        draws = torch.randint(len(self.keep_ratio_choices), (self.num_stages,)).tolist()
+        return [None if s.sparse else self.keep_ratio_choices[d] for s, d in zip(self.stages, draws)]
+
     def _run_stages(self, x: torch.Tensor, keep: torch.Tensor | None, take: set[int] | frozenset[int] = frozenset(),
                     stop_after: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         keeps = self._stage_keeps(keep, x)
+        ratios = self._step_ratios()
         collected = []
         for i, stage in enumerate(self.stages):
-            x = stage.run_blocks(x, keeps[i])
+            x = stage.run_blocks(x, keeps[i], ratios[i])
             if i in take:
                 collected.append(x)
             if stop_after is not None and i >= stop_after:
@@ -347,4 +420,10 @@ for _name, (_dim, _depths, _heads, _window, _size) in SWIN_SIZES.items():
 _FMNIST_CFG = {"mean": FMNIST_MEAN, "std": FMNIST_STD, "class_names": FMNIST_CLASSES}
 register_config("swin_fmnist_tiny", SwinTransformer, _FMNIST_CFG, img_size=28, in_chans=1, num_classes=10,
                 patch_size=2, window_size=7, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=2.0,
+                drop_path_rate=0.1)
+
+# Fashion-MNIST scenes (112×112 canvas, 1 channel, multi-label; see data/scenes.py): patch 4 and window 7 as Swin-T,
+# so the maps are 28×28 (16 windows: what SparseViT prunes), 14×14 (4 windows), 7×7 (one window).
+register_config("swin_scenes_tiny", SwinTransformer, _FMNIST_CFG, img_size=112, in_chans=1, num_classes=10,
+                patch_size=4, window_size=7, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=2.0,
                 drop_path_rate=0.1)

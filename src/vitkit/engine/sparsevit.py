@@ -1,0 +1,274 @@
+"""SparseViT's latency-constrained search for per-stage window keep ratios (``vitkit sparsevit search``).
+
+A candidate is one keep ratio per stage (from a discrete set). Its latency comes from a lookup table measured
+once on this CPU: every stage's blocks timed alone at every ratio, plus the fixed rest of the network (patch
+embedding, merging, head); latencies of stages add up, so the table prices any candidate without running it,
+and the search is reproducible for a seed (direct timing would make the budget test noisy). Candidates over the
+budget are rejected *before* they are evaluated. The evolution keeps a population of the best evaluated
+candidates, makes children by uniform crossover of two parents and by mutation (each stage's ratio redrawn with
+a probability), and evaluates only new, affordable ones. The output is every evaluated candidate, the best under
+each budget, and the Pareto front of metric vs latency, as JSON and a plot; the final candidates are re-timed
+directly so the reported latency is measured, not only predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+DEFAULT_CHOICES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+Ratios = tuple[float, ...]
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+@dataclass
+class LatencyTable:
+    """Per-stage block latency (ms) at every ratio, plus the fixed part; ``predict`` adds them up."""
+
+    choices: Ratios
+    stage_ms: list[dict[float, float]]
+    fixed_ms: float
+    batch_size: int
+    threads: int
+
+    def predict(self, ratios: Ratios) -> float:
+        return self.fixed_ms + sum(table[r] for table, r in zip(self.stage_ms, ratios))
+
+
+@torch.inference_mode()
+def measure_latency_table(model: nn.Module, images: torch.Tensor, choices: Sequence[float] = DEFAULT_CHOICES,
+                          repeats: int = 7) -> LatencyTable:
+    """Time each stage's blocks at each ratio on the stage inputs of ``images`` (a prepared batch)."""
+    model.eval()
+    saved = model.keep_ratios
+    try:
+        model.set_keep_ratios([1.0] * model.num_stages)
+        inputs, x = [], model.embed(images)
+        for stage in model.stages:
+            inputs.append(x)
+            x = stage(x)
+        stage_ms = []
+        for stage, x_in in zip(model.stages, inputs):
+            stage_ms.append({float(r): _median_ms(lambda s=stage, xi=x_in, r=r: s.run_blocks(xi, keep_ratio=r),
+                                                  repeats) for r in choices})
+        total = _median_ms(lambda: model(images), repeats)
+        fixed = max(0.0, total - sum(t[1.0] for t in stage_ms)) if 1.0 in choices else 0.0
+    finally:
+        model.set_keep_ratios(saved)
+    return LatencyTable(tuple(float(c) for c in choices), stage_ms, fixed, int(images.shape[0]),
+                        torch.get_num_threads())
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, images: torch.Tensor, ratios: Ratios, repeats: int = 15) -> float:
+    """Direct timing (median ms per batch) of the model at ``ratios``."""
+    saved = model.keep_ratios
+    try:
+        model.set_keep_ratios(ratios)
+        return _median_ms(lambda: model(images), repeats)
+    finally:
+        model.set_keep_ratios(saved)
+
+
+@dataclass
+class Candidate:
+    ratios: Ratios
+    latency_ms: float  # predicted by the table
+    metric: float
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other one beats on both latency (lower) and metric (higher), fastest first."""
+    front: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.latency_ms, -c.metric)):
+        if not front or c.metric > front[-1].metric:
+            front.append(c)
+    return front
+
+
+def evolutionary_search(evaluate: Callable[[Ratios], float], latency: Callable[[Ratios], float], num_stages: int,
+                        budget_ms: float, choices: Sequence[float] = DEFAULT_CHOICES, population: int = 12,
+                        generations: int = 5, parents: int = 4, mutation_prob: float = 0.3, seed: int = 0,
+                        cache: dict[Ratios, float] | None = None, max_tries: int = 2000) -> list[Candidate]:
+    """Evolve per-stage ratios that maximise ``evaluate`` with ``latency <= budget_ms``; returns every affordable
+    candidate evaluated (``cache`` shares evaluations between budgets)."""
+    if population < 2 or parents < 2 or generations < 0 or not 0 <= mutation_prob <= 1:
+        raise ConfigError("search: need population >= 2, parents >= 2, generations >= 0, mutation_prob in [0, 1]")
+    rng = random.Random(seed)
+    choices = tuple(sorted(float(c) for c in choices))
+    cache = {} if cache is None else cache
+    seen: dict[Ratios, Candidate] = {}
+
+    def consider(ratios: Ratios) -> bool:
+        if ratios in seen:
+            return False
+        lat = latency(ratios)
+        if lat > budget_ms:  # rejected before any evaluation
+            return False
+        if ratios not in cache:
+            cache[ratios] = evaluate(ratios)
+        seen[ratios] = Candidate(ratios, lat, cache[ratios])
+        return True
+
+    def fill(make: Callable[[], Ratios], count: int) -> None:
+        added = tries = 0
+        while added < count and tries < max_tries:
+            tries += 1
+            added += consider(make())
+
+    fill(lambda: tuple(rng.choice(choices) for _ in range(num_stages)), population)
+    if not seen:
+        cheapest = min(latency(tuple([choices[0]] * num_stages)), latency(tuple([choices[-1]] * num_stages)))
+        raise ConfigError(f"search: no candidate fits a {budget_ms:.2f} ms budget (the sparsest costs "
+                          f"{cheapest:.2f} ms on this machine)")
+    for _ in range(generations):
+        best = sorted(seen.values(), key=lambda c: -c.metric)[:parents]
+
+        def child(best: list[Candidate] = best) -> Ratios:
+            a, b = rng.sample(best, 2) if len(best) > 1 else (best[0], best[0])
+            genes = [rng.choice((x, y)) for x, y in zip(a.ratios, b.ratios)]
+            return tuple(rng.choice(choices) if rng.random() < mutation_prob else g for g in genes)
+
+        fill(child, population)
+    return sorted(seen.values(), key=lambda c: (-c.metric, c.latency_ms))
+
+
+def write_search_report(path: str | Path, table: LatencyTable, results: dict[str, Any],
+                        all_candidates: Sequence[Candidate], dense_ms: float | None = None) -> Path:
+    """search.json + pareto.png (metric vs latency, every evaluated candidate, the front and the picks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front(all_candidates)
+    report = {"latency_table": asdict(table), "dense_ms": dense_ms, "budgets": results,
+              "pareto_front": [asdict(c) for c in front], "evaluated": [asdict(c) for c in all_candidates]}
+    from ..utils import atomic_write_text
+
+    atomic_write_text(out / "search.json", json.dumps(report, indent=1, default=float))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([c.latency_ms for c in all_candidates], [c.metric for c in all_candidates], s=10, c="0.7",
+               label="evaluated")
+    ax.plot([c.latency_ms for c in front], [c.metric for c in front], "o-", label="Pareto front")
+    for res in results.values():
+        ax.axvline(res["budget_ms"], ls=":", c="0.5")
+        ax.scatter([res["best"]["latency_ms"]], [res["best"]["metric"]], marker="*", s=120, zorder=3,
+                   label=f"best ≤ {res['budget_ms']:.1f} ms")
+    if dense_ms is not None:
+        ax.axvline(dense_ms, c="k", lw=1, label="dense")
+    ax.set_xlabel("predicted latency (ms / batch)")
+    ax.set_ylabel("metric")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run_search(checkpoint: str | Path, budgets_ms: Sequence[float], out_dir: str | Path, data: str = "fmnist_scenes",
+               split: str = "val", data_args: dict[str, Any] | None = None, eval_images: int = 1000,
+               latency_batch: int = 8, choices: Sequence[float] = DEFAULT_CHOICES, population: int = 12,
+               generations: int = 5, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Search keep ratios for a trained windowed model under each budget (ms per ``latency_batch`` images on this
+    CPU); candidates are scored with the checkpoint's task on ``eval_images`` images of ``split`` (not the test
+    split: the search must not pick on the numbers it reports). Writes ``search.json`` and ``pareto.png``."""
+    from ..data import build_dataset
+    from ..models.swin import SwinTransformer
+    from ..tasks.base import to_device
+    from .evaluate import load_model, resolve_model_dir, task_for_model
+
+    model = load_model(checkpoint)
+    if not isinstance(model, SwinTransformer):
+        raise ConfigError(f"{checkpoint}: window pruning needs a windowed model (SwinTransformer), got "
+                          f"{type(model).__name__}")
+    task = task_for_model(model, resolve_model_dir(checkpoint))
+    task.setup(model)
+    ds = build_dataset(data, split, **(data_args or {}))
+    n = min(eval_images, len(ds))
+    batches = [task.prepare_batch(to_device(ds.__getitems__(list(range(i, min(i + 250, n)))), torch.device("cpu")),
+                                  train=False) for i in range(0, n, 250)]
+    images = batches[0].images[:latency_batch] if hasattr(batches[0], "images") else batches[0][0][:latency_batch]
+
+    def evaluate(ratios: Ratios) -> float:
+        model.set_keep_ratios(ratios)
+        return float(task.evaluate(model, batches)[task.primary_metric])
+
+    log(f"latency table: {model.num_stages} stages x {len(choices)} ratios, batch {latency_batch}, "
+        f"{torch.get_num_threads()} threads")
+    table = measure_latency_table(model, images, choices)
+    dense = tuple([1.0] * model.num_stages)
+    dense_ms = measure_latency(model, images, dense)
+    cache: dict[Ratios, float] = {dense: evaluate(dense)}
+    log(f"dense: {task.primary_metric} {cache[dense]:.4f}, {dense_ms:.2f} ms "
+        f"(table predicts {table.predict(dense):.2f})")
+    results: dict[str, Any] = {}
+    everything: dict[Ratios, Candidate] = {}
+    for budget in budgets_ms:
+        found = evolutionary_search(evaluate, table.predict, model.num_stages, budget, choices, population,
+                                    generations, seed=seed, cache=cache)
+        best = found[0]
+        measured = measure_latency(model, images, best.ratios)
+        uniform = [Candidate(tuple([r] * model.num_stages), table.predict(tuple([r] * model.num_stages)), 0.0)
+                   for r in sorted(choices)]
+        affordable = [u for u in uniform if u.latency_ms <= budget]
+        baseline = None
+        if affordable:
+            u = affordable[-1]  # the densest uniform ratio within the budget
+            cache.setdefault(u.ratios, evaluate(u.ratios))
+            baseline = {"ratios": u.ratios, "latency_ms": u.latency_ms, "metric": cache[u.ratios],
+                        "measured_ms": measure_latency(model, images, u.ratios)}
+        results[f"{budget:g}ms"] = {"budget_ms": budget, "best": asdict(best), "best_measured_ms": measured,
+                                    "evaluated": len(found), "uniform_baseline": baseline}
+        everything.update({c.ratios: c for c in found})
+        log(f"budget {budget:g} ms: best {best.ratios} {task.primary_metric} {best.metric:.4f}, predicted "
+            f"{best.latency_ms:.2f} ms, measured {measured:.2f} ms ({dense_ms / measured:.2f}x vs dense); "
+            f"uniform {baseline['ratios'][0] if baseline else '-'}: "
+            f"{baseline['metric'] if baseline else float('nan'):.4f}")
+    model.set_keep_ratios(dense)
+    everything[dense] = Candidate(dense, table.predict(dense), cache[dense])
+    write_search_report(out_dir, table, results, list(everything.values()), dense_ms)
+    return {"dense_ms": dense_ms, "dense_metric": cache[dense], "budgets": results, "out_dir": str(out_dir)}
+
+
+def add_sparsevit_args(p) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("search", help="latency-constrained evolutionary search of per-stage window keep ratios")
+    s.add_argument("run", help="a trained windowed model (run folder or checkpoint), ideally sparsity-adapted")
+    s.add_argument("--budget-ms", type=float, nargs="+", required=True,
+                   help="latency budgets, ms per --latency-batch images on this CPU")
+    s.add_argument("--out", default="sparsevit_search", help="folder for search.json and pareto.png")
+    s.add_argument("--data", default="fmnist_scenes")
+    s.add_argument("--split", default="val", help="the split candidates are scored on (not test)")
+    s.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset setting, e.g. num_scenes=2000 (repeatable)")
+    s.add_argument("--eval-images", type=int, default=1000)
+    s.add_argument("--latency-batch", type=int, default=8)
+    s.add_argument("--choices", type=float, nargs="+", default=list(DEFAULT_CHOICES))
+    s.add_argument("--population", type=int, default=12)
+    s.add_argument("--generations", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+
