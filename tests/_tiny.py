@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from vitkit.models import TokenClassifier, model_defaults, model_family, registered_class
 
 NUM_CLASSES = 5
@@ -69,7 +71,19 @@ def _efficientvit(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, 
     return over, (defaults.get("in_chans", 3), size, size)
 
 
-FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "t2t_vit": _t2t, "mae": _mae, "simclr": _simclr}
+VILT_VOCAB = 40
+
+
+def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """ViLT (text + image, not a classifier, see ``call``): a 2x2 patch grid, 8 text tokens, a 40-word vocabulary."""
+    size = 2 * defaults.get("patch_size", 32)
+    over = dict(embed_dim=24, depth=2, num_heads=2, mlp_dim=None, vocab_size=VILT_VOCAB, max_text_len=8,
+                img_size=size)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
+FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "t2t_vit": _t2t, "mae": _mae,
+            "simclr": _simclr}
 
 
 def is_classifier(name: str) -> bool:
@@ -88,3 +102,24 @@ def tiny(name: str) -> tuple[dict[str, Any], tuple[int, int, int]]:
     if "encoder" in defaults:
         return _encoder_wrapper(defaults)
     raise AssertionError(f"no tiny config for family {family!r}: add one to tests/_tiny.py")
+
+
+class _Outputs(tuple):
+    """A dict output in the shape the registry tests read (a tuple of tensors with ``.loss``, like MAE's)."""
+
+    loss: torch.Tensor
+
+
+def call(model: torch.nn.Module, x: torch.Tensor):
+    """``model(x)`` for an image batch ``x``; ViLT also gets 8 seeded text ids (the second text padded after 5) and
+    returns its float outputs as a tuple whose ``loss`` reaches every head (ITM score, MLM logits)."""
+    name = getattr(model, "model_name", None)
+    if name is None or model_family(name) != "vilt":
+        return model(x)
+    ids = torch.randint(1, VILT_VOCAB, (x.shape[0], 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1:, 5:] = 0
+    out = model(ids, mask, pixel_values=x)
+    result = _Outputs(v for v in out.values() if torch.is_tensor(v) and v.is_floating_point())
+    result.loss = out["mlm_logits"].logsumexp(-1).mean() + out["itm_score"].mean()
+    return result

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitkit
-from _tiny import NUM_CLASSES, is_classifier, tiny
+from _tiny import NUM_CLASSES, call, is_classifier, tiny
 from vitkit.layers import capture_attention
 
 ALL_MODELS = vitkit.list_models()
@@ -23,12 +23,12 @@ def _run(model, x: torch.Tensor) -> torch.Tensor:
     """The model's output as one tensor: logits, or every field of a tuple output (MAE: loss, pred, mask).
     Seeded, so models that draw random masks draw the same ones."""
     torch.manual_seed(1)
-    out = model(x)
+    out = call(model, x)
     return out if torch.is_tensor(out) else torch.cat([t.detach().flatten().float() for t in out])
 
 
 def _loss(model, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
+    out = call(model, x)
     return out.logsumexp(-1).mean() if torch.is_tensor(out) else out.loss
 
 

@@ -22,7 +22,7 @@ from ..errors import CheckpointError
 from ..models._pretrained import load_weights
 from ..models.swin import SwinTransformer
 from ._common import apply_hf_metadata, build_converted, check_consumed, read_hf_folder, strip_prefix, take
-from .hf_vit import HF_ACTIVATIONS
+from .hf_vit import hf_config_activation
 
 _BLOCK = r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 _V5_TO_HUB = [
@@ -69,11 +69,7 @@ def _stage_depths(state: dict[str, torch.Tensor], source: str) -> list[int]:
 
 def hf_swin_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
     """SwinTransformer constructor arguments for an HF Swin state dict (normalised keys) and its config."""
-    if config.get("model_type", "swin") != "swin":
-        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'swin'")
-    act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    act = hf_config_activation(config, "swin", source)
     proj = state.get("embeddings.patch_embeddings.projection.weight")
     if proj is None or proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
         raise CheckpointError(f"{source}: embeddings.patch_embeddings.projection.weight is missing or not a square "
@@ -111,7 +107,7 @@ def hf_swin_args(config: dict[str, Any], state: dict[str, torch.Tensor], source:
         embed_dim=dim, depths=depths, num_heads=heads, window_size=windows.pop(),
         mlp_ratio=hidden.shape[0] / dim,
         qkv_bias="encoder.layers.0.blocks.0.attention.self.query.bias" in state, ape=pos is not None,
-        norm_eps=config.get("layer_norm_eps", 1e-5), act=HF_ACTIVATIONS[act], drop_path_rate=0.0,
+        norm_eps=config.get("layer_norm_eps", 1e-5), act=act, drop_path_rate=0.0,
     )
 
 

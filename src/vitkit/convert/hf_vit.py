@@ -58,13 +58,19 @@ def normalize_hf_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
-    """VisionTransformer constructor arguments equivalent to an HF ``ViTConfig`` (+ what the weights hold)."""
-    if config.get("model_type", "vit") != "vit":
-        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'vit'")
+def hf_config_activation(config: dict[str, Any], model_type: str, source: str) -> str:
+    """Check ``model_type`` and return the vitkit name of ``hidden_act``, or a CheckpointError naming the file."""
+    if config.get("model_type", model_type) != model_type:
+        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected {model_type!r}")
     act = config.get("hidden_act", "gelu")
     if act not in HF_ACTIVATIONS:
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[act]
+
+
+def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
+    """VisionTransformer constructor arguments equivalent to an HF ``ViTConfig`` (+ what the weights hold)."""
+    act = hf_config_activation(config, "vit", source)
     hidden = config_value(config, "hidden_size", source)
     representation = None
     if "pooler.dense.weight" in state:
@@ -78,7 +84,7 @@ def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: 
         depth=config_value(config, "num_hidden_layers", source),
         num_heads=config_value(config, "num_attention_heads", source),
         mlp_dim=config.get("intermediate_size", 4 * hidden), qkv_bias=config.get("qkv_bias", True),
-        norm_eps=config.get("layer_norm_eps", 1e-12), act=HF_ACTIVATIONS[act],
+        norm_eps=config.get("layer_norm_eps", 1e-12), act=act,
         representation_size=representation, pos_interp_antialias=False,
     )
 

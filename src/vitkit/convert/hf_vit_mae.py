@@ -31,7 +31,7 @@ from ..models import list_models, model_defaults
 from ..models._pretrained import load_weights
 from ..models.mae import MaskedAutoencoderViT
 from ._common import build_converted, check_consumed, preprocessor_stats, read_hf_folder, take
-from .hf_vit import HF_ACTIVATIONS
+from .hf_vit import hf_config_activation
 
 # Layer stacks: (pattern of a layer prefix, vitkit prefix)
 _STACKS = [
@@ -128,14 +128,10 @@ def _encoder_name(args: dict[str, Any]) -> str:
 def hf_vit_mae_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json"
                     ) -> dict[str, Any]:
     """MaskedAutoencoderViT constructor arguments equivalent to an HF ``ViTMAEConfig`` (+ what the weights hold)."""
-    if config.get("model_type", "vit_mae") != "vit_mae":
-        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'vit_mae'")
+    act = hf_config_activation(config, "vit_mae", source)
     if not any(k.startswith("decoder.") for k in state):
         raise CheckpointError(f"{source}: no decoder weights (a ViTMAEModel?); hf-vit-mae converts "
                               f"ViTMAEForPreTraining checkpoints")
-    act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
     img, patch = config.get("image_size", 224), config.get("patch_size", 16)
     grid = (img // patch, img // patch)
     orders = {_sincos_order(state[k], grid, source, k) for k in _POS_TABLES if k in state}
@@ -146,7 +142,7 @@ def hf_vit_mae_args(config: dict[str, Any], state: dict[str, torch.Tensor], sour
         img_size=img, patch_size=patch, in_chans=config.get("num_channels", 3), embed_dim=hidden,
         depth=config.get("num_hidden_layers", 12), num_heads=config.get("num_attention_heads", 12),
         mlp_dim=config.get("intermediate_size", 4 * hidden), qkv_bias=config.get("qkv_bias", True),
-        norm_eps=config.get("layer_norm_eps", 1e-12), act=HF_ACTIVATIONS[act], pos_embed="sincos_2d",
+        norm_eps=config.get("layer_norm_eps", 1e-12), act=act, pos_embed="sincos_2d",
         pos_sincos_order=orders.pop() if orders else "wh", pos_interp_antialias=False,
     )
     return dict(

@@ -129,6 +129,26 @@ class VitkitModel(nn.Module):
         """
         return state, []
 
+    def new_head(self, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
+        """A fresh Linear head (trunc-normal std 0.02, zero bias; Identity for 0 classes) for ``reset_classifier``;
+        records the class count and the class names (or drops names that belonged to the old head)."""
+        check_model_args(num_classes, {}, {})
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        cfg = {k: v for k, v in self.pretrained_cfg.items() if k != "class_names"}
+        if class_names is not None:
+            cfg["class_names"] = list(class_names)
+        self.pretrained_cfg = cfg
+        if num_classes == 0:
+            return nn.Identity()
+        weight = next(self.parameters())
+        head = nn.Linear(self.num_features, num_classes).to(device=weight.device, dtype=weight.dtype)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that must not be weight-decayed besides norms and biases (tokens, tables)."""
         return set()
@@ -362,20 +382,7 @@ class TokenClassifier(VitkitModel):
             check_pool(pool, self.cls_token is not None)
             self.pool = pool
             self.model_args["pool"] = pool
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        cfg = dict(self.pretrained_cfg)
-        cfg.pop("class_names", None)
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-            cfg["class_names"] = list(class_names)
-        self.pretrained_cfg = cfg
+        self.head = self.new_head(num_classes, class_names)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward: less memory, about a third more compute."""

@@ -251,22 +251,7 @@ class EfficientViT(VitkitModel):
     # ------------------------------------------------------------------ heads, training switches
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
         """Replace the final Linear (e.g. for fine-tuning on another label set); the rest of the head stays."""
-        check_model_args(num_classes, {}, {})
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        device = self.stem.in_conv.conv.weight.device
-        head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        if isinstance(head, nn.Linear):
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-        self.head.classifier = head
-        cfg = dict(self.pretrained_cfg)
-        cfg.pop("class_names", None)
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-            cfg["class_names"] = list(class_names)
-        self.pretrained_cfg = cfg
+        self.head.classifier = self.new_head(num_classes, class_names)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward: less memory, about a third more compute."""

@@ -354,21 +354,7 @@ class SwinTransformer(VitkitModel):
     # ------------------------------------------------------------------ heads, training switches
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
         """Replace the head (e.g. for fine-tuning on another label set)."""
-        check_model_args(num_classes, {}, {})
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        cfg = dict(self.pretrained_cfg)
-        cfg.pop("class_names", None)
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-            cfg["class_names"] = list(class_names)
-        self.pretrained_cfg = cfg
+        self.head = self.new_head(num_classes, class_names)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward: less memory, about a third more compute."""

@@ -1,0 +1,206 @@
+"""Hugging Face ``transformers`` ``CLIPModel`` -> vitkit :class:`~vitkit.models.clip.CLIP` (and its tokenizer).
+
+What the weights tell is read from them: widths, patch size, image size (square: HF CLIP's position table is
+a square grid + CLS), channels, vocabulary, text context, projection width, MLP widths and layer counts
+(checked against ``config.json`` when it states them). What only the config tells is read from it: attention
+heads, activation (``hidden_act``: ``quick_gelu`` for the OpenAI weights, ``gelu`` for most others),
+LayerNorm eps and ``eos_token_id``, which picks the end-of-text pooling rule (see
+:func:`vitkit.models.clip.eot_index`; ``2`` marks a legacy config whose rule is "the highest id").
+
+HF keeps separate q/k/v Linears; vitkit fuses them into one ``qkv`` Linear ([q; k; v] by rows). transformers 5
+names CLIP's modules in memory as on the Hub, so both kinds of files have the same keys. HF's
+``interpolate_pos_encoding`` is bicubic without antialiasing, so converted models set
+``pos_interp_antialias=False``. A ``tokenizer.json`` in the HF folder is copied next to the converted weights
+and read back by :func:`load_tokenizer` (the ``tokenizers`` library; vitkit writes no tokenizer itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..models._pretrained import load_weights, read_config
+from ..models.clip import CLIP
+from ._common import apply_hf_metadata, build_converted, check_consumed, config_value, read_hf_folder, take
+from .hf_vit import HF_ACTIVATIONS
+
+TOKENIZER_FILE = "tokenizer.json"
+_VISION, _TEXT = "vision_model.", "text_model."
+# Older transformers saved these buffers; they are arange(n) and carry nothing.
+_IGNORED = (f"{_VISION}embeddings.position_ids", f"{_TEXT}embeddings.position_ids")
+
+
+def _tower_config(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    tower = config.get(key, {})
+    if not isinstance(tower, dict):
+        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(tower).__name__}")
+    return tower
+
+
+def _count_layers(state: dict[str, torch.Tensor], prefix: str, tower: dict[str, Any], source: str) -> int:
+    """Number of encoder layers the weights hold, checked against the config's ``num_hidden_layers``."""
+    pattern = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    if not found:
+        raise CheckpointError(f"{source}: no {prefix}encoder.layers.* weights")
+    depth = max(found) + 1
+    if len(found) != depth:
+        raise CheckpointError(f"{source}: {prefix}encoder.layers are not numbered 0..{depth - 1} "
+                              f"(missing {sorted(set(range(depth)) - found)})")
+    stated = tower.get("num_hidden_layers", depth)
+    if stated != depth:
+        raise CheckpointError(f"{source}: config.json says {prefix.rstrip('.')} has {stated} layers, "
+                              f"the weights hold {depth}")
+    return depth
+
+
+def _shape(state: dict[str, torch.Tensor], key: str, source: str, ndim: int) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"{source}: expected key {key!r} is missing")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim:
+        raise CheckpointError(f"{source}: {key} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def hf_clip_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
+    """:class:`CLIP` constructor arguments equivalent to an HF ``CLIPConfig`` + the weights it describes."""
+    if config.get("model_type", "clip") != "clip":
+        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'clip'")
+    text_cfg = _tower_config(config, "text_config", source)
+    vision_cfg = _tower_config(config, "vision_config", source)
+    acts = {tower.get("hidden_act", "quick_gelu") for tower in (text_cfg, vision_cfg)}
+    epss = {tower.get("layer_norm_eps", 1e-5) for tower in (text_cfg, vision_cfg)}
+    if len(acts) > 1 or len(epss) > 1:
+        raise CheckpointError(f"{source}: the text and vision towers differ in hidden_act or layer_norm_eps "
+                              f"({sorted(map(str, acts))}, {sorted(map(str, epss))}); vitkit's CLIP shares them")
+    act, eps = acts.pop(), epss.pop()
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    eos = text_cfg.get("eos_token_id", 49407)
+    if isinstance(eos, list) and len(eos) == 1:
+        eos = eos[0]
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise CheckpointError(f"{source}: text_config.eos_token_id={eos!r} must be one token id")
+
+    width, chans, patch, patch_w = _shape(state, f"{_VISION}embeddings.patch_embedding.weight", source, 4)
+    if patch != patch_w:
+        raise CheckpointError(f"{source}: non-square patches {patch}x{patch_w} are not HF CLIP's")
+    positions, _ = _shape(state, f"{_VISION}embeddings.position_embedding.weight", source, 2)
+    side = round((positions - 1) ** 0.5)
+    if side * side != positions - 1:
+        raise CheckpointError(f"{source}: {positions} vision positions are not CLS + a square grid")
+    vocab, text_width = _shape(state, f"{_TEXT}embeddings.token_embedding.weight", source, 2)
+    context, _ = _shape(state, f"{_TEXT}embeddings.position_embedding.weight", source, 2)
+    embed_dim, _ = _shape(state, "visual_projection.weight", source, 2)
+    text_embed_dim, _ = _shape(state, "text_projection.weight", source, 2)
+    if text_embed_dim != embed_dim:
+        raise CheckpointError(f"{source}: visual_projection gives {embed_dim} features, text_projection "
+                              f"{text_embed_dim}; they must agree")
+    return dict(
+        embed_dim=embed_dim, img_size=side * patch, patch_size=patch, in_chans=chans, vision_width=width,
+        vision_layers=_count_layers(state, _VISION, vision_cfg, source),
+        vision_heads=config_value(vision_cfg, "num_attention_heads", f"{source} (vision_config)"),
+        vision_mlp_dim=_shape(state, f"{_VISION}encoder.layers.0.mlp.fc1.weight", source, 2)[0],
+        vocab_size=vocab, context_length=context, text_width=text_width,
+        text_layers=_count_layers(state, _TEXT, text_cfg, source),
+        text_heads=config_value(text_cfg, "num_attention_heads", f"{source} (text_config)"),
+        text_mlp_dim=_shape(state, f"{_TEXT}encoder.layers.0.mlp.fc1.weight", source, 2)[0],
+        eos_token_id=eos, act=HF_ACTIVATIONS[act], norm_eps=eps,
+        logit_scale_init=float(config.get("logit_scale_init_value", 2.6592)), pos_interp_antialias=False,
+    )
+
+
+def _convert_layers(state: dict[str, torch.Tensor], out: dict[str, torch.Tensor], hf: str, ours: str, depth: int,
+                    source: str) -> None:
+    """HF ``CLIPEncoderLayer`` i -> vitkit ``Block`` i (q/k/v fused)."""
+    for i in range(depth):
+        src, dst = f"{hf}encoder.layers.{i}.", f"{ours}blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{kind}"] = torch.cat(
+                [take(state, f"{src}self_attn.{n}_proj.{kind}", source) for n in "qkv"], dim=0)
+            for theirs, mine in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
+                                 ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[f"{dst}{mine}.{kind}"] = take(state, f"{src}{theirs}.{kind}", source)
+
+
+def convert_hf_clip_state_dict(state: dict[str, torch.Tensor], vision_layers: int, text_layers: int,
+                               source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Rename (and fuse) HF ``CLIPModel`` weights into vitkit's :class:`CLIP` layout."""
+    state = dict(state)
+    v, t = _VISION, _TEXT
+    out = {
+        "visual.cls_token": take(state, f"{v}embeddings.class_embedding", source).reshape(1, 1, -1),
+        "visual.patch_embed.proj.weight": take(state, f"{v}embeddings.patch_embedding.weight", source),
+        "visual.pos_embed.weight": take(state, f"{v}embeddings.position_embedding.weight", source)[None],
+        "visual.head.weight": take(state, "visual_projection.weight", source),
+        "text.embed.token_embed.weight": take(state, f"{t}embeddings.token_embedding.weight", source),
+        "text.embed.pos_embed.weight": take(state, f"{t}embeddings.position_embedding.weight", source),
+        "text_projection.weight": take(state, "text_projection.weight", source),
+        "logit_scale": take(state, "logit_scale", source).reshape(()),
+    }
+    for kind in ("weight", "bias"):
+        out[f"visual.norm_pre.{kind}"] = take(state, f"{v}pre_layrnorm.{kind}", source)
+        out[f"visual.norm.{kind}"] = take(state, f"{v}post_layernorm.{kind}", source)
+        out[f"text.norm.{kind}"] = take(state, f"{t}final_layer_norm.{kind}", source)
+    _convert_layers(state, out, v, "visual.", vision_layers, source)
+    _convert_layers(state, out, t, "text.", text_layers, source)
+    check_consumed(state, source, ignore=_IGNORED)
+    return out
+
+
+def load_hf_clip(src: str | os.PathLike, **overrides: Any) -> CLIP:
+    """Build a vitkit CLIP from a local HF ``CLIPModel`` folder (config.json + model.safetensors or .bin).
+
+    ``overrides`` change constructor arguments the weights do not fix (``dynamic_img_size=True``, ...).
+    """
+    src = Path(src)
+    config, state = read_hf_folder(src)
+    args = hf_clip_args(config, state, str(src / "config.json"))
+    model = build_converted(CLIP, args, overrides, str(src / "config.json"))
+    args = {**args, **overrides}
+    converted = convert_hf_clip_state_dict(state, args["vision_layers"], args["text_layers"], str(src))
+    load_weights(model, converted, source=str(src))
+    apply_hf_metadata(model, config, src, 0, "hf_clip")
+    return model
+
+
+def convert_hf_clip(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> CLIP:
+    """Convert an HF CLIP folder into a vitkit checkpoint folder ``dst`` (+ its ``tokenizer.json``)."""
+    model = load_hf_clip(src, **overrides)
+    model.save_pretrained(dst)
+    tokenizer = Path(src) / TOKENIZER_FILE
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, Path(dst) / TOKENIZER_FILE)
+    return model
+
+
+def load_tokenizer(folder: str | os.PathLike, truncate: bool = True):
+    """The ``tokenizers.Tokenizer`` stored as ``tokenizer.json`` in ``folder`` (converted or HF).
+
+    With ``truncate`` and a vitkit ``config.json`` beside it, sequences are cut to the model's
+    ``context_length`` (the tokenizer keeps its special tokens, so the end-of-text token survives) unless the
+    tokenizer already truncates.
+    """
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (convert_hf_clip copies it from the HF folder "
+                              f"when that has one)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for unreadable files
+        raise CheckpointError(f"{path} is not a readable tokenizers file: {e}") from None
+    if truncate and tokenizer.truncation is None and (folder / "config.json").is_file():
+        context = read_config(folder).get("model_args", {}).get("context_length")
+        if isinstance(context, int) and context > 0:
+            tokenizer.enable_truncation(max_length=context)
+    return tokenizer
