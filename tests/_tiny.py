@@ -71,6 +71,16 @@ def _efficientvit(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, 
     return over, (defaults.get("in_chans", 3), size, size)
 
 
+def _clip(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """CLIP: a 2x2 patch grid, two blocks per tower, a 50-token vocabulary ending in the end-of-text token;
+    :func:`call` adds the captions."""
+    size = 2 * defaults.get("patch_size", 32)
+    over = dict(embed_dim=NUM_CLASSES, img_size=size, vision_width=24, vision_layers=2, vision_heads=2,
+                vision_mlp_dim=None, text_width=16, text_layers=2, text_heads=2, text_mlp_dim=None, vocab_size=50,
+                context_length=8, eos_token_id=49)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
 VILT_VOCAB = 40
 
 
@@ -82,8 +92,8 @@ def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
     return over, (defaults.get("in_chans", 3), size, size)
 
 
-FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "t2t_vit": _t2t, "mae": _mae,
-            "simclr": _simclr}
+FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "clip": _clip, "t2t_vit": _t2t,
+            "mae": _mae, "simclr": _simclr}
 
 
 def is_classifier(name: str) -> bool:
@@ -111,8 +121,16 @@ class _Outputs(tuple):
 
 
 def call(model: torch.nn.Module, x: torch.Tensor):
-    """``model(x)`` for an image batch ``x``; ViLT also gets 8 seeded text ids (the second text padded after 5) and
-    returns its float outputs as a tuple whose ``loss`` reaches every head (ITM score, MLM logits)."""
+    """``model(x)`` for an image batch ``x``. CLIP also gets seeded captions ending in its end-of-text token; ViLT
+    gets 8 seeded text ids (the second text padded after 5) and returns its float outputs as a tuple whose
+    ``loss`` reaches every head (ITM score, MLM logits)."""
+    from vitkit.models import CLIP
+
+    if isinstance(model, CLIP):
+        ids = torch.randint(0, model.vocab_size, (x.shape[0], model.context_length),
+                            generator=torch.Generator().manual_seed(2))
+        ids[:, -1] = model.eos_token_id
+        return model(x, ids)
     name = getattr(model, "model_name", None)
     if name is None or model_family(name) != "vilt":
         return model(x)

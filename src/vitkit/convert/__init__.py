@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from .efficientvit import convert_efficientvit, convert_efficientvit_state_dict, load_efficientvit
+from .hf_clip import convert_hf_clip, convert_hf_clip_state_dict, load_hf_clip, load_tokenizer
 from .hf_swin import convert_hf_swin, convert_hf_swin_state_dict, load_hf_swin
 from .hf_vilt import convert_hf_vilt, convert_hf_vilt_state_dict, load_hf_vilt
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
@@ -19,6 +20,7 @@ CONVERTERS = {
     "hf-vit-mae": convert_hf_vit_mae,
     "hf-swin": convert_hf_swin,
     "hf-vilt": convert_hf_vilt,
+    "hf-clip": convert_hf_clip,
     "t2t": convert_t2t,
     "efficientvit": convert_efficientvit,
 }
@@ -53,4 +55,5 @@ __all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict
            "convert_t2t_state_dict", "load_t2t", "convert_hf_swin",
            "convert_hf_swin_state_dict", "load_hf_swin", "convert_efficientvit",
            "convert_efficientvit_state_dict", "load_efficientvit", "convert_hf_vilt",
-           "convert_hf_vilt_state_dict", "load_hf_vilt"]
+           "convert_hf_vilt_state_dict", "load_hf_vilt", "convert_hf_clip",
+           "convert_hf_clip_state_dict", "load_hf_clip", "load_tokenizer"]

@@ -1,0 +1,257 @@
+"""Image-caption data: a general (folder + CSV/JSONL) dataset and captioned Fashion-MNIST, plus a tokenizer.
+
+Captioned Fashion-MNIST (generated, seeded; the test split is made from test images only):
+
+* a 28×56 canvas (two 28×28 halves) holds one item (in the left or the right half) or two (one per half);
+* each item is drawn **large** (28×28, as in the data set) or **small** (resized to 18×18, centred in its half),
+  and **light** or **dark** (its pixels scaled by a factor in [0.85, 1] or [0.35, 0.5]); the caption words come
+  from what was drawn, so every attribute can be read from the pixels (a dark item's brightest pixel is at most
+  half of the white level, a light item's at least 0.85 of it);
+* captions come from templates naming the classes, their positions and attributes, e.g. "a small dark sneaker to
+  the left of a light bag", "a trouser on the right";
+* :func:`swapped_caption` gives the hard negative of a two-item caption: the same words with the two items'
+  positions exchanged ("a bag to the left of a sneaker"), which only a model that reads positions can reject.
+
+Batches are dicts ``{"images": uint8 (B, 1, 28, 56), "captions": [str], "labels": (B, 2) class per half (-1 =
+empty)}``; tasks tokenize the captions themselves (:func:`train_tokenizer` builds a WordPiece tokenizer with the
+``tokenizers`` library).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .constants import FMNIST_CLASSES
+
+CAPTION_WORDS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+SMALL = 18
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass(frozen=True)
+class Item:
+    cls: int
+    side: str  # "left" | "right"
+    small: bool
+    dark: bool
+
+    def phrase(self, with_size: bool, with_tone: bool) -> str:
+        words = (["small" if self.small else "large"] if with_size else []) + \
+                (["dark" if self.dark else "light"] if with_tone else []) + [CAPTION_WORDS[self.cls]]
+        return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def _caption(items: list[Item], rng: np.random.Generator) -> str:
+    size, tone = bool(rng.integers(2)), bool(rng.integers(2))
+    if len(items) == 1:
+        it = items[0]
+        return f"{it.phrase(size, tone)} on the {it.side}"
+    left, right = sorted(items, key=lambda i: i.side != "left")
+    if rng.integers(2):
+        return f"{left.phrase(size, tone)} to the left of {right.phrase(size, tone)}"
+    return f"{right.phrase(size, tone)} to the right of {left.phrase(size, tone)}"
+
+
+def swapped_caption(caption: str) -> str | None:
+    """The hard negative of a two-item caption (the items' positions exchanged), or None for one item."""
+    for rel in (" to the left of ", " to the right of "):
+        if rel in caption:
+            a, b = caption.split(rel)
+            return f"{b}{rel}{a}" if a != b else None
+    return None
+
+
+def _draw(item: np.ndarray, small: bool, dark: bool, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image
+
+    img = item.astype(np.float32)
+    if small:
+        resized = np.asarray(Image.fromarray(item).resize((SMALL, SMALL), Image.BILINEAR), np.float32)
+        img = np.zeros((28, 28), np.float32)
+        o = (28 - SMALL) // 2
+        img[o:o + SMALL, o:o + SMALL] = resized
+    peak = max(float(img.max()), 1.0)
+    factor = rng.uniform(0.35, 0.5) if dark else rng.uniform(0.85, 1.0)
+    return np.clip(img * (255.0 * factor / peak), 0, 255).astype(np.uint8)
+
+
+def compose_captioned(images: np.ndarray, labels: np.ndarray, num: int, seed: int = 0, two_items: float = 0.6
+                      ) -> tuple[np.ndarray, list[str], np.ndarray, list[list[Item]]]:
+    """(canvases (N, 28, 56) uint8, captions, (N, 2) class per half with -1 for empty, items per canvas)."""
+    rng = np.random.default_rng(seed)
+    canvases = np.zeros((num, 28, 56), np.uint8)
+    halves = np.full((num, 2), -1, np.int64)
+    captions, all_items = [], []
+    for n in range(num):
+        sides = ["left", "right"] if rng.random() < two_items else [("left", "right")[int(rng.integers(2))]]
+        items = []
+        for side in sides:
+            idx = int(rng.integers(len(images)))
+            item = Item(int(labels[idx]), side, bool(rng.integers(2)), bool(rng.integers(2)))
+            col = 0 if side == "left" else 28
+            canvases[n, :, col:col + 28] = _draw(images[idx], item.small, item.dark, rng)
+            halves[n, 0 if side == "left" else 1] = item.cls
+            items.append(item)
+        captions.append(_caption(items, rng))
+        all_items.append(items)
+    return canvases, captions, halves, all_items
+
+
+class CaptionDataset(Dataset):
+    """Images with one caption each; ``__getitems__`` gives a dict batch (images stacked, captions a list)."""
+
+    def __init__(self, images: torch.Tensor, captions: Sequence[str], labels: torch.Tensor | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, name: str = "",
+                 classes: Sequence[str] = ()) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(captions) != images.shape[0]:
+            raise DataError(f"{name or 'captions'}: need uint8 (N, C, H, W) images and N captions, got "
+                            f"{tuple(images.shape)} {images.dtype} and {len(captions)} captions")
+        self.images, self.captions, self.labels = images, list(captions), labels
+        self.name, self.classes = name or "captions", list(classes)
+        self.num_channels = int(images.shape[1])
+        self.image_size = (int(images.shape[2]), int(images.shape[3]))
+        if mean is None or std is None:
+            x = images.float() / 255
+            mean = x.mean(dim=(0, 2, 3)).tolist()
+            std = x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        batch: dict[str, Any] = {"images": self.images[idx], "captions": [self.captions[int(i)] for i in idx]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{self.name}(n={len(self)}, size={self.image_size}, channels={self.num_channels})"
+
+
+def caption_collate(batch: Any) -> dict[str, Any]:
+    """DataLoader collate: a dict batch from ``__getitems__`` passes through; single samples are merged."""
+    if isinstance(batch, dict):
+        return batch
+    images = torch.cat([b["images"] for b in batch])
+    out: dict[str, Any] = {"images": images, "captions": [c for b in batch for c in b["captions"]]}
+    if "labels" in batch[0]:
+        out["labels"] = torch.cat([b["labels"] for b in batch])
+    return out
+
+
+def load_fmnist_captions(split: str = "train", data_dir: str | None = None, download: bool = False,
+                         num: int | None = None, seed: int = 0, two_items: float = 0.6) -> CaptionDataset:
+    """Captioned Fashion-MNIST for ``split`` (train: 30,000 canvases from training images; test: 5,000 from test
+    images; val: 5,000 more from training images with another seed)."""
+    from .fashion_mnist import load_fashion_mnist
+
+    offsets = {"train": 0, "test": 1, "val": 2}
+    if split not in offsets:
+        raise DataError(f"fmnist_captions: split must be one of {sorted(offsets)}, got {split!r}")
+    source = load_fashion_mnist("test" if split == "test" else "train", data_dir, download)
+    n = num or {"train": 30_000, "test": 5_000, "val": 5_000}[split]
+    canvases, captions, halves, _ = compose_captioned(source.images[:, 0].numpy(), source.labels.numpy(), n,
+                                                      seed + offsets[split], two_items)
+    return CaptionDataset(torch.from_numpy(canvases)[:, None], captions, torch.from_numpy(halves),
+                          name=f"fmnist_captions/{split}", classes=FMNIST_CLASSES)
+
+
+def load_caption_folder(root: str | Path, captions_file: str | Path, num_channels: int = 3,
+                        image_size: int | tuple[int, int] | None = None, max_bad_images: int = 0) -> CaptionDataset:
+    """Images of ``root`` with captions from a CSV (columns ``file,caption``) or JSONL (``{"file", "caption"}``).
+
+    A row whose file is missing, outside ``root``, undecodable (or a decompression bomb) or whose caption is empty
+    is left out with a warning, and counts against ``max_bad_images``; more bad rows than that is a DataError
+    naming the first ones. All kept images are decoded now (``image_size`` resizes + centre-crops).
+    """
+    import warnings
+
+    from .image_io import BadImageError, decode_image
+
+    root, path = Path(root), Path(captions_file)
+    rows = _read_rows(path)
+    images, texts, bad = [], [], []
+    resolved_root = root.resolve()
+    for line, (file, caption) in rows:
+        where = f"{path}:{line}"
+        target = (root / file).resolve()
+        if not caption.strip():
+            bad.append(f"{where}: empty caption")
+        elif resolved_root not in target.parents:
+            bad.append(f"{where}: {file!r} is outside {root}")
+        elif not target.is_file():
+            bad.append(f"{where}: {file!r} not found in {root}")
+        else:
+            try:
+                images.append(decode_image(target, num_channels, image_size))
+                texts.append(caption.strip())
+                continue
+            except BadImageError as e:
+                bad.append(f"{where}: {e}")
+    if len(bad) > max_bad_images:
+        raise DataError(f"{path}: {len(bad)} bad rows (max_bad_images={max_bad_images}): " + "; ".join(bad[:3]))
+    for b in bad:
+        warnings.warn(f"left out {b}", stacklevel=2)
+    if not images:
+        raise DataError(f"{path}: no usable (image, caption) rows")
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise DataError(f"{path}: images of different sizes {sorted(shapes)[:3]}; pass image_size")
+    return CaptionDataset(torch.stack(images), texts, name=f"captions:{path.name}")
+
+
+def _read_rows(path: Path) -> list[tuple[int, tuple[str, str]]]:
+    if not path.is_file():
+        raise DataError(f"{path}: captions file not found")
+    rows: list[tuple[int, tuple[str, str]]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".jsonl":
+                for line, text in enumerate(f, 1):
+                    if not text.strip():
+                        continue
+                    obj = json.loads(text)
+                    if not isinstance(obj, dict) or not {"file", "caption"} <= set(obj):
+                        raise DataError(f"{path}:{line}: each line must be an object with 'file' and 'caption'")
+                    rows.append((line, (str(obj["file"]), str(obj["caption"]))))
+            else:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
+                    raise DataError(f"{path}: the CSV header must name the columns 'file' and 'caption'")
+                for line, row in enumerate(reader, 2):
+                    rows.append((line, (row["file"] or "", row["caption"] or "")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a UTF-8 CSV/JSONL captions file: {e}") from None
+    return rows
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1000, lowercase: bool = True):
+    """A WordPiece tokenizer (``tokenizers`` library) trained on ``texts``, with BERT's special tokens and a
+    [CLS] text [SEP] template; ``tokenizer.save(path)`` writes the ``tokenizer.json`` a checkpoint carries."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                             special_tokens=list(SPECIAL_TOKENS)))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
