@@ -81,6 +81,22 @@ def _clip(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
     return over, (defaults.get("in_chans", 3), size, size)
 
 
+def _vqvae(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """VAR's tokenizer: two levels at GroupNorm's minimum width 32 (8x8 images, 4x4 latent) and four scales, so
+    each of the four shared phi convolutions is used and gets a gradient. Its forward is a training step that
+    returns (loss, rec, vq_loss) with ``.loss``, like MAE."""
+    over = dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=4, vocab_size=16, patch_nums=[1, 2, 3, 4])
+    return over, (defaults.get("in_channels", 3), 8, 8)
+
+
+def _var(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
+    """VAR (not a classifier, see ``call``): scales 1, 2, 3 (L = 14 tokens) over a 4-channel, 16-code tokenizer.
+    The "input shape" is that of the teacher-forcing input per sample, (L - 1, c_vae) = (13, 4)."""
+    over = dict(depth=2, embed_dim=16, num_heads=2, vocab_size=16, c_vae=4, patch_nums=[1, 2, 3],
+                num_classes=NUM_CLASSES)
+    return over, (13, 4)
+
+
 VILT_VOCAB = 40
 
 
@@ -93,7 +109,7 @@ def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
 
 
 FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "clip": _clip, "t2t_vit": _t2t,
-            "mae": _mae, "simclr": _simclr}
+            "mae": _mae, "simclr": _simclr, "vqvae": _vqvae, "var": _var}
 
 
 def is_classifier(name: str) -> bool:
@@ -132,6 +148,9 @@ def call(model: torch.nn.Module, x: torch.Tensor):
         ids[:, -1] = model.eos_token_id
         return model(x, ids)
     name = getattr(model, "model_name", None)
+    if name is not None and model_family(name) == "var":  # x is the teacher-forcing input; seeded class ids
+        labels = torch.randint(0, NUM_CLASSES + 1, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        return model(labels, x)
     if name is None or model_family(name) != "vilt":
         return model(x)
     ids = torch.randint(1, VILT_VOCAB, (x.shape[0], 8), generator=torch.Generator().manual_seed(0))

@@ -14,6 +14,14 @@ from .hf_vilt import convert_hf_vilt, convert_hf_vilt_state_dict, load_hf_vilt
 from .hf_vit import convert_hf_vit, convert_hf_vit_state_dict, load_hf_vit
 from .hf_vit_mae import convert_hf_vit_mae, convert_hf_vit_mae_state_dict, load_hf_vit_mae
 from .t2t import convert_t2t, convert_t2t_state_dict, load_t2t
+from .var import (
+    convert_var,
+    convert_var_state_dict,
+    convert_var_vqvae,
+    convert_vqvae_state_dict,
+    load_var,
+    load_var_vqvae,
+)
 
 CONVERTERS = {
     "hf-vit": convert_hf_vit,
@@ -21,6 +29,8 @@ CONVERTERS = {
     "hf-swin": convert_hf_swin,
     "hf-vilt": convert_hf_vilt,
     "hf-clip": convert_hf_clip,
+    "var": convert_var,
+    "var-vqvae": convert_var_vqvae,
     "t2t": convert_t2t,
     "efficientvit": convert_efficientvit,
 }
@@ -56,4 +66,5 @@ __all__ = ["CONVERTERS", "convert", "convert_hf_vit", "convert_hf_vit_state_dict
            "convert_hf_swin_state_dict", "load_hf_swin", "convert_efficientvit",
            "convert_efficientvit_state_dict", "load_efficientvit", "convert_hf_vilt",
            "convert_hf_vilt_state_dict", "load_hf_vilt", "convert_hf_clip",
-           "convert_hf_clip_state_dict", "load_hf_clip", "load_tokenizer"]
+           "convert_hf_clip_state_dict", "load_hf_clip", "load_tokenizer", "convert_var",
+           "convert_var_state_dict", "load_var", "convert_var_vqvae", "convert_vqvae_state_dict", "load_var_vqvae"]
