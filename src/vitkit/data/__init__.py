@@ -28,11 +28,14 @@ from vitkit.errors import DataError
 if TYPE_CHECKING:
     from vitkit.data.image_folder import ImageFolder
 
-DATASETS = ("fashion_mnist", "fmnist_scenes", "cifar10", "cifar100", "digits", "image_folder")
+DATASETS = ("fashion_mnist", "fmnist_scenes", "fmnist_captions", "caption_folder", "cifar10", "cifar100", "digits",
+            "image_folder")
 _SPLIT_DIRS = ("train", "val", "test")
 # Extra keyword arguments each dataset accepts, so a misspelt config key is a clear error.
 _EXTRA_KEYS = {
     "fashion_mnist": set(),
+    "fmnist_captions": {"num", "seed", "two_items"},
+    "caption_folder": {"root"},
     "fmnist_scenes": {"canvas", "num_scenes", "num_eval_scenes", "min_items", "max_items", "seed"},
     "cifar10": set(),
     "cifar100": {"label_type"},
@@ -106,6 +109,19 @@ def build_dataset(
         from vitkit.data.fashion_mnist import load_fashion_mnist
 
         return load_fashion_mnist(split, data_dir, download, image_size, num_channels)
+    if name in ("fmnist_captions", "caption_folder"):
+        from vitkit.data.captions import load_caption_folder, load_fmnist_captions
+
+        if name == "fmnist_captions":
+            if image_size is not None or num_channels not in (None, 1):
+                raise DataError("fmnist_captions: canvases are 1x28x56; image_size/num_channels cannot change them")
+            return load_fmnist_captions(split, data_dir, download, **kw)
+        root = Path(kw.pop("root", None) or data_dir or "")
+        files = [root / f"{split}{ext}" for ext in (".jsonl", ".csv")]
+        found = next((f for f in files if f.is_file()), None)
+        if found is None:
+            raise DataError(f"caption_folder: no {files[0].name} or {files[1].name} in {root} (rows: file, caption)")
+        return load_caption_folder(root, found, num_channels or 3, image_size, max_bad_images)
     if name == "fmnist_scenes":
         from vitkit.data.scenes import load_fmnist_scenes
 

@@ -8,7 +8,7 @@ because per-sample Python transforms are the bottleneck of small-image training 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -304,7 +304,7 @@ def batch_collate(batch: Any) -> ImageBatch | Any:
     The DataLoader calls ``collate_fn(dataset.__getitems__(indices))`` when the dataset defines
     ``__getitems__`` and ``collate_fn([dataset[i] for i in indices])`` otherwise; both end here.
     """
-    if isinstance(batch, (ImageBatch, torch.Tensor)):
+    if isinstance(batch, (ImageBatch, torch.Tensor, Mapping)):  # pre-stacked (dict batches: captions, ...)
         return batch
     if isinstance(batch, Sequence) and batch and all(
         isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], torch.Tensor) for s in batch
