@@ -167,8 +167,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from .engine import load_model, predict_images
+    from .engine.evaluate import resolve_model_dir
 
-    results = predict_images(load_model(args.checkpoint), args.images, args.topk)
+    results = predict_images(load_model(args.checkpoint), args.images, args.topk,
+                             folder=resolve_model_dir(args.checkpoint))
     for r in results:
         if args.json:
             print(json.dumps(r))
@@ -296,6 +298,38 @@ def cmd_sparsevit(args: argparse.Namespace) -> int:
 
 
 cmd_sparsevit.configure = _sparsevit_args
+
+
+# ---------------------------------------------------------------------------- zeroshot
+def _zeroshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a CLIP training run folder or checkpoint folder (uses checkpoints/best)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'bag,coat,sneaker'")
+    p.add_argument("--template", dest="templates", action="append", metavar="TEXT",
+                   help="prompt with '{}' for the class name, repeatable; the embeddings of a class's prompts are "
+                        "averaged (default: the run's task.args.templates)")
+    p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to show (>= 1)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+
+@command("zeroshot", "zero-shot classification of image files with a CLIP: class names in, probabilities out")
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    import json
+
+    from .tasks.clip import zero_shot_files
+
+    for r in zero_shot_files(args.run, args.images, args.classes.split(","), args.templates):
+        r["top"] = r["top"][:args.topk]
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(r["path"])
+        for name, p in r["top"]:
+            print(f"  {100 * p:6.2f}%  {name}")
+    return 0
+
+
+cmd_zeroshot.configure = _zeroshot_args
 
 
 # ---------------------------------------------------------------------------- serve

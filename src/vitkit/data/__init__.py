@@ -113,7 +113,7 @@ def build_dataset(
         from vitkit.data.captions import load_caption_folder, load_fmnist_captions
 
         if name == "fmnist_captions":
-            if image_size is not None or num_channels not in (None, 1):
+            if (image_size is not None and as_size(image_size) != (28, 56)) or num_channels not in (None, 1):
                 raise DataError("fmnist_captions: canvases are 1x28x56; image_size/num_channels cannot change them")
             return load_fmnist_captions(split, data_dir, download, **kw)
         root = Path(kw.pop("root", None) or data_dir or "")

@@ -241,16 +241,36 @@ def _read_rows(path: Path) -> list[tuple[int, tuple[str, str]]]:
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 1000, lowercase: bool = True):
-    """A WordPiece tokenizer (``tokenizers`` library) trained on ``texts``, with BERT's special tokens and a
-    [CLS] text [SEP] template; ``tokenizer.save(path)`` writes the ``tokenizer.json`` a checkpoint carries."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A deterministic WordPiece tokenizer (``tokenizers`` library) for ``texts``: BERT's normaliser,
+    pre-tokenizer and special tokens, a ``[CLS] $A [SEP]`` template, and a vocabulary of the special tokens, every
+    character seen (alone and as a ``##`` continuation, so no seen character is ever ``[UNK]``), then whole words,
+    most frequent first (ties by spelling), up to ``vocab_size``.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    Not ``tokenizers``' WordPiece trainer: two trainings on the same texts gave different vocabularies, and every
+    ``torchrun`` process and every resumed run must build the same one. ``tokenizer.to_str()`` / ``save(path)``
+    give the JSON a checkpoint carries.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text, n in Counter(texts).items():
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] += n
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    if len(vocab) > vocab_size:
+        raise DataError(f"tokenizer: vocab_size={vocab_size} is too small for the texts' {len(chars)} characters; "
+                        f"it needs at least {len(vocab)}")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:vocab_size - len(vocab)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                             special_tokens=list(SPECIAL_TOKENS)))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -101,6 +101,11 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
                          f"{M}num_heads=[2,4]")),
         Variant("swin_noshift", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=40",
                                  f"{M}depths=[2,2]", f"{M}num_heads=[2,4]", f"{M}shift_windows=false")),
+        # one stage of 2x2 windows and no merging: without shifts the four windows meet only in the final pooling
+        Variant("swin_1stage", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=64", f"{M}depths=[4]",
+                                f"{M}num_heads=[2]")),
+        Variant("swin_1stage_noshift", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=64",
+                                        f"{M}depths=[4]", f"{M}num_heads=[2]", f"{M}shift_windows=false")),
     )),
     Study("ssl", "Self-supervised pretraining (MAE; contrastive) on the unlabelled training images helps when "
           "labels are few: fine-tuning from a pretrained encoder beats the same ViT trained from scratch on 1% "

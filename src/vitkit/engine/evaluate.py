@@ -112,7 +112,8 @@ def evaluate_checkpoint(path: str | Path, data: str = "fashion_mnist", split: st
 
 
 @torch.no_grad()
-def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 5) -> list[dict[str, Any]]:
+def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 5,
+                   folder: str | Path | None = None) -> list[dict[str, Any]]:
     """The model's task's prediction for each image file (top-k classes with probabilities for a classifier);
     unreadable files raise a DataError naming them."""
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
@@ -122,7 +123,7 @@ def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 
     if missing:
         raise DataError(f"image file(s) not found: {', '.join(missing)}")
     images = torch.stack([load_image(str(p), channels, size) for p in paths])
-    task = task_for_model(model)
+    task = task_for_model(model, folder)  # the checkpoint's folder holds the run's task settings
     task.setup(model)
     results = task.predict(model, task.prepare_batch(images, train=False), topk=topk)
     return [{"path": str(p), **r} for p, r in zip(paths, results)]

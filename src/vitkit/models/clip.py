@@ -14,10 +14,16 @@
 The layout and the numerics follow Hugging Face ``CLIPModel`` (``vitkit.convert.hf_clip`` converts its
 checkpoints; tested to 1e-5 in fp32). :func:`clip_loss` is the symmetric InfoNCE loss, with negatives gathered
 from every process under ``torchrun``.
+
+A model may carry its tokenizer (``tokenizer``: the ``tokenizers`` JSON object, a constructor argument, so it is
+written into ``config.json`` with the other arguments and rebuilt by ``from_pretrained``): the token ids only mean
+something with the tokenizer that made them. :meth:`CLIP.set_tokenizer` checks that the tokenizer ends every text
+with a token the pooling rule reads (``eos_token_id``, see :func:`eot_index`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -110,6 +116,26 @@ class CLIPOutput(NamedTuple):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+class CLIPEmbeddings(NamedTuple):
+    """``forward(..., embeddings=True)``: the projections before normalisation and the log-temperature, what
+    :func:`clip_loss` takes (a loss that gathers features over processes needs them, not the local logits)."""
+
+    image_embeds: torch.Tensor  # (B, embed_dim)
+    text_embeds: torch.Tensor  # (B, embed_dim)
+    logit_scale: torch.Tensor  # the parameter itself (clip_loss clamps it), so the temperature gets its gradient
+
+
+def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
+    """A ``tokenizers.Tokenizer``, its JSON string or its parsed JSON object -> the JSON object."""
+    if isinstance(tokenizer, dict):
+        return tokenizer
+    if isinstance(tokenizer, str):
+        return json.loads(tokenizer)
+    if callable(getattr(tokenizer, "to_str", None)):
+        return json.loads(tokenizer.to_str())
+    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
+
+
 class CLIPVisionTransformer(VisionTransformer):
     """A ViT as CLIP's image tower; the CLIP-specific parts are switches of this subclass, not of ViT.
 
@@ -166,6 +192,7 @@ class CLIP(VitkitModel):
         dynamic_img_size: bool = False,
         pos_interp_antialias: bool = True,
         drop_path_rate: float = 0.0,
+        tokenizer: dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         check_model_args(0, dict(embed_dim=embed_dim, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -196,6 +223,46 @@ class CLIP(VitkitModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": OPENAI_CLIP_MEAN[:in_chans],
                                "std": OPENAI_CLIP_STD[:in_chans], "interpolation": "bicubic"}
+        self._tokenizer: Any = None
+        if tokenizer is not None:
+            self._tokenizer = self._checked_tokenizer(_tokenizer_json(tokenizer))
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` this model was trained with (None when it carries none, e.g. converted
+        checkpoints, whose ``tokenizer.json`` lies beside them: ``vitkit.convert.load_tokenizer``)."""
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
+        data = _tokenizer_json(tokenizer)
+        self._tokenizer = self._checked_tokenizer(data)
+        self.model_args["tokenizer"] = data
+
+    def _checked_tokenizer(self, data: dict[str, Any]) -> Any:
+        """Parse a tokenizer and refuse one that does not fit: ids beyond the vocabulary, or texts whose last
+        token is not where :func:`eot_index` reads them (the text tower would pool another token)."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(json.dumps(data))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise ValueError(f"tokenizer: not a readable tokenizers JSON ({e})") from None
+        if tok.get_vocab_size() > self.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model's vocab_size is "
+                             f"{self.vocab_size}")
+        probe = Tokenizer.from_str(tok.to_str())
+        probe.no_padding()
+        probe.no_truncation()
+        for text in ("a", "a photo of a bag"):
+            ids = torch.tensor([probe.encode(text).ids])
+            at = int(eot_index(ids, self.eos_token_id)[0])
+            if at != ids.shape[1] - 1:
+                raise ValueError(f"the tokenizer does not end texts with the end-of-text token the model pools at "
+                                 f"(eos_token_id={self.eos_token_id}): {text!r} -> {ids[0].tolist()} is read at "
+                                 f"position {at}; build the model with the id of the tokenizer's last token")
+        return tok
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -213,9 +280,16 @@ class CLIP(VitkitModel):
         feats = self.text_projection(pooled)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> CLIPOutput:
-        """Scaled cosine similarities of every image with every text: ``(logits_per_image, logits_per_text)``."""
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                embeddings: bool = False) -> CLIPOutput | CLIPEmbeddings:
+        """Scaled cosine similarities of every image with every text: ``(logits_per_image, logits_per_text)``.
+
+        ``embeddings=True`` returns :class:`CLIPEmbeddings` instead, for losses that gather features over
+        processes: a DDP-wrapped model is synchronised through ``forward`` only, not through ``encode_*``.
+        """
+        if embeddings:
+            return CLIPEmbeddings(self.encode_image(images), self.encode_text(input_ids, attention_mask),
+                                  self.logit_scale)
         image_feats = self.encode_image(images, normalize=True)
         text_feats = self.encode_text(input_ids, attention_mask, normalize=True)
         logits_per_image = logit_scale_multiplier(self.logit_scale) * image_feats @ text_feats.T
