@@ -15,13 +15,12 @@ import torch
 
 from test_data import data_no_system_dirs, write_fake_fmnist  # noqa: F401  (fixture)
 from vitkit.data import batch_collate
-from vitkit.data.captions import CaptionDataset, compose_captioned, swapped_caption
+from vitkit.data.captions import CaptionDataset, compose_captioned, swapped_caption, train_tokenizer
 from vitkit.errors import ConfigError
 from vitkit.tasks.base import TaskContext, parse_task_args
 from vitkit.tasks.vilt import (
     ViLTArgs,
     ViLTTask,
-    build_caption_tokenizer,
     draw_itm_pairs,
     encode_captions,
     may_match,
@@ -60,9 +59,9 @@ def _task(ds: CaptionDataset, **args) -> tuple[ViLTTask, torch.nn.Module]:
 # ---------------------------------------------------------------------------- tokenizer
 def test_tokenizer_is_deterministic_and_keeps_words_whole():
     captions = _dataset(300).captions
-    tok = build_caption_tokenizer(captions, 128)
-    code = ("import sys, json; from vitkit.tasks.vilt import build_caption_tokenizer; "
-            "print(build_caption_tokenizer(json.loads(sys.stdin.read()), 128).to_str())")
+    tok = train_tokenizer(captions, 128)
+    code = ("import sys, json; from vitkit.data.captions import train_tokenizer; "
+            "print(train_tokenizer(json.loads(sys.stdin.read()), 128).to_str())")
     other = subprocess.run([sys.executable, "-c", code], input=json.dumps(captions), capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True).stdout.strip()
     assert other == tok.to_str()  # another process (DDP rank, a resumed run) gets the same ids
@@ -81,7 +80,7 @@ def test_tokenizer_is_deterministic_and_keeps_words_whole():
 # ---------------------------------------------------------------------------- whole-word masking
 def test_whole_word_masking_masks_every_piece_of_about_15_percent_of_words():
     captions = _dataset(2000, seed=1).captions
-    tok = build_caption_tokenizer(captions, 40)  # a small vocabulary: words are split into ## pieces
+    tok = train_tokenizer(captions, 50)  # a small vocabulary: most words are spelt in ## pieces
     assert any(t.startswith("##") for t in tok.encode(captions[0]).tokens)
     enc = encode_captions(tok, captions, 64)
     random_ids = torch.arange(5, tok.get_vocab_size())
@@ -304,22 +303,28 @@ def test_tokenizer_travels_with_the_weights(tmp_path):
 
     ds = _dataset(32)
     task, model = _task(ds)
-    text = model.pretrained_cfg["tokenizer"]
+    text = model.tokenizer.to_str()
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert saved["pretrained_cfg"]["tokenizer"] == text  # written with the weights, atomically
+    assert json.dumps(saved["model_args"]["tokenizer"]) == json.dumps(json.loads(text))  # with the weights
+    loaded = from_pretrained(tmp_path / "ckpt")
+    assert loaded.tokenizer.to_str() == text
+    fresh = ViLTTask(ViLTArgs())
+    fresh.setup(loaded)
+    assert torch.equal(fresh.encode(ds.captions).input_ids, task.encode(ds.captions).input_ids)
     # fine-tuning from the checkpoint keeps its tokenizer, whatever the new captions are
     other = ViLTTask(ViLTArgs(), TaskContext(train_set=_dataset(32, seed=5)))
     again = other.build_model(SimpleNamespace(name="vilt_fmnist_tiny", pretrained=str(tmp_path / "ckpt"),
                                               args=dict(TINY)))
-    assert again.pretrained_cfg["tokenizer"] == text
-    loaded = from_pretrained(tmp_path / "ckpt")
-    if "tokenizer" not in loaded.pretrained_cfg:
-        pytest.xfail("models/_pretrained.merge_pretrained_cfg does not keep pretrained_cfg['tokenizer'] yet")
-    assert loaded.pretrained_cfg["tokenizer"] == text
-    fresh = ViLTTask(ViLTArgs())
-    fresh.setup(loaded)
-    assert torch.equal(fresh.encode(ds.captions).input_ids, task.encode(ds.captions).input_ids)
+    assert again.tokenizer.to_str() == text
+    # a model without one is refused with a clear message; one too large for the embedding table too
+    from vitkit.models import create_model
+
+    with pytest.raises(ConfigError, match="carries no tokenizer"):
+        ViLTTask(ViLTArgs()).setup(create_model("vilt_fmnist_tiny", **TINY))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        ViLTTask(ViLTArgs(vocab_size=200), TaskContext(train_set=ds)).build_model(
+            SimpleNamespace(name="vilt_fmnist_tiny", pretrained=None, args={**TINY, "vocab_size": 64}))
 
 
 def test_train_one_epoch_end_to_end(tmp_path, data_no_system_dirs):  # noqa: F811
@@ -329,8 +334,8 @@ def test_train_one_epoch_end_to_end(tmp_path, data_no_system_dirs):  # noqa: F81
     over = ["task.name=vilt", "model.name=vilt_fmnist_tiny", *(f"model.args.{k}={v}" for k, v in TINY.items()),
             "data.name=fmnist_captions", f"data.data_dir={tmp_path / 'fm'}", "data.download=false",
             "data.args.num=48", "train.batch_size=16", "train.epochs=1", "train.eval_batch_size=32",
-            "train.progress=false", "train.threads=1", "task.args.iteration=5", "task.args.retrieval_images=8",
-            "task.args.retrieval_candidates=5", f"output_dir={tmp_path / 'run'}"]
+            "train.progress=false", "train.threads=1", "train.bf16=false", "task.args.iteration=5",
+            "task.args.retrieval_images=8", "task.args.retrieval_candidates=5", f"output_dir={tmp_path / 'run'}"]
     summary = train(None, over)
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["primary_metric"] == "itm_acc" and written["task"] == "vilt"
@@ -340,4 +345,15 @@ def test_train_one_epoch_end_to_end(tmp_path, data_no_system_dirs):  # noqa: F81
         assert key in record, key
     for name in ("best", "last"):
         cfg = json.loads((tmp_path / "run" / "checkpoints" / name / "config.json").read_text())
-        assert cfg["pretrained_cfg"]["tokenizer"] and cfg["pretrained_cfg"]["task"] == "vilt"
+        assert cfg["model_args"]["tokenizer"] and cfg["pretrained_cfg"]["task"] == "vilt"
+    # vitkit eval: the checkpoint's own task, settings and tokenizer
+    from vitkit.engine.evaluate import evaluate_checkpoint, load_model
+
+    metrics, task = evaluate_checkpoint(tmp_path / "run", data="fmnist_captions", data_dir=str(tmp_path / "fm"),
+                                        num=48, batch_size=32)
+    assert task.name == "vilt" and metrics["itm_acc"] == written["final"]["itm_acc"]  # the same seeded pairs
+    assert "MLM accuracy" in task.format_report(metrics)
+    model = load_model(tmp_path / "run")
+    task.setup(model)
+    images = task.prepare_batch(torch.zeros(1, 1, 28, 56, dtype=torch.uint8), train=False)
+    assert task.predict(model, images, captions=["a bag on the left"])[0]["best"] == "a bag on the left"

@@ -27,10 +27,16 @@ evaluation too, and even with -1 it shuffles the patch order. vitkit keeps the p
 samples only in training mode (or when ``forward(..., patch_sampling=True)`` asks for it); the draw uses the
 global RNG or a ``generator``, so it is reproducible with a seed. Without sampling every patch of the batch grid
 is kept and padded patches are masked out of attention: the outputs at valid positions equal HF's.
+
+A model may carry its tokenizer (``tokenizer``: the ``tokenizers`` JSON object, a constructor argument as in
+:class:`~vitkit.models.clip.CLIP`, so ``config.json`` holds it and ``from_pretrained`` rebuilds it): token ids only
+mean something with the tokenizer that made them. :meth:`ViLT.set_tokenizer` refuses one with more tokens than the
+embedding table.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -136,6 +142,7 @@ class ViLT(VitkitModel):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        tokenizer: dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         check_model_args(0, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -179,6 +186,35 @@ class ViLT(VitkitModel):
         self._init_weights()
         self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": (0.5,) * in_chans,
                                "std": (0.5,) * in_chans, "interpolation": "bicubic", "max_text_len": max_text_len}
+        self._tokenizer: Any = None
+        if tokenizer is not None:
+            self._tokenizer = self._checked_tokenizer(_tokenizer_json(tokenizer))
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` this model was trained with (None when it carries none, e.g. converted
+        checkpoints, whose ``tokenizer.json`` lies beside them)."""
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
+        data = _tokenizer_json(tokenizer)
+        self._tokenizer = self._checked_tokenizer(data)
+        self.model_args["tokenizer"] = data
+
+    def _checked_tokenizer(self, data: dict[str, Any]) -> Any:
+        """Parse a tokenizer; refuse one whose ids would fall outside the word-embedding table."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(json.dumps(data))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise ValueError(f"tokenizer: not a readable tokenizers JSON ({e})") from None
+        if tok.get_vocab_size() > self.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model's vocab_size is "
+                             f"{self.vocab_size}")
+        return tok
 
     def _init_weights(self) -> None:
         """BERT/ViT initialisation: N(0, 0.02) for Linears, embeddings and tables, zero biases, zero pad row."""
@@ -387,6 +423,17 @@ class ViLT(VitkitModel):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
+
+
+def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
+    """A ``tokenizers.Tokenizer``, its JSON string or its parsed JSON object -> the JSON object."""
+    if isinstance(tokenizer, dict):
+        return tokenizer
+    if isinstance(tokenizer, str):
+        return json.loads(tokenizer)
+    if callable(getattr(tokenizer, "to_str", None)):
+        return json.loads(tokenizer.to_str())
+    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
 
 
 def wpa_distance(out: dict[str, Any], beta: float = 0.5, iteration: int = 50, k: int = 1) -> torch.Tensor:

@@ -25,12 +25,14 @@ Per step, as the official ``vilt/modules/objectives.py`` (``compute_itm_wpa``, `
   ``(Σ d_pos - Σ d_neg) / (n_pos + n_neg)``, weighted by ``wpa_weight`` (0.1). Hard (swapped-caption) negatives
   take no part: they have exactly the words and patches of a positive, and WPA is blind to order.
 
-**Tokenizer.** The task keeps it with the weights: ``model.pretrained_cfg["tokenizer"]`` holds the tokenizer JSON
-(``Tokenizer.to_str()``), written atomically with every checkpoint's ``config.json``. A model without one gets a
-WordPiece tokenizer trained on the training captions by :func:`build_caption_tokenizer`, which is deterministic
-(ties broken by token text): the ``tokenizers`` trainer breaks ties by hash order, so two processes (DDP ranks,
-or a run and its resume) would get different vocabularies from the same captions. A ``model.pretrained``
-checkpoint's tokenizer (or a converted HF folder's ``tokenizer.json``) is kept.
+**Tokenizer.** It travels inside the model, as :class:`~vitkit.models.clip.CLIP`'s does: the ViLT's ``tokenizer``
+constructor argument (:meth:`~vitkit.models.vilt.ViLT.set_tokenizer`), so ``config.json`` holds it with the other
+arguments, written in the same atomic checkpoint swap as the weights, and ``from_pretrained`` rebuilds it for
+``vitkit eval`` / ``predict`` / a server. (``pretrained_cfg`` would be the natural home, but loading keeps only
+the normalisation, class names and task from it.) A model without one gets
+:func:`~vitkit.data.captions.train_tokenizer` on the training captions, which is deterministic, so every DDP rank
+(checked) and a resumed run build the same one; a ``model.pretrained`` checkpoint's tokenizer (or a converted HF
+folder's ``tokenizer.json``) is kept.
 
 **Evaluation** (seeded, the same pairs at every evaluation): ITM accuracy and loss with half of each batch's pairs
 image-swapped, MLM accuracy on seeded whole-word masks, hard-negative accuracy (the true caption scores above its
@@ -42,7 +44,9 @@ numbers); the hard-negative and retrieval numbers are reported next to it.
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -58,104 +62,24 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..models import create_model
 from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
 
-TOKENIZER_KEY = "tokenizer"  # pretrained_cfg key holding the tokenizer JSON (shared with the CLIP task)
-
 
 # ---------------------------------------------------------------------------- tokenizer
-def build_caption_tokenizer(texts: Iterable[str], vocab_size: int = 128, lowercase: bool = True):
-    """A WordPiece tokenizer for ``texts``, **deterministic** (the same vocabulary and ids in every process).
-
-    The same pipeline as :func:`vitkit.data.captions.train_tokenizer` (BERT normaliser and pre-tokenizer,
-    ``##`` continuation pieces, [PAD]=0 [UNK] [CLS] [SEP] [MASK], a [CLS] $A [SEP] template), with the vocabulary
-    learnt by BPE-style merges whose ties are broken by the pair's text instead of hash order: special tokens,
-    then the alphabet (word-initial characters and ``##`` characters, sorted; the most frequent ones if it does
-    not fit), then the most frequent adjacent pair merged, again and again, until ``vocab_size`` entries or
-    every word is one token.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise ConfigError(f"the tokenizer needs vocab_size > {len(SPECIAL_TOKENS)}, got {vocab_size}")
-    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    pre = pre_tokenizers.BertPreTokenizer()
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-    if not counts:
-        raise DataError("cannot build a tokenizer: the captions hold no words")
-    words = {w: [w[0], *("##" + c for c in w[1:])] for w in sorted(counts)}
-    symbols: Counter[str] = Counter()
-    for w, syms in words.items():
-        for s in syms:
-            symbols[s] += counts[w]
-    room = vocab_size - len(SPECIAL_TOKENS)
-    alphabet = sorted(s for s, _ in sorted(symbols.items(), key=lambda kv: (-kv[1], kv[0]))[:room])
-    vocab = [*SPECIAL_TOKENS, *alphabet]
-    known = set(vocab)
-    # words spelt with a symbol left out of the alphabet can never become one token: they take no part in merges
-    words = {w: s for w, s in words.items() if all(x in known for x in s)}
-    while len(vocab) < vocab_size:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for w, syms in words.items():
-            for pair in zip(syms, syms[1:]):
-                pairs[pair] += counts[w]
-        if not pairs:
-            break
-        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        merged = a + b[2:]  # b is always a "##" continuation
-        if merged not in known:
-            vocab.append(merged)
-            known.add(merged)
-        for w, syms in words.items():
-            out, i = [], 0
-            while i < len(syms):
-                if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            words[w] = out
-        words = {w: s for w, s in words.items() if len(s) > 1}
-    ids = {t: i for i, t in enumerate(vocab)}
-    tok = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
-    return tok
-
-
-def tokenizer_from_model(model: nn.Module):
-    """The ``tokenizers.Tokenizer`` a model carries in ``pretrained_cfg["tokenizer"]`` (CheckpointError if none)."""
+def stored_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer of a checkpoint folder (a ``model.pretrained`` that ``create_model`` loads weights from): the
+    one its model carries in ``config.json``, else a ``tokenizer.json`` beside it (a converted HF ViLT); or None."""
     from tokenizers import Tokenizer
 
-    text = getattr(model, "pretrained_cfg", {}).get(TOKENIZER_KEY)
-    if not text:
-        raise CheckpointError("this ViLT carries no tokenizer (pretrained_cfg['tokenizer']); train it with the vilt "
-                              "task, which stores the tokenizer with every checkpoint")
-    try:
-        return Tokenizer.from_str(text)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad JSON
-        raise CheckpointError(f"pretrained_cfg['tokenizer'] is not a readable tokenizers JSON: {e}") from None
-
-
-def _stored_tokenizer(folder: Path | None) -> str | None:
-    """The tokenizer JSON of a pretrained checkpoint: its config.json entry, else a ``tokenizer.json`` beside it
-    (a converted HF ViLT)."""
-    if folder is None or not folder.is_dir():
-        return None
     from ..models._pretrained import read_config
 
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
     if (folder / "config.json").is_file():
-        text = (read_config(folder).get("pretrained_cfg") or {}).get(TOKENIZER_KEY)
-        if text:
-            return text
+        data = (read_config(folder).get("model_args") or {}).get("tokenizer")
+        if data:
+            return Tokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
     path = folder / "tokenizer.json"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
 @dataclass
@@ -338,50 +262,70 @@ class ViLTTask(Task):
         if aug is not None and (aug.hflip or aug.mixup_alpha or aug.cutmix_alpha):
             raise ConfigError("task vilt: captions name left and right (and one item per image), so augment.hflip, "
                               "mixup and cutmix would make them false; remove them")
-        self.tokenizer = None
-        self._tokenizer_json: str | None = None
+        self.tokenizer: Any = None  # a truncating copy of the model's tokenizer (setup)
+        self._source: Any = None  # the model's own tokenizer object that copy was made from
 
     # ------------------------------------------------------------------ model and tokenizer
     def build_model(self, model_cfg: Any) -> nn.Module:
-        """The ViLT with both heads, carrying its tokenizer (kept from ``model.pretrained``, else trained)."""
+        """The ViLT with both heads, carrying its tokenizer: the ``model.pretrained`` checkpoint's, else one built
+        from the training captions (:func:`~vitkit.data.captions.train_tokenizer`, deterministic)."""
         folder = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
         model = create_model(model_cfg.name, pretrained=folder, **dict(model_cfg.args))
         if getattr(model, "rank_output", None) is None or getattr(model, "mlm_head", None) is None:
             raise ConfigError(f"task vilt needs a ViLT with its ranking (ITM) and MLM heads; {model_cfg.name!r} is a "
                               f"{type(model).__name__}" + (" without them" if hasattr(model, "rank_output") else ""))
         train_set = self.ctx.train_set
-        text = _stored_tokenizer(Path(folder)) if folder is not None else None
-        if text is None:
+        tok = getattr(model, "tokenizer", None) or (stored_tokenizer(folder) if folder is not None else None)
+        if tok is None:
+            from ..data.captions import train_tokenizer
+
             if train_set is None or not hasattr(train_set, "captions"):
-                raise ConfigError("task vilt trains its tokenizer on the training captions; the training set has none "
-                                  "(use fmnist_captions or caption_folder)")
-            size = self.args.vocab_size or model.vocab_size
-            text = build_caption_tokenizer(train_set.captions, size).to_str()
-        cfg = {**model.pretrained_cfg, TOKENIZER_KEY: text}
+                raise ConfigError("task vilt builds its tokenizer from the training captions; the training set has "
+                                  "none (use fmnist_captions or caption_folder)")
+            try:
+                tok = train_tokenizer(list(train_set.captions), self.args.vocab_size or model.vocab_size)
+            except DataError as e:
+                raise ConfigError(f"task vilt: {e} (task.args.vocab_size)") from None
+            self._check_same_everywhere(tok)
+        try:
+            model.set_tokenizer(tok)
+        except ValueError as e:
+            raise ConfigError(f"task vilt: {e}; raise model.args.vocab_size or lower task.args.vocab_size") from None
         if folder is None and train_set is not None:  # a pretrained ViLT keeps the normalisation it learnt with
-            cfg.update(mean=tuple(train_set.mean), std=tuple(train_set.std))
-        model.pretrained_cfg = cfg
+            model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(train_set.mean),
+                                    "std": tuple(train_set.std)}
         self._load_tokenizer(model)
         return model
+
+    def _check_same_everywhere(self, tokenizer: Any) -> None:
+        """Every process built its own tokenizer from the same captions: make sure they are identical."""
+        if self.ctx.world_size <= 1:
+            return
+        crc = float(zlib.crc32(tokenizer.to_str().encode()))  # < 2**32: exact in float64
+        every = self.ctx.all_gather(torch.tensor([crc], dtype=torch.float64, device=self.ctx.device))
+        if not bool((every == crc).all()):
+            raise ConfigError("the processes built different caption tokenizers (do they read the same data?)")
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
         self._load_tokenizer(model)
 
-    def _load_tokenizer(self, model: nn.Module):
-        """The model's tokenizer (cached per JSON), checked against its vocabulary; sets the special ids."""
-        text = model.pretrained_cfg.get(TOKENIZER_KEY)
-        if self.tokenizer is not None and text == self._tokenizer_json:
+    def _load_tokenizer(self, model: nn.Module) -> Any:
+        """A truncating copy of the model's tokenizer (made once per tokenizer object); sets the special ids."""
+        from tokenizers import Tokenizer
+
+        source = getattr(model, "tokenizer", None)
+        if source is None:
+            raise ConfigError(f"this {type(model).__name__} carries no tokenizer: train it with the vilt task (which "
+                              f"stores one), or give it one with model.set_tokenizer(...)")
+        if source is self._source:
             return self.tokenizer
-        tok = tokenizer_from_model(model)
+        tok = Tokenizer.from_str(source.to_str())
         vocab = tok.get_vocab()
         missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t not in vocab]
         if missing:
             raise CheckpointError(f"the model's tokenizer lacks {missing}; ViLT needs BERT's special tokens")
         size = tok.get_vocab_size()
-        if size > model.vocab_size:
-            raise ConfigError(f"the tokenizer has {size} tokens, the model's embedding table {model.vocab_size}; set "
-                              f"model.args.vocab_size >= {size} or task.args.vocab_size <= {model.vocab_size}")
         specials = {vocab[t] for t in SPECIAL_TOKENS if t in vocab}
         specials |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self.pad_id, self.mask_id = vocab["[PAD]"], vocab["[MASK]"]
@@ -389,7 +333,7 @@ class ViLTTask(Task):
         if len(self.random_ids) == 0:
             raise CheckpointError("the model's tokenizer has no ordinary tokens")
         self.max_len = min(self.args.max_text_len or model.max_text_len, model.max_text_len)
-        self.tokenizer, self._tokenizer_json = tok, text
+        self.tokenizer, self._source = tok, source
         return tok
 
     def encode(self, texts: Sequence[str]) -> Encoded:

@@ -1,0 +1,430 @@
+"""Token-based image generation in two stages: train a VQ tokenizer (``vq``), then a generator over its codes
+(``ar``: raster, random-order or masked, the model's ``order``).
+
+``vq`` trains a :class:`~vitkit.models.vqvae.MultiScaleVQVAE` (single-scale ``vq_fmnist_tiny`` or multi-scale) on
+images in [-1, 1] (its own mean = std = 0.5, not the dataset's: the decoder clamps to [-1, 1]): loss = pixel MSE
++ VQ loss (commitment + codebook, straight-through). Evaluation encodes, quantises and decodes the evaluation
+images and reports PSNR (the primary metric, higher is better; from the mean squared error of [0, 1] pixels), that
+MSE, and how much of the codebook the evaluation images use (fraction of codes used, perplexity of their
+histogram). Pictures: ``vq_reconstruction.png`` (originals, reconstructions, random codes decoded) and
+``vq_codebook.png`` (code frequencies, sorted).
+
+``ar`` trains a :class:`~vitkit.models.ar.TokenGenerator` on the codes of a frozen tokenizer (``task.args.tokenizer``:
+a vq run folder or checkpoint; batches are tokenized under no_grad, in fp32). The primary metric is the evaluation
+token NLL in nats (lower is better), with random orders / masks drawn from ``eval_seed`` so that evaluations are
+comparable; bits per token are reported too. For the raster and random orders the NLL is that of the whole code
+map (bits per image = L × bits per token); for the masked order it is MaskGIT's loss — the NLL of masked tokens
+given the others under cosine-schedule masks — and not comparable to the other two. Picture: ``ar_samples.png``,
+class-conditional samples (one row per class, classifier-free guidance ``cfg``) decoded by the tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import create_model, from_pretrained
+from ..models.ar import TokenGenerator
+from ..models.vqvae import MultiScaleVQVAE
+from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under DDP (``.module``) or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _labels_of(batch: Batch) -> torch.Tensor | None:
+    """The class ids of a labelled batch; None for image-only batches (the generator is then unconditional)."""
+    if isinstance(batch, Mapping):
+        return batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
+def _to_unit(images: torch.Tensor, cfg: Mapping[str, Any]) -> torch.Tensor:
+    """Normalised images -> [0, 1] pixels (PSNR and MSE are measured there, whatever the normalisation)."""
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------- the tokenizer
+@torch.no_grad()
+def restart_dead_codes(vq: MultiScaleVQVAE, features: torch.Tensor, tokens_per_step: int, threshold: float
+                       ) -> int:
+    """Move every dead code onto a random encoder feature vector of ``features`` (B, C, h, w); returns how many.
+
+    A code is dead when its hit EMA (the quantiser's ``ema_vocab_hit_SV``) is below ``threshold`` × the hits of a
+    uniformly used code at every scale. Without this a VQ-VAE trained from scratch uses a few dozen of its codes
+    (the encoder's first outputs are near a handful of them; the others never get a gradient). A restarted code's
+    EMA is set to the "used" margin of ``usages`` (8% of a uniform share) so it has time to be picked up."""
+    quant = vq.quantize
+    share = tokens_per_step / quant.vocab_size
+    dead = (quant.ema_vocab_hit_SV.max(dim=0).values < threshold * share).nonzero()[:, 0]
+    if quant.record_hit == 0 or dead.numel() == 0:
+        return 0
+    pool = features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    pick = torch.randint(0, pool.shape[0], (dead.numel(),), device=pool.device)
+    quant.embedding.weight.data[dead] = pool[pick].to(quant.embedding.weight.dtype)
+    quant.ema_vocab_hit_SV[:, dead] = 0.08 * share
+    return int(dead.numel())
+
+
+@dataclass
+class VQArgs:
+    codebook_init: float = 0.0  # a fresh codebook: > 0 trunc-normal std, < 0 uniform ±|v|/vocab, 0 = N(0, 1)
+    restart_dead_codes: bool = True  # after each step, dead codes jump onto the batch's encoder features
+    dead_threshold: float = 0.03  # dead: hit EMA below this share of a uniformly used code's
+    grid_images: int = 8  # evaluation images in vq_reconstruction.png
+    seed: int = 0  # the random codes decoded in the picture
+
+    def __post_init__(self) -> None:
+        if self.grid_images < 0 or not 0 <= self.dead_threshold < 1:
+            raise ValueError("grid_images must be >= 0 and 0 <= dead_threshold < 1")
+
+
+@register_task
+class VQTask(Task):
+    name = "vq"
+    primary_metric = "psnr"
+    mode = "max"
+    Args = VQArgs
+
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
+        model = create_model(model_cfg.name, pretrained=pretrained, **dict(model_cfg.args))
+        if not isinstance(model, MultiScaleVQVAE):
+            raise ConfigError(f"task vq trains a VQ tokenizer (e.g. vq_fmnist_tiny), got {model_cfg.name!r}")
+        if pretrained is None and self.args.codebook_init:
+            model.quantize.init_codebook(self.args.codebook_init)
+        source = self.ctx.train_set
+        if source is not None and getattr(source, "classes", None):
+            model.pretrained_cfg = {**model.pretrained_cfg, "source_classes": list(source.classes)}
+        return model
+
+    @staticmethod
+    def _tokens_per_step(vq: MultiScaleVQVAE, batch_size: int) -> int:
+        return batch_size * sum(pn * pn for pn in vq.patch_nums) // len(vq.patch_nums)  # per scale, as the EMA
+
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch_images(batch)
+        out = model(images)
+        n = images.shape[0]
+        vq = _unwrap(model)
+        usage = sum(vq.quantize.usages(self._tokens_per_step(vq, n), self.ctx.world_size)) / len(vq.patch_nums)
+        rec = F.mse_loss(out.rec.float(), images.float()).item()
+        return out.loss, {"loss": out.loss.item() * n, "rec_mse": rec * n, "vq_loss": out.vq_loss.item() * n,
+                          "count": n, "step_codebook_usage": usage / 100}
+
+    def optimizer_step(self, loop: Any, micro_batches: list[Batch]) -> dict[str, float]:
+        """The usual step, then dead codes restarted from the last micro-batch's encoder features (the encoder
+        runs once more, without gradient, only while some code is dead)."""
+        stats = super().optimizer_step(loop, micro_batches)
+        restarted = 0
+        if self.args.restart_dead_codes:
+            vq = _unwrap(loop.model)
+            images = batch_images(micro_batches[-1])
+            tokens = self._tokens_per_step(vq, images.shape[0]) * self.ctx.world_size
+            share = tokens / vq.vocab_size
+            if bool((vq.quantize.ema_vocab_hit_SV.max(dim=0).values < self.args.dead_threshold * share).any()):
+                with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+                    features = vq.encode(images.float())
+                restarted = restart_dead_codes(vq, features, tokens, self.args.dead_threshold)
+            if self.ctx.world_size > 1:  # every process takes rank 0's codebook and EMA (restarts differ per batch)
+                keep = 1.0 if self.ctx.rank == 0 else 0.0
+                for t in (vq.quantize.embedding.weight.data, vq.quantize.ema_vocab_hit_SV):
+                    t.copy_(self.ctx.all_reduce_sum(t * keep))
+        stats["step_codes_restarted"] = float(restarted)
+        return stats
+
+    @torch.no_grad()
+    def _reconstruct(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(decoded images, per-scale codes): exactly the round trip a generator's samples go through, in fp32
+        whatever the autocast (as the ar task tokenizes)."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            idx = model.quantize.f_to_idx_or_fhat(model.encode(images.float()), to_fhat=False)
+            return model.idx_to_img(idx, last_one=True), idx
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        cfg = model.pretrained_cfg
+        se = torch.zeros((), dtype=torch.float64)
+        pixels = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        hist = torch.zeros(model.vocab_size, dtype=torch.float64)
+        grid = None
+        for batch in batches:
+            images = batch_images(batch)
+            rec, idx = self._reconstruct(model, images)
+            se += (_to_unit(rec, cfg) - _to_unit(images, cfg)).square().sum().double().cpu()
+            pixels += images.numel()
+            count += images.shape[0]
+            hist += torch.cat([i.flatten() for i in idx]).bincount(minlength=model.vocab_size).double().cpu()
+            if grid is None and self.args.grid_images:
+                k = self.args.grid_images
+                grid = {"images": images[:k].float().cpu(), "rec": rec[:k].float().cpu()}
+        se, pixels, count, hist = (self.ctx.all_reduce_sum(t) for t in (se, pixels, count, hist))
+        mse = se.item() / max(1.0, pixels.item())
+        p = hist / hist.sum().clamp_min(1)
+        entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+        metrics: dict[str, Any] = {
+            "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "rec_mse": mse, "count": int(count.item()),
+            "codebook_usage": (hist > 0).double().mean().item(), "codebook_perplexity": math.exp(entropy),
+            "_code_hist": hist,
+        }
+        if grid is not None:
+            metrics["_grid"] = grid
+        return metrics
+
+    def write_artifacts(self, model: nn.Module, metrics: dict[str, Any], folder: Path) -> list[str]:
+        from ..viz.plots import plot_image_rows
+
+        written = []
+        cfg, V = model.pretrained_cfg, model.vocab_size
+        grid, hist = metrics.get("_grid"), metrics.get("_code_hist")
+        if grid is not None and hist is not None:
+            n = grid["images"].shape[0]
+            g = torch.Generator().manual_seed(self.args.seed)
+            probs = hist.float() / hist.sum().clamp_min(1)
+            with torch.no_grad():  # codes drawn independently from their evaluation frequencies: no structure
+                idx = [torch.multinomial(probs, n * pn * pn, replacement=True, generator=g).view(n, pn * pn)
+                       .to(_device_of(model)) for pn in model.patch_nums]
+                noise = model.idx_to_img(idx, last_one=True).float().cpu()
+            scales = "+".join(f"{p}×{p}" for p in model.patch_nums)
+            plot_image_rows({"original": grid["images"], "reconstruction": grid["rec"], "random codes": noise},
+                            cfg["mean"], cfg["std"], Path(folder) / "vq_reconstruction.png",
+                            title=f"VQ ({scales} codes, {V} in the codebook): PSNR {metrics['psnr']:.2f} dB, "
+                                  f"codebook usage {100 * metrics['codebook_usage']:.0f}%")
+            written.append("vq_reconstruction.png")
+        if hist is not None:
+            _plot_code_frequencies(hist, metrics, Path(folder) / "vq_codebook.png")
+            written.append("vq_codebook.png")
+        return written
+
+    def format_report(self, metrics: dict[str, Any]) -> str:
+        return (f"reconstruction PSNR {metrics['psnr']:.2f} dB (MSE {metrics['rec_mse']:.5f} on [0, 1] pixels, "
+                f"{metrics['count']} images)\ncodebook: {100 * metrics['codebook_usage']:.1f}% of the codes used, "
+                f"perplexity {metrics['codebook_perplexity']:.1f}")
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor, **kw: Any) -> list[dict[str, Any]]:
+        """Per image: reconstruction MSE and PSNR, and how many distinct codes it uses."""
+        rec, idx = self._reconstruct(model, images)
+        cfg = model.pretrained_cfg
+        mse = (_to_unit(rec, cfg) - _to_unit(images, cfg)).square().flatten(1).mean(1)
+        codes = torch.cat([i for i in idx], dim=1)
+        return [{"rec_mse": round(float(m), 6), "psnr": round(10 * math.log10(1 / max(float(m), 1e-12)), 3),
+                 "distinct_codes": int(c.unique().numel())} for m, c in zip(mse, codes)]
+
+
+def _plot_code_frequencies(hist: torch.Tensor, metrics: dict[str, Any], path: Path) -> None:
+    from ..viz.plots import _save, plt
+
+    freq = (hist / hist.sum().clamp_min(1)).sort(descending=True).values.numpy()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(len(freq)), freq, width=1.0)
+    ax.set(xlabel="code (sorted by frequency)", ylabel="share of evaluation tokens", yscale="log")
+    ax.set_title(f"{100 * metrics['codebook_usage']:.0f}% of {len(freq)} codes used, perplexity "
+                 f"{metrics['codebook_perplexity']:.1f}", fontsize=9)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- the generator
+@dataclass
+class ARArgs:
+    tokenizer: str = ""  # a trained vq run folder (its best checkpoint) or checkpoint folder; required
+    label_smoothing: float = 0.0  # of the training loss only (the logged nll is always plain)
+    eval_seed: int = 0  # evaluation orders / masks: every evaluation uses the same ones
+    samples_per_class: int = 8  # ar_samples.png: one row per class (0 = no picture)
+    cfg: float = 1.5  # classifier-free guidance of the samples: (1 + cfg)·cond − cfg·uncond
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    steps: int = 8  # masked order: MaskGIT sampling steps
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1 or self.samples_per_class < 0 or self.temperature <= 0 \
+                or self.top_k < 0 or not 0 <= self.top_p < 1 or self.steps < 1:
+            raise ValueError("need 0 <= label_smoothing < 1, samples_per_class >= 0, temperature > 0, top_k >= 0, "
+                             "0 <= top_p < 1 and steps >= 1")
+
+
+@register_task
+class ARTask(Task):
+    name = "ar"
+    primary_metric = "nll"
+    mode = "min"
+    Args = ARArgs
+
+    def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
+        super().__init__(args, ctx)
+        self._tokenizer: MultiScaleVQVAE | None = None
+
+    # ------------------------------------------------------------------ the frozen tokenizer
+    def tokenizer(self, device: torch.device | None = None) -> MultiScaleVQVAE:
+        """The frozen single-scale tokenizer of ``args.tokenizer`` (loaded once, moved to ``device``)."""
+        if self._tokenizer is None:
+            if not self.args.tokenizer:
+                raise ConfigError("task ar needs task.args.tokenizer: a trained vq run folder or checkpoint")
+            path = checkpoint_folder(self.args.tokenizer)
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"task.args.tokenizer={self.args.tokenizer!r} is not a vq run or checkpoint folder")
+            tok = from_pretrained(path)
+            if not isinstance(tok, MultiScaleVQVAE) or len(tok.patch_nums) != 1:
+                raise ConfigError(f"{path} holds a {type(tok).__name__} with patch_nums "
+                                  f"{list(getattr(tok, 'patch_nums', []))}; the ar task needs a single-scale VQ "
+                                  f"tokenizer (e.g. vq_fmnist_tiny trained with task vq)")
+            self._tokenizer = tok.eval().requires_grad_(False)
+            self._tokenizer_path = str(path)
+        if device is not None and _device_of(self._tokenizer) != device:
+            self._tokenizer.to(device)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (normalised as the tokenizer expects) -> codes (B, L), in fp32 whatever the autocast."""
+        tok = self.tokenizer(images.device)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return tok.img_to_idx(images.float())[-1]
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        tok = self.tokenizer(self.ctx.device)
+        args = dict(model_cfg.args)
+        args.setdefault("vocab_size", tok.vocab_size)
+        args.setdefault("grid_size", tok.patch_nums[0])
+        classes = getattr(self.ctx.train_set, "classes", None)
+        if classes:
+            args.setdefault("num_classes", len(classes))
+        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
+        model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        if not isinstance(model, TokenGenerator):
+            raise ConfigError(f"task ar trains a TokenGenerator (e.g. ar_fmnist_tiny), got {model_cfg.name!r}")
+        if (model.vocab_size, model.grid_size) != (tok.vocab_size, tok.patch_nums[0]):
+            raise ConfigError(f"the generator's (vocab_size, grid_size) = ({model.vocab_size}, {model.grid_size}) "
+                              f"does not fit the tokenizer's ({tok.vocab_size}, {tok.patch_nums[0]}); drop them "
+                              f"from model.args to take the tokenizer's")
+        if classes and model.num_classes != len(classes):
+            raise ConfigError(f"model.args.num_classes={model.num_classes} but the training data has {len(classes)} "
+                              f"classes; drop num_classes to take it from the data")
+        cfg = {**model.pretrained_cfg, "tokenizer": self._tokenizer_path}
+        cfg.update({k: tok.pretrained_cfg[k] for k in ("input_size", "mean", "std") if k in tok.pretrained_cfg})
+        if classes:
+            cfg["class_names"] = list(classes)
+        model.pretrained_cfg = cfg
+        return model
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        codes = self.tokenize(batch_images(batch))
+        out = model(codes, _labels_of(batch))
+        loss = out.loss
+        if self.args.label_smoothing:
+            B, L, V = out.logits.shape
+            ce = F.cross_entropy(out.logits.float().reshape(B * L, V), out.targets.reshape(-1), reduction="none",
+                                 label_smoothing=self.args.label_smoothing).view(B, L)
+            loss = (ce * out.mask).sum() / out.mask.sum().clamp_min(1)
+        n = codes.shape[0]
+        return loss, {"loss": loss.item() * n, "nll": out.loss.item() * n, "count": n}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(self.args.eval_seed + self.ctx.rank)
+        nll = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            codes = self.tokenize(batch_images(batch))
+            out = model(codes, _labels_of(batch), generator=generator)
+            B, L, V = out.logits.shape
+            ce = F.cross_entropy(out.logits.float().reshape(B * L, V), out.targets.reshape(-1),
+                                 reduction="none").view(B, L)
+            nll += (ce * out.mask).sum().double().cpu()
+            correct += ((out.logits.argmax(-1) == out.targets).float() * out.mask).sum().double().cpu()
+            tokens += out.mask.sum().double().cpu()
+            count += B
+        nll, correct, tokens, count = (self.ctx.all_reduce_sum(t) for t in (nll, correct, tokens, count))
+        per_token = nll.item() / max(1.0, tokens.item())
+        metrics: dict[str, Any] = {"nll": per_token, "bits_per_token": per_token / math.log(2),
+                                   "token_acc": correct.item() / max(1.0, tokens.item()), "count": int(count.item())}
+        if getattr(_unwrap(model), "order", "masked") != "masked":
+            metrics["bits_per_image"] = nll.item() / max(1.0, count.item()) / math.log(2)
+        return metrics
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """Class-conditional samples with the task's sampling settings, decoded by the tokenizer (normalised)."""
+        device = _device_of(model)
+        codes = model.sample(labels.shape[0], labels.to(device), steps=self.args.steps,
+                             temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
+                             cfg=self.args.cfg, generator=self.args.sample_seed)
+        return self.tokenizer(device).idx_to_img([codes.flatten(1)], last_one=True)
+
+    def write_artifacts(self, model: nn.Module, metrics: dict[str, Any], folder: Path) -> list[str]:
+        k = self.args.samples_per_class
+        if not k:
+            return []
+        from ..viz.plots import plot_image_rows
+
+        names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+        classes = max(1, model.num_classes)
+        labels = torch.arange(classes).repeat_interleave(k) if model.num_classes else torch.full((k,), -1)
+        images = self.sample_images(model, labels).float().cpu().view(classes, k, *model.pretrained_cfg
+                                                                       ["input_size"])
+        rows = {str(names[c]) if model.num_classes else "unconditional": images[c] for c in range(classes)}
+        cfg = model.pretrained_cfg
+        steps = f", {self.args.steps} steps" if model.order == "masked" else ""
+        plot_image_rows(rows, cfg["mean"], cfg["std"], Path(folder) / "ar_samples.png",
+                        title=f"{model.order} order{steps}, cfg {self.args.cfg:g}, T {self.args.temperature:g}: "
+                              f"eval NLL {metrics['nll']:.3f} nats ({metrics['bits_per_token']:.3f} bits) per token")
+        return ["ar_samples.png"]
+
+    def format_report(self, metrics: dict[str, Any]) -> str:
+        line = (f"token NLL {metrics['nll']:.4f} nats = {metrics['bits_per_token']:.4f} bits per token, next-token "
+                f"accuracy {100 * metrics['token_acc']:.1f}% ({metrics['count']} images)")
+        if "bits_per_image" in metrics:
+            line += f"\n{metrics['bits_per_image']:.1f} bits per image (the whole code map)"
+        return line
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor, **kw: Any) -> list[dict[str, Any]]:
+        """Per image: bits per token of its codes unconditionally (the null class), and for the raster and random
+        orders the class under which its codes are likeliest (the generator as a Bayes classifier)."""
+        codes = self.tokenize(images)
+        B, L = codes.shape
+
+        def bits(labels: torch.Tensor | None) -> torch.Tensor:
+            out = model(codes, labels, generator=torch.Generator().manual_seed(self.args.eval_seed))
+            ce = F.cross_entropy(out.logits.float().reshape(B * L, -1), out.targets.reshape(-1),
+                                 reduction="none").view(B, L)
+            return (ce * out.mask).sum(1) / out.mask.sum(1).clamp_min(1) / math.log(2)
+
+        results = [{"bits_per_token": round(float(b), 4)} for b in bits(None)]
+        if model.num_classes and model.order != "masked":
+            per_class = torch.stack([bits(torch.full((B,), c, device=codes.device))
+                                     for c in range(model.num_classes)], dim=1)
+            names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+            for r, c in zip(results, per_class.argmin(1).tolist()):
+                r["likeliest_class"] = names[c]
+        return results
