@@ -97,6 +97,12 @@ def _var(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     return over, (13, 4)
 
 
+def _hart(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
+    """HART (VAR + a residual diffusion head, see ``call``): VAR's tiny transformer and a one-block, width-16 head."""
+    over, shape = _var(defaults)
+    return dict(over, diff_width=16, diff_depth=1, diffusion_batch_mul=1), shape
+
+
 VILT_VOCAB = 40
 
 
@@ -109,7 +115,8 @@ def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
 
 
 FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "clip": _clip, "t2t_vit": _t2t,
-            "mae": _mae, "simclr": _simclr, "vqvae": _vqvae, "var": _var}
+            "mae": _mae, "simclr": _simclr, "vqvae": _vqvae, "var": _var,
+            "hart": _hart}
 
 
 def is_classifier(name: str) -> bool:
@@ -151,6 +158,16 @@ def call(model: torch.nn.Module, x: torch.Tensor):
     if name is not None and model_family(name) == "var":  # x is the teacher-forcing input; seeded class ids
         labels = torch.randint(0, NUM_CLASSES + 1, (x.shape[0],), generator=torch.Generator().manual_seed(0))
         return model(labels, x)
+    if name is not None and model_family(name) == "hart":  # VAR's input plus seeded tokens and residual: both losses
+        g = torch.Generator().manual_seed(0)
+        B, pn = x.shape[0], model.patch_nums[-1]
+        labels = torch.randint(0, NUM_CLASSES + 1, (B,), generator=g)
+        gt_idx = torch.randint(0, model.vocab_size, (B, model.L), generator=g)
+        residual = torch.randn(B, model.c_vae, pn, pn, generator=g)
+        ce, diff = model.training_loss(labels, x, gt_idx, residual)
+        result = _Outputs((ce, diff))
+        result.loss = ce + diff
+        return result
     if name is None or model_family(name) != "vilt":
         return model(x)
     ids = torch.randint(1, VILT_VOCAB, (x.shape[0], 8), generator=torch.Generator().manual_seed(0))

@@ -169,3 +169,29 @@ def test_attention_overlay_and_models_without_one(run_dir, tmp_path):
     r = TestClient(create_app(tmp_path / "swin")).post("/predict", files={"file": ("a.png", _png(4), "image/png")})
     assert r.status_code == 200 and len(r.json()["top"]) == 5
     assert "windows" in r.json()["explain"]["unsupported"]
+
+
+def test_clip_run_takes_zero_shot_class_names(tmp_path, run_dir):
+    from vitkit.data.captions import train_tokenizer
+
+    tok = train_tokenizer(["a shirt on the left", "a bag on the right", "a coat"], vocab_size=80)
+    sep = tok.token_to_id("[SEP]")
+    torch.manual_seed(0)
+    clip = vitkit.create_model("clip_fmnist_tiny", vision_width=24, vision_layers=1, vision_heads=2, text_width=16,
+                               text_layers=1, text_heads=2, vocab_size=80, eos_token_id=sep, tokenizer=tok.to_str())
+    clip.pretrained_cfg = {**clip.pretrained_cfg, "task": "clip"}
+    clip.save_pretrained(tmp_path / "clip")
+    client = TestClient(create_app(tmp_path / "clip"))
+    assert client.get("/model").json()["task"] == "clip"
+    r = client.post("/predict?topk=2", files={"file": ("a.png", _png(5), "image/png")},
+                    data={"classes": "shirt, bag, coat"})
+    assert r.status_code == 200, r.text
+    top = r.json()["top"]
+    assert len(top) == 2 and {t["label"] for t in top} <= {"shirt", "bag", "coat"}
+    assert "unsupported" in r.json()["explain"]  # no image-wide attention map for the CLIP page either
+    r = client.post("/predict", files={"file": ("a.png", _png(5), "image/png")}, data={"classes": "shirt"})
+    assert r.status_code == 400 and "two class names" in r.json()["detail"]
+    # a classifier takes no class names
+    r = TestClient(create_app(run_dir, explain_method=None)).post(
+        "/predict", files={"file": ("a.png", _png(5), "image/png")}, data={"classes": "a, b"})
+    assert r.status_code == 400 and "zero-shot" in r.json()["detail"]

@@ -1,6 +1,6 @@
 """Model families. Importing a family module registers its named configurations."""
 
-from . import clip, efficientvit, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
+from . import clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
 from ._base import TokenClassifier, VitkitModel
 from ._pretrained import load_backbone, load_pretrained, load_weights, read_state_dict, save_pretrained
 from ._registry import (
@@ -18,6 +18,7 @@ from ._registry import (
 )
 from .clip import CLIP, CLIPOutput, clip_loss
 from .efficientvit import EfficientViT
+from .hart import HART
 from .mae import MAEOutput, MaskedAutoencoderViT
 from .swin import SwinTransformer
 from .t2t_vit import T2TViT
@@ -31,5 +32,5 @@ __all__ = [
     "load_weights", "read_state_dict", "save_pretrained", "create_model", "list_models", "model_argument_names",
     "model_defaults", "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
     "VisionTransformer", "T2TViT", "SwinTransformer", "EfficientViT", "ViLT", "CLIP",
-    "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "MaskedAutoencoderViT", "MAEOutput",
+    "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "HART", "MaskedAutoencoderViT", "MAEOutput",
 ]

@@ -152,7 +152,8 @@ class TokenGenerator(VitkitModel):
     """Class-conditional transformer over VQ code maps, in ``order`` raster / random / masked (see the module doc).
 
     ``forward(codes (B, L) or (B, g, g), labels (B,))`` -> :class:`GeneratorOutput`; ``sample(num, labels)`` ->
-    code maps (num, g, g).
+    code maps (num, g, g). ``image_size`` (C, H, W) records the images the tokenizer decodes the code maps to
+    (metadata: the model never sees pixels).
     """
 
     head_prefixes = ()  # the head predicts VQ codes: its size is fixed by the tokenizer, never swapped
@@ -171,6 +172,7 @@ class TokenGenerator(VitkitModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cond_drop_rate: float = 0.1,
+        image_size: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         sizes = dict(vocab_size=vocab_size, grid_size=grid_size, depth=depth, embed_dim=embed_dim,
@@ -186,6 +188,9 @@ class TokenGenerator(VitkitModel):
                      cond_drop_rate=cond_drop_rate)
         bad += [f"{k}={v!r} (must be in [0, 1))" for k, v in rates.items()
                 if not (isinstance(v, (int, float)) and 0 <= v < 1)]
+        if image_size is not None and (len(image_size) != 3 or any(
+                not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in image_size)):
+            bad.append(f"image_size={image_size!r} (C, H, W)")
         if bad:
             raise ValueError("invalid TokenGenerator argument(s): " + ", ".join(bad))
         if embed_dim % num_heads:
@@ -208,7 +213,8 @@ class TokenGenerator(VitkitModel):
         if order != "masked":  # slot j sees slots 0..j
             self.register_buffer("causal_mask", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
         self._init_weights()
-        self.pretrained_cfg = {}
+        # the images the tokenizer decodes the code maps to (what `vitkit eval` / `predict` load)
+        self.pretrained_cfg = {"input_size": tuple(image_size)} if image_size is not None else {}
 
     def _init_weights(self) -> None:
         """GPT-2's: N(0, 0.02) (truncated) everywhere, zero biases, residual projections / √(2·depth)."""
@@ -238,7 +244,8 @@ class TokenGenerator(VitkitModel):
             raise InputShapeError(f"TokenGenerator expects integer codes (B, {L}) or (B, {g}, {g}), got {shape}")
         codes = codes.reshape(codes.shape[0], L).long()
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
-            raise InputShapeError(f"codes must be in [0, {self.vocab_size}), got {int(codes.min())}..{int(codes.max())}")
+            raise InputShapeError(f"codes must be in [0, {self.vocab_size}), got "
+                                  f"{int(codes.min())}..{int(codes.max())}")
         return codes
 
     def _check_labels(self, labels: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
@@ -528,13 +535,13 @@ VQ_FMNIST_TINY: dict[str, Any] = dict(
 )
 register_config("vq_fmnist_tiny", SingleScaleVQVAE, {"mean": (0.5,), "std": (0.5,)}, **VQ_FMNIST_TINY)
 
-# Generators over vq_fmnist_tiny's 7×7 map: 6 blocks of width 128 (1.2M parameters), ten classes + null, 10% label
+# Generators over vq_fmnist_tiny's 7×7 map: 6 blocks of width 128 (1.26M parameters), ten classes + null, 10% label
 # dropout for guidance. ar_fmnist_tiny is the raster order; the others differ only in ``order``.
 AR_FMNIST_TINY: dict[str, Any] = dict(
     vocab_size=VQ_FMNIST_TINY["vocab_size"], grid_size=VQ_FMNIST_TINY["patch_nums"][0], num_classes=10,
-    embed_dim=128, depth=6, num_heads=4, cond_drop_rate=0.1,
+    embed_dim=128, depth=6, num_heads=4, cond_drop_rate=0.1, image_size=(1, 28, 28),
 )
-_FMNIST_CFG = {"class_names": FMNIST_CLASSES, "input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,)}
+_FMNIST_CFG = {"class_names": FMNIST_CLASSES, "mean": (0.5,), "std": (0.5,)}
 register_config("ar_fmnist_tiny", TokenGenerator, _FMNIST_CFG, order="raster", **AR_FMNIST_TINY)
 register_config("ar_fmnist_tiny_random", TokenGenerator, _FMNIST_CFG, order="random", **AR_FMNIST_TINY)
 register_config("ar_fmnist_tiny_masked", TokenGenerator, _FMNIST_CFG, order="masked", **AR_FMNIST_TINY)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
 from .._version import __version__
@@ -137,7 +137,13 @@ class ModelService:
                 break
         return card
 
-    def predict(self, data: bytes, topk: int = 5, explain: bool = True) -> dict[str, Any]:
+    def predict(self, data: bytes, topk: int = 5, explain: bool = True, classes: list[str] | None = None
+                ) -> dict[str, Any]:
+        """Top-k of one uploaded image; ``classes`` are the zero-shot classes of a CLIP model."""
+        if classes is not None and self.task.name != "clip":
+            raise ConfigError(f"class names are for zero-shot (CLIP) models; this one is a {self.task.name} model")
+        if classes is not None and len(classes) < 2:
+            raise ConfigError("zero-shot needs at least two class names, separated by commas")
         if not self._slots.acquire(blocking=False):
             raise Busy("too many requests are waiting; try again")
         try:
@@ -147,7 +153,8 @@ class ModelService:
             with self._lock:
                 batch = self.task.prepare_batch(x, train=False)
                 with torch.inference_mode():
-                    result = self.task.predict(self.model, batch, topk=topk)[0]
+                    extra = {"class_names": classes} if classes is not None else {}
+                    result = self.task.predict(self.model, batch, topk=topk, **extra)[0]
                 overlay = self._overlay(batch, image) if explain and self.explain_method else None
             out: dict[str, Any] = {"top": [{"label": name, "probability": p} for name, p in result.get("top", [])]}
             out.update({k: v for k, v in result.items() if k != "top"})
@@ -208,16 +215,19 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
 
     @app.post("/predict")
     def predict(file: Annotated[UploadFile, File(description="an image (PNG, JPEG, WebP, ...)")],
-                topk: Annotated[int, Query(ge=1, le=1000)] = 5, explain: bool = True) -> dict[str, Any]:
+                topk: Annotated[int, Query(ge=1, le=1000)] = 5, explain: bool = True,
+                classes: Annotated[str | None, Form(description="CLIP models: zero-shot class names, comma-separated")]
+                = None) -> dict[str, Any]:
         """Top-k classes with probabilities, and the attention overlay (a PNG data URL) when the model has one."""
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         if not data:
             raise HTTPException(400, "empty upload: send an image file in the 'file' field")
+        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         try:
-            return service.predict(data, topk, explain)
-        except BadImageError as e:
+            return service.predict(data, topk, explain, names)
+        except (BadImageError, ConfigError) as e:
             raise HTTPException(400, str(e)) from None
         except Busy as e:
             raise HTTPException(503, str(e)) from None

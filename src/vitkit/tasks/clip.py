@@ -499,9 +499,9 @@ class CLIPTask(Task):
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor, topk: int = 5, **kw: Any) -> list[dict[str, Any]]:
-        """Top-k zero-shot classes with probabilities (classes: ``task.args.class_names``, else the names the
-        model was trained with in this process)."""
-        names = self.class_names or model.pretrained_cfg.get("class_names")
+        """Top-k zero-shot classes with probabilities (classes: ``class_names=`` (the served page's text box), else
+        ``task.args.class_names``, else the names the model was trained with in this process)."""
+        names = kw.get("class_names") or self.class_names or model.pretrained_cfg.get("class_names")
         if not names:
             raise ConfigError("no zero-shot classes for this CLIP: set task.args.class_names in its recipe, or use "
                               "vitkit zeroshot RUN --classes a,b,c IMAGE...")

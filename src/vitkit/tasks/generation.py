@@ -312,6 +312,7 @@ class ARTask(Task):
         args = dict(model_cfg.args)
         args.setdefault("vocab_size", tok.vocab_size)
         args.setdefault("grid_size", tok.patch_nums[0])
+        args.setdefault("image_size", list(tok.pretrained_cfg.get("input_size") or ()) or None)
         classes = getattr(self.ctx.train_set, "classes", None)
         if classes:
             args.setdefault("num_classes", len(classes))
@@ -323,11 +324,15 @@ class ARTask(Task):
             raise ConfigError(f"the generator's (vocab_size, grid_size) = ({model.vocab_size}, {model.grid_size}) "
                               f"does not fit the tokenizer's ({tok.vocab_size}, {tok.patch_nums[0]}); drop them "
                               f"from model.args to take the tokenizer's")
+        tok_size, own_size = tok.pretrained_cfg.get("input_size"), model.pretrained_cfg.get("input_size")
+        if tok_size is not None and own_size is not None and tuple(tok_size) != tuple(own_size):
+            raise ConfigError(f"model.args.image_size={list(own_size)} but the tokenizer decodes {list(tok_size)} "
+                              f"images; drop image_size to take the tokenizer's")
         if classes and model.num_classes != len(classes):
             raise ConfigError(f"model.args.num_classes={model.num_classes} but the training data has {len(classes)} "
                               f"classes; drop num_classes to take it from the data")
         cfg = {**model.pretrained_cfg, "tokenizer": self._tokenizer_path}
-        cfg.update({k: tok.pretrained_cfg[k] for k in ("input_size", "mean", "std") if k in tok.pretrained_cfg})
+        cfg.update({k: tok.pretrained_cfg[k] for k in ("mean", "std") if k in tok.pretrained_cfg})
         if classes:
             cfg["class_names"] = list(classes)
         model.pretrained_cfg = cfg
@@ -376,7 +381,8 @@ class ARTask(Task):
     def sample_images(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
         """Class-conditional samples with the task's sampling settings, decoded by the tokenizer (normalised)."""
         device = _device_of(model)
-        codes = model.sample(labels.shape[0], labels.to(device), steps=self.args.steps,
+        steps = self.args.steps if model.order == "masked" else None  # the others take one step per token
+        codes = model.sample(labels.shape[0], labels.to(device), steps=steps,
                              temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
                              cfg=self.args.cfg, generator=self.args.sample_seed)
         return self.tokenizer(device).idx_to_img([codes.flatten(1)], last_one=True)
