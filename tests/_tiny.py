@@ -103,6 +103,18 @@ def _hart(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     return dict(over, diff_width=16, diff_depth=1, diffusion_batch_mul=1), shape
 
 
+def _ar(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """models/ar.py. The single-scale VQ tokenizer (``patch_nums`` set): as ``_vqvae`` with one 4x4 scale. The token
+    generators (not classifiers, see ``call``): two blocks of width 16 over a 3x3 map of 16 codes; their "input
+    shape" is that of one code map, (9,), drawn as floats and turned into codes by ``call``."""
+    if "patch_nums" in defaults:
+        over = dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=4, vocab_size=16, patch_nums=[4])
+        return over, (defaults.get("in_channels", 3), 8, 8)
+    over = dict(depth=2, embed_dim=16, num_heads=2, vocab_size=16, grid_size=3, num_classes=NUM_CLASSES,
+                image_size=None)
+    return over, (9,)
+
+
 VILT_VOCAB = 40
 
 
@@ -116,7 +128,7 @@ def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
 
 FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "clip": _clip, "t2t_vit": _t2t,
             "mae": _mae, "simclr": _simclr, "vqvae": _vqvae, "var": _var,
-            "hart": _hart}
+            "hart": _hart, "ar": _ar}
 
 
 def is_classifier(name: str) -> bool:
@@ -168,6 +180,10 @@ def call(model: torch.nn.Module, x: torch.Tensor):
         result = _Outputs((ce, diff))
         result.loss = ce + diff
         return result
+    if name is not None and model_family(name) == "ar" and hasattr(model, "sample"):  # codes from x; seeded labels
+        codes = (x.abs() * 1000).long() % model.vocab_size
+        labels = torch.randint(0, NUM_CLASSES + 1, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        return model(codes, labels)  # GeneratorOutput: (loss, logits, targets, mask, perm) with .loss
     if name is None or model_family(name) != "vilt":
         return model(x)
     ids = torch.randint(1, VILT_VOCAB, (x.shape[0], 8), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,6 @@
 """Model families. Importing a family module registers its named configurations."""
 
-from . import clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
+from . import ar, clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
 from ._base import TokenClassifier, VitkitModel
 from ._pretrained import load_backbone, load_pretrained, load_weights, read_state_dict, save_pretrained
 from ._registry import (
@@ -16,6 +16,7 @@ from ._registry import (
     registered_class,
     resolve_model_args,
 )
+from .ar import GeneratorOutput, SingleScaleVQVAE, TokenGenerator
 from .clip import CLIP, CLIPOutput, clip_loss
 from .efficientvit import EfficientViT
 from .hart import HART
@@ -32,5 +33,6 @@ __all__ = [
     "load_weights", "read_state_dict", "save_pretrained", "create_model", "list_models", "model_argument_names",
     "model_defaults", "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
     "VisionTransformer", "T2TViT", "SwinTransformer", "EfficientViT", "ViLT", "CLIP",
-    "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "HART", "MaskedAutoencoderViT", "MAEOutput",
+    "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "HART", "TokenGenerator", "GeneratorOutput",
+    "SingleScaleVQVAE", "MaskedAutoencoderViT", "MAEOutput",
 ]

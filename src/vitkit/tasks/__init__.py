@@ -5,7 +5,7 @@ Importing a task module registers it; ``build_task(name, args, ctx)`` makes one 
 ``task: {name: ..., args: {...}}``.
 """
 
-from . import classify, clip, contrastive, mae, multilabel, vilt  # noqa: F401  (importing a task module registers it)
+from . import classify, clip, contrastive, generation, mae, multilabel, vilt  # noqa: F401  (importing a task module registers it)
 from .base import (
     TASKS,
     NoArgs,
