@@ -427,7 +427,7 @@ def test_make_loader_seeded_shuffle():
 
 
 def test_build_dataset_unknown_name():
-    with pytest.raises(DataError, match="unknown dataset 'mnist'; valid names: fashion_mnist, cifar10"):
+    with pytest.raises(DataError, match="unknown dataset 'mnist'; valid names: fashion_mnist, .*cifar10"):
         D.build_dataset("mnist", "train")
     with pytest.raises(DataError, match=r"'digits' does not take \['root'\]"):
         D.build_dataset("digits", "train", root="x")
