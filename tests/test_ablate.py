@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,48 @@ def test_ssl_study_fills_pretrained_checkpoints_and_matches_steps(tmp_path, monk
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "Δ vs first of its group" in table
     assert "| — |" in rows["scratch_10pct"] and "| — |" in rows["scratch_1pct"] and "| — |" not in rows["mae_10pct"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_die_with_a_killed_ablate(tmp_path):
+    """Killing `vitkit ablate` (even with SIGKILL) must not leave its trainings running as orphans."""
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from vitkit.engine.ablate import die_with_parent
+
+        def work(path):
+            open(path, "w").write(str(os.getpid()))
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=die_with_parent) as pool:
+                pool.submit(work, {str(tmp_path / "child.pid")!r}).result()
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:  # a zombie waiting for init counts as gone
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the worker outlived its killed parent")

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -191,6 +192,21 @@ def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int,
             "epochs": epochs, "model": model, "run_dir": str(run_dir)}
 
 
+def die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to SIGTERM this worker when the process that started it dies
+    (even by SIGKILL), so an interrupted ``vitkit ablate`` leaves no orphan trainings running; a killed training
+    resumes from its last checkpoint on the next call."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, str]], out: Path, jobs: int,
                    record: Callable[[str, dict[str, Any]], None], threads_fixed: bool = False) -> None:
     """Run every pending training, ``jobs`` at a time, and record each one as soon as it ends.
@@ -205,7 +221,8 @@ def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, 
         return
     threads = [] if threads_fixed else [f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}"]
     # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an undefined state
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent) as pool:
         futures = {pool.submit(_run_record, recipe, [*threads, *over], out / "runs" / key, epochs, model): key
                    for key, (over, epochs, model) in pending.items()}
         for future in as_completed(futures):
