@@ -167,34 +167,6 @@ class HART(VAR):
             self.decoder_norm.reset_parameters()
 
     # ------------------------------------------------------------------ shared pieces
-    def forward_hidden(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAR's teacher-forced pass up to the last block: (hidden states (B, L, C), class embedding (B, C)).
-
-        ``get_logits(*forward_hidden(...))`` is exactly ``forward(...)`` (same class-dropout draw in training).
-        """
-        x = x_BLCv_wo_first_l
-        expected = (self.L - self.first_l, self.c_vae)
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or tuple(x.shape[1:]) != expected:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputShapeError(f"HART expects x_BLCv_wo_first_l of shape (B, {expected[0]}, {expected[1]}) "
-                                  f"(patch_nums {list(self.patch_nums)}), got {shape}")
-        B = x.shape[0]
-        if not isinstance(label_B, torch.Tensor) or label_B.shape != (B,) or label_B.is_floating_point():
-            shape = tuple(label_B.shape) if isinstance(label_B, torch.Tensor) else type(label_B).__name__
-            raise InputShapeError(f"HART expects label_B as {B} integer class ids, got {shape}")
-        if self.training and self.cond_drop_rate > 0:
-            drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
-            label_B = torch.where(drop, self.num_classes, label_B)
-        cond = self.class_emb(label_B)
-        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-        tokens = torch.cat((sos, self.word_embed(x.float())), dim=1)
-        tokens = tokens + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
-        cond_or_gss = self.shared_ada_lin(cond)
-        for block in self.blocks:
-            tokens = block(tokens, cond_or_gss, self.attn_bias_for_masking)
-        return tokens, cond
-
     def diffusion_condition(self, hidden_last: torch.Tensor, idx_last: torch.Tensor) -> torch.Tensor:
         """z (B, pn_K², C) for the residual diffusion: LayerNorm(last hidden states + token embedding)."""
         return self.decoder_norm(hidden_last.float() + self.diff_token_embed(idx_last))

@@ -348,16 +348,23 @@ class VAR(VitkitModel):
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, vocab_size): ``label_B`` (B,) class ids (``num_classes`` = the null class),
         ``x_BLCv_wo_first_l`` (B, L − pn₀², c_vae) from ``MultiScaleVQVAE.idx_to_var_input``."""
+        return self.get_logits(*self.forward_hidden(label_B, x_BLCv_wo_first_l))
+
+    def forward_hidden(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-forced pass up to the last block: (hidden states (B, L, C), class embedding (B, C)), so that
+        ``get_logits(*forward_hidden(...))`` is ``forward(...)`` (HART reads the hidden states too)."""
+        name = type(self).__name__
         x = x_BLCv_wo_first_l
         expected = (self.L - self.first_l, self.c_vae)
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or tuple(x.shape[1:]) != expected:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputShapeError(f"VAR expects x_BLCv_wo_first_l of shape (B, {expected[0]}, {expected[1]}) "
+            raise InputShapeError(f"{name} expects x_BLCv_wo_first_l of shape (B, {expected[0]}, {expected[1]}) "
                                   f"(patch_nums {list(self.patch_nums)}), got {shape}")
         B = x.shape[0]
         if not isinstance(label_B, torch.Tensor) or label_B.shape != (B,) or label_B.is_floating_point():
             shape = tuple(label_B.shape) if isinstance(label_B, torch.Tensor) else type(label_B).__name__
-            raise InputShapeError(f"VAR expects label_B as {B} integer class ids, got {shape}")
+            raise InputShapeError(f"{name} expects label_B as {B} integer class ids, got {shape}")
         if self.training and self.cond_drop_rate > 0:
             drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
             label_B = torch.where(drop, self.num_classes, label_B)
@@ -368,7 +375,7 @@ class VAR(VitkitModel):
         cond_or_gss = self.shared_ada_lin(cond)
         for block in self.blocks:
             tokens = block(tokens, cond_or_gss, self.attn_bias_for_masking)
-        return self.get_logits(tokens, cond)
+        return tokens, cond
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
