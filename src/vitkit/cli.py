@@ -1,4 +1,5 @@
-"""The ``vitkit`` command line: models, convert, train, eval, predict, bench, ablate, explain, export, sparsevit, serve.
+"""The ``vitkit`` command line: models, convert, train, eval, predict, bench, ablate, explain, export, sparsevit,
+zeroshot, sample, serve.
 
 Each command parses its arguments here and calls a library function, so everything the CLI does is also
 available from Python. Errors vitkit raises on purpose are printed as one clear line (exit code 2),
@@ -330,6 +331,32 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 cmd_zeroshot.configure = _zeroshot_args
+
+
+# ---------------------------------------------------------------------------- sample
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a generator run folder or checkpoint folder (task ar, var or hart)")
+    p.add_argument("--class", dest="class_name", required=True, metavar="NAME_OR_INDEX",
+                   help="the class to sample: its name or index ('none': unconditional)")
+    p.add_argument("--n", type=_positive_int, default=64, help="how many images (8 per grid row)")
+    p.add_argument("--steps", type=int, help="masked-order ar: MaskGIT steps; hart: diffusion steps (0 = none)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance (default: the run's task.args.cfg)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="the PNG grid to write (default: RUN/samples_<class>.png)")
+
+
+@command("sample", "sample images of one class from a trained generator (ar, var, hart) into a PNG grid")
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .tasks.generation import sample_run
+
+    path, seconds = sample_run(args.run, args.class_name, args.n, args.steps, args.cfg, args.top_k, args.seed,
+                               args.out)
+    print(f"wrote {path} ({args.n} images, {1000 * seconds:.1f} ms per image)")
+    return 0
+
+
+cmd_sample.configure = _sample_args
 
 
 # ---------------------------------------------------------------------------- serve

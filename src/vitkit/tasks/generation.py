@@ -16,6 +16,15 @@ comparable; bits per token are reported too. For the raster and random orders th
 map (bits per image = L × bits per token); for the masked order it is MaskGIT's loss — the NLL of masked tokens
 given the others under cosine-schedule masks — and not comparable to the other two. Picture: ``ar_samples.png``,
 class-conditional samples (one row per class, classifier-free guidance ``cfg``) decoded by the tokenizer.
+
+``var`` and ``hart`` train next-scale generators (:class:`~vitkit.models.var.VAR`, :class:`~vitkit.models.hart.HART`)
+on a frozen MULTI-scale tokenizer (``vqvae_fmnist_tiny`` trained with ``vq``; the ar task's single-scale one does not
+fit): teacher-forced cross-entropy over the tokens of every scale, and for hart plus ``diffusion_weight`` × the
+denoising loss of the continuous residual f − f̂. The primary metric is the evaluation token NLL (nats, exact for the
+whole multi-scale code, so bits per image too), with the accuracy per scale and hart's diffusion loss. Pictures:
+``var_samples.png`` / ``hart_samples.png``, guided class-conditional samples.
+
+:func:`sample_run` (``vitkit sample``) samples one class from any of the three generators' runs into a PNG grid.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +42,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model, from_pretrained
 from ..models.ar import TokenGenerator
+from ..models.hart import HART, hybrid_tokens
+from ..models.var import VAR
 from ..models.vqvae import MultiScaleVQVAE
 from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
 
@@ -268,36 +279,72 @@ class ARArgs:
                              "0 <= top_p < 1 and steps >= 1")
 
 
-@register_task
-class ARTask(Task):
-    name = "ar"
-    primary_metric = "nll"
-    mode = "min"
-    Args = ARArgs
+class _TokenizerTask(Task):
+    """What the generator tasks share: a frozen tokenizer from ``args.tokenizer`` (loaded once, never trained) and
+    the class-conditional sample grid ``<name>_samples.png``. ``multi_scale`` says which tokenizers fit: the ar
+    task's generators read one code map, VAR and HART read several scales."""
+
+    multi_scale: ClassVar[bool] = False
 
     def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
         super().__init__(args, ctx)
         self._tokenizer: MultiScaleVQVAE | None = None
 
-    # ------------------------------------------------------------------ the frozen tokenizer
     def tokenizer(self, device: torch.device | None = None) -> MultiScaleVQVAE:
-        """The frozen single-scale tokenizer of ``args.tokenizer`` (loaded once, moved to ``device``)."""
+        """The frozen tokenizer of ``args.tokenizer`` (loaded once, moved to ``device``)."""
         if self._tokenizer is None:
             if not self.args.tokenizer:
-                raise ConfigError("task ar needs task.args.tokenizer: a trained vq run folder or checkpoint")
+                raise ConfigError(f"task {self.name} needs task.args.tokenizer: a trained vq run folder or checkpoint")
             path = checkpoint_folder(self.args.tokenizer)
             if not (path / "config.json").is_file():
                 raise ConfigError(f"task.args.tokenizer={self.args.tokenizer!r} is not a vq run or checkpoint folder")
             tok = from_pretrained(path)
-            if not isinstance(tok, MultiScaleVQVAE) or len(tok.patch_nums) != 1:
-                raise ConfigError(f"{path} holds a {type(tok).__name__} with patch_nums "
-                                  f"{list(getattr(tok, 'patch_nums', []))}; the ar task needs a single-scale VQ "
-                                  f"tokenizer (e.g. vq_fmnist_tiny trained with task vq)")
+            scales = list(getattr(tok, "patch_nums", []))
+            if not isinstance(tok, MultiScaleVQVAE) or (len(scales) > 1) != self.multi_scale:
+                need = ("a multi-scale VQ tokenizer (e.g. vqvae_fmnist_tiny trained with task vq: --set "
+                        "model.name=vqvae_fmnist_tiny)" if self.multi_scale
+                        else "a single-scale VQ tokenizer (e.g. vq_fmnist_tiny trained with task vq)")
+                raise ConfigError(f"{path} holds a {type(tok).__name__} with patch_nums {scales}; the {self.name} "
+                                  f"task needs {need}")
             self._tokenizer = tok.eval().requires_grad_(False)
             self._tokenizer_path = str(path)
         if device is not None and _device_of(self._tokenizer) != device:
             self._tokenizer.to(device)
         return self._tokenizer
+
+    def sample_images(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """Class-conditional samples (labels < 0: unconditional) decoded by the tokenizer, normalised as the
+        model's ``pretrained_cfg`` says (what :meth:`write_artifacts` and ``vitkit sample`` draw)."""
+        raise NotImplementedError
+
+    def _samples_title(self, model: nn.Module, metrics: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def write_artifacts(self, model: nn.Module, metrics: dict[str, Any], folder: Path) -> list[str]:
+        """``<name>_samples.png``: ``samples_per_class`` samples per class, one row per class."""
+        k = self.args.samples_per_class
+        if not k:
+            return []
+        from ..viz.plots import plot_image_rows
+
+        names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+        classes = max(1, model.num_classes)
+        labels = torch.arange(classes).repeat_interleave(k) if model.num_classes else torch.full((k,), -1)
+        images = self.sample_images(model, labels).float().cpu().view(classes, k, *model.pretrained_cfg
+                                                                       ["input_size"])
+        rows = {str(names[c]) if model.num_classes else "unconditional": images[c] for c in range(classes)}
+        cfg = model.pretrained_cfg
+        name = f"{self.name}_samples.png"
+        plot_image_rows(rows, cfg["mean"], cfg["std"], Path(folder) / name, title=self._samples_title(model, metrics))
+        return [name]
+
+
+@register_task
+class ARTask(_TokenizerTask):
+    name = "ar"
+    primary_metric = "nll"
+    mode = "min"
+    Args = ARArgs
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
@@ -387,24 +434,10 @@ class ARTask(Task):
                              cfg=self.args.cfg, generator=self.args.sample_seed)
         return self.tokenizer(device).idx_to_img([codes.flatten(1)], last_one=True)
 
-    def write_artifacts(self, model: nn.Module, metrics: dict[str, Any], folder: Path) -> list[str]:
-        k = self.args.samples_per_class
-        if not k:
-            return []
-        from ..viz.plots import plot_image_rows
-
-        names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
-        classes = max(1, model.num_classes)
-        labels = torch.arange(classes).repeat_interleave(k) if model.num_classes else torch.full((k,), -1)
-        images = self.sample_images(model, labels).float().cpu().view(classes, k, *model.pretrained_cfg
-                                                                       ["input_size"])
-        rows = {str(names[c]) if model.num_classes else "unconditional": images[c] for c in range(classes)}
-        cfg = model.pretrained_cfg
+    def _samples_title(self, model: nn.Module, metrics: dict[str, Any]) -> str:
         steps = f", {self.args.steps} steps" if model.order == "masked" else ""
-        plot_image_rows(rows, cfg["mean"], cfg["std"], Path(folder) / "ar_samples.png",
-                        title=f"{model.order} order{steps}, cfg {self.args.cfg:g}, T {self.args.temperature:g}: "
-                              f"eval NLL {metrics['nll']:.3f} nats ({metrics['bits_per_token']:.3f} bits) per token")
-        return ["ar_samples.png"]
+        return (f"{model.order} order{steps}, cfg {self.args.cfg:g}, T {self.args.temperature:g}: "
+                f"eval NLL {metrics['nll']:.3f} nats ({metrics['bits_per_token']:.3f} bits) per token")
 
     def format_report(self, metrics: dict[str, Any]) -> str:
         line = (f"token NLL {metrics['nll']:.4f} nats = {metrics['bits_per_token']:.4f} bits per token, next-token "
@@ -434,3 +467,345 @@ class ARTask(Task):
             for r, c in zip(results, per_class.argmin(1).tolist()):
                 r["likeliest_class"] = names[c]
         return results
+
+
+# ---------------------------------------------------------------------------- next-scale generators (VAR, HART)
+@dataclass
+class VARArgs:
+    tokenizer: str = ""  # a trained multi-scale vq run folder (vqvae_fmnist_tiny) or checkpoint folder; required
+    label_smoothing: float = 0.0  # of the training loss only (the logged nll is always plain)
+    samples_per_class: int = 8  # <task>_samples.png: one row per class (0 = no picture)
+    cfg: float = 1.5  # classifier-free guidance, VAR's schedule: cfg·k/(K−1) at scale k (full cfg at the last)
+    top_k: int = 0
+    top_p: float = 0.0
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1 or self.samples_per_class < 0 or self.top_k < 0 \
+                or not 0 <= self.top_p < 1:
+            raise ValueError("need 0 <= label_smoothing < 1, samples_per_class >= 0, top_k >= 0 and 0 <= top_p < 1")
+
+
+@dataclass
+class HARTArgs(VARArgs):
+    diffusion_weight: float = 1.0  # loss = CE + diffusion_weight × residual diffusion loss
+    diffusion_steps: int = -1  # sampling: -1 = the model's diff_sampling_steps, 0 = no residual (discrete image)
+    temperature: float = 1.0  # of the diffusion sampler
+    eval_seed: int = 0  # the evaluation's diffusion timesteps and noise: every evaluation uses the same ones
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.diffusion_weight < 0 or self.diffusion_steps < -1 or self.temperature <= 0:
+            raise ValueError("need diffusion_weight >= 0, diffusion_steps >= -1 and temperature > 0")
+
+
+def _normalise(images01: torch.Tensor, cfg: Mapping[str, Any]) -> torch.Tensor:
+    """[0, 1] pixels (what VAR / HART sampling returns) -> normalised as ``cfg`` says (what the ar task returns)."""
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=images01.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32, device=images01.device).view(1, -1, 1, 1)
+    return (images01.float() - mean) / std
+
+
+@register_task
+class VARTask(_TokenizerTask):
+    """Next-scale prediction (VAR) on a frozen multi-scale tokenizer: teacher-forced cross-entropy over the tokens of
+    every scale at once. The evaluation NLL is exact for the whole multi-scale code (a scale's tokens are independent
+    given the coarser ones), so bits per image are reported too, and the next-token accuracy per scale."""
+
+    name = "var"
+    primary_metric = "nll"
+    mode = "min"
+    Args = VARArgs
+    multi_scale = True
+    model_type: ClassVar[type[VAR]] = VAR
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images -> (teacher-forcing input (B, L − pn₀², c_vae), target tokens (B, L), residual or None), in fp32
+        whatever the autocast (the residual is HART's)."""
+        tok = self.tokenizer(images.device)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            idx = tok.img_to_idx(images.float())
+            return tok.idx_to_var_input(idx), torch.cat(idx, dim=1), None
+
+    @staticmethod
+    def _labels(batch: Batch, model: nn.Module, n: int, device: torch.device) -> torch.Tensor:
+        """The batch's class ids; the null class (unconditional) for image-only batches."""
+        labels = _labels_of(batch)
+        if labels is None:
+            return torch.full((n,), _unwrap(model).num_classes, dtype=torch.long, device=device)
+        return labels.to(device=device, dtype=torch.long)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        tok = self.tokenizer(self.ctx.device)
+        args = dict(model_cfg.args)
+        args.setdefault("vocab_size", tok.vocab_size)
+        args.setdefault("c_vae", tok.c_vae)
+        args.setdefault("patch_nums", list(tok.patch_nums))
+        classes = getattr(self.ctx.train_set, "classes", None)
+        if classes:
+            args.setdefault("num_classes", len(classes))
+        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
+        model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        if not isinstance(model, self.model_type):
+            raise ConfigError(f"task {self.name} trains a {self.model_type.__name__} (e.g. {self.name}_fmnist_tiny), "
+                              f"got {model_cfg.name!r}")
+        try:
+            model._check_vae(tok)
+        except ValueError as e:
+            raise ConfigError(f"{e}; drop vocab_size / c_vae / patch_nums from model.args to take the "
+                              f"tokenizer's") from None
+        if classes and model.num_classes != len(classes):
+            raise ConfigError(f"model.args.num_classes={model.num_classes} but the training data has {len(classes)} "
+                              f"classes; drop num_classes to take it from the data")
+        cfg = {**model.pretrained_cfg, "tokenizer": self._tokenizer_path}
+        cfg.update({k: tok.pretrained_cfg[k] for k in ("input_size", "mean", "std") if k in tok.pretrained_cfg})
+        if classes:
+            cfg["class_names"] = list(classes)
+        model.pretrained_cfg = cfg
+        return model
+
+    # ------------------------------------------------------------------ training
+    def _forward(self, model: nn.Module, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tensor,
+                 residual: torch.Tensor | None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, L, V), diffusion loss or None): VAR has no diffusion."""
+        return model(labels, x), None
+
+    def _ce(self, logits: torch.Tensor, gt: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        B, L, V = logits.shape
+        return F.cross_entropy(logits.float().reshape(B * L, V), gt.reshape(-1), reduction="none",
+                               label_smoothing=smoothing).view(B, L)
+
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch_images(batch)
+        x, gt, residual = self.tokenize(images)
+        n = gt.shape[0]
+        logits, diff = self._forward(model, self._labels(batch, model, n, gt.device), x, gt, residual)
+        nll = self._ce(logits, gt).mean()
+        loss = self._ce(logits, gt, self.args.label_smoothing).mean() if self.args.label_smoothing else nll
+        stats = {"nll": nll.item() * n, "count": n}
+        if diff is not None:
+            loss = loss + self.args.diffusion_weight * diff
+            stats["diffusion"] = diff.item() * n
+        stats["loss"] = loss.item() * n
+        return loss, stats
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_generator(self, model: nn.Module) -> torch.Generator | None:
+        return None
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        inner = _unwrap(model)
+        generator = self._eval_generator(model)
+        nll = torch.zeros((), dtype=torch.float64)
+        diffusion = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros(inner.L, dtype=torch.float64)  # per token position, split into scales below
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            x, gt, residual = self.tokenize(batch_images(batch))
+            B = gt.shape[0]
+            logits, diff = self._forward(model, self._labels(batch, model, B, gt.device), x, gt, residual, generator)
+            nll += self._ce(logits, gt).sum().double().cpu()
+            correct += (logits.argmax(-1) == gt).double().sum(0).cpu()
+            if diff is not None:
+                diffusion += diff.double().cpu() * B
+            count += B
+        nll, diffusion, correct, count = (self.ctx.all_reduce_sum(t) for t in (nll, diffusion, correct, count))
+        images = max(1.0, count.item())
+        per_token = nll.item() / images / inner.L
+        metrics: dict[str, Any] = {"nll": per_token, "bits_per_token": per_token / math.log(2),
+                                   "bits_per_image": nll.item() / images / math.log(2),
+                                   "token_acc": correct.sum().item() / images / inner.L, "count": int(count.item())}
+        for begin, end in inner.begin_ends:  # next-scale accuracy per scale: how well each map is predicted
+            pn = math.isqrt(end - begin)
+            metrics[f"acc_{pn}x{pn}"] = correct[begin:end].sum().item() / images / (end - begin)
+        if generator is not None:
+            metrics["diffusion"] = diffusion.item() / images
+        return metrics
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """Guided next-scale samples with the task's settings, decoded by the tokenizer (normalised)."""
+        inner = _unwrap(model)
+        device = _device_of(inner)
+        labels = labels.to(device=device, dtype=torch.long)
+        labels = torch.where(labels < 0, inner.num_classes, labels)
+        was_training = inner.training
+        inner.eval()
+        try:
+            images = self._sample01(inner, labels, self.tokenizer(device))
+        finally:
+            inner.train(was_training)
+        return _normalise(images, inner.pretrained_cfg)
+
+    def _sample01(self, model: VAR, labels: torch.Tensor, tok: MultiScaleVQVAE) -> torch.Tensor:
+        a = self.args
+        return model.autoregressive_infer_cfg(labels.shape[0], labels, g_seed=a.sample_seed, cfg=a.cfg, top_k=a.top_k,
+                                              top_p=a.top_p, vae=tok)
+
+    def _samples_title(self, model: nn.Module, metrics: dict[str, Any]) -> str:
+        scales = "+".join(f"{p}²" for p in model.patch_nums)
+        return (f"{self.name}, {scales} tokens, cfg {self.args.cfg:g}: eval NLL {metrics['nll']:.3f} nats "
+                f"({metrics['bits_per_token']:.3f} bits) per token")
+
+    def format_report(self, metrics: dict[str, Any]) -> str:
+        scales = "  ".join(f"{k[4:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("acc_"))
+        line = (f"token NLL {metrics['nll']:.4f} nats = {metrics['bits_per_token']:.4f} bits per token, "
+                f"{metrics['bits_per_image']:.1f} bits per image (all scales), token accuracy "
+                f"{100 * metrics['token_acc']:.1f}% ({metrics['count']} images)\naccuracy per scale: {scales}")
+        if "diffusion" in metrics:
+            line += f"\nresidual diffusion loss {metrics['diffusion']:.4f}"
+        return line
+
+
+@register_task
+class HARTTask(VARTask):
+    """HART: VAR's loss plus ``diffusion_weight`` × the denoising loss of the continuous residual r = f − f̂ (from
+    :func:`~vitkit.models.hart.hybrid_tokens`), conditioned on the last scale's hidden states. The primary metric
+    is the NLL of the discrete tokens, as var's (comparable to it); the evaluation diffusion loss uses timesteps
+    and noise drawn from ``eval_seed``. One process only: the combined loss is not HART's ``forward``, so DDP
+    would not see it."""
+
+    name = "hart"
+    Args = HARTArgs
+    model_type = HART
+
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        if self.ctx.world_size > 1:
+            raise ConfigError("task hart trains in one process: its loss is not HART.forward, which DDP wraps")
+        return super().build_model(model_cfg)
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tok = self.tokenizer(images.device)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            idx, residual = hybrid_tokens(tok, images.float())
+            return tok.idx_to_var_input(idx), torch.cat(idx, dim=1), residual
+
+    def _forward(self, model: nn.Module, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tensor,
+                 residual: torch.Tensor | None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One transformer pass for both losses: :meth:`HART.training_loss`'s computation, keeping the logits (the
+        logged NLL, per-scale accuracy and label smoothing need them; the test checks both agree)."""
+        m: HART = _unwrap(model)
+        hidden, cond = m.forward_hidden(labels, x)
+        logits = m.get_logits(hidden, cond)
+        if not m.residual_diffusion:
+            return logits, logits.new_zeros(())
+        z = m.diffusion_condition(hidden[:, -m.last_l:], gt[:, -m.last_l:])
+        target = residual.flatten(2).transpose(1, 2).reshape(-1, m.c_vae).float()
+        mul = m.diffusion_batch_mul
+        return logits, m.diffloss(target.repeat(mul, 1), z.reshape(-1, m.embed_dim).repeat(mul, 1),
+                                  generator=generator)
+
+    def _eval_generator(self, model: nn.Module) -> torch.Generator | None:
+        device = _device_of(model)
+        return torch.Generator(device=device).manual_seed(self.args.eval_seed + self.ctx.rank)
+
+    def _sample01(self, model: VAR, labels: torch.Tensor, tok: MultiScaleVQVAE) -> torch.Tensor:
+        a = self.args
+        generator = torch.Generator(device=labels.device).manual_seed(a.sample_seed)
+        return model.sample(labels.shape[0], labels, cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, generator=generator,
+                            diffusion_steps=None if a.diffusion_steps < 0 else a.diffusion_steps, vae=tok,
+                            temperature=a.temperature)
+
+    def _samples_title(self, model: nn.Module, metrics: dict[str, Any]) -> str:
+        return super()._samples_title(model, metrics) + f", diffusion loss {metrics['diffusion']:.3f}"
+
+
+# ---------------------------------------------------------------------------- vitkit sample
+GENERATOR_TASKS = ("ar", "var", "hart")
+
+
+def _class_index(class_name: str, names: list[str]) -> int:
+    """A class name (case-insensitive) or index -> its index; ``none`` = the null class (unconditional, -1)."""
+    text = str(class_name).strip()
+    if text.lower() in ("none", "null", "uncond", "unconditional"):
+        return -1
+    lowered = [str(n).lower() for n in names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+        return int(text)
+    raise ConfigError(f"unknown class {class_name!r}; the generator's classes: "
+                      f"{', '.join(f'{i}={n}' for i, n in enumerate(names))} (or 'none': unconditional)")
+
+
+def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int = 8, pad: int = 2) -> Path:
+    """A PNG of the images (N, C, H, W) in [0, 1], ``nrow`` per row, ``pad`` black pixels between them: the pixels
+    themselves, no axes (a plot would resample them)."""
+    from PIL import Image
+
+    n, c, h, w = images01.shape
+    rows = math.ceil(n / nrow)
+    cols = min(n, nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, img in enumerate(images01.float().cpu().clamp(0, 1)):
+        r, k = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB").save(path)
+    return path
+
+
+def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None = None, cfg: float | None = None,
+               top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> tuple[Path, float]:
+    """Sample ``n`` images of one class from a trained generator run (ar, var or hart: its task says which) and
+    write them as a PNG grid; returns (the PNG's path, wall-clock seconds per image, sampling and decoding).
+
+    ``steps``: MaskGIT steps of a masked-order ar generator, or HART's diffusion steps (0 = the discrete image);
+    other generators take none. ``cfg`` / ``top_k`` default to the run's task settings. The tokenizer is the one
+    the run trained on (its ``task.args.tokenizer``, else the path saved in the checkpoint). ``out`` defaults to
+    ``samples_<class>.png`` in the run folder."""
+    import dataclasses
+    import time
+
+    from ..engine.evaluate import load_model, resolve_model_dir, task_spec
+    from .base import build_task
+
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    folder = resolve_model_dir(run)
+    model = load_model(folder)
+    name, args = task_spec(model, folder)
+    if name not in GENERATOR_TASKS:
+        raise ConfigError(f"{run} was trained with task {name!r}; vitkit sample needs a generator "
+                          f"({', '.join(GENERATOR_TASKS)})")
+    task = build_task(name, args)
+    saved = model.pretrained_cfg.get("tokenizer")
+    if saved and not (checkpoint_folder(task.args.tokenizer or ".") / "config.json").is_file():
+        task.args = dataclasses.replace(task.args, tokenizer=str(saved))  # run from another working directory
+    overrides: dict[str, Any] = {"sample_seed": seed}
+    if cfg is not None:
+        overrides["cfg"] = cfg
+    if top_k is not None:
+        overrides["top_k"] = top_k
+    if steps is not None:
+        if name == "ar" and model.order == "masked":
+            overrides["steps"] = steps
+        elif name == "hart":
+            overrides["diffusion_steps"] = steps
+        else:
+            raise ConfigError("--steps is for a masked-order ar generator (MaskGIT steps) or hart (diffusion steps); "
+                              f"this {name} generator takes one step per {'token' if name == 'ar' else 'scale'}")
+    try:
+        task.args = dataclasses.replace(task.args, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"vitkit sample: {e}") from None
+    names = model.pretrained_cfg.get("class_names") or task.tokenizer().pretrained_cfg.get("source_classes") \
+        or [str(i) for i in range(model.num_classes)]
+    label = _class_index(class_name, list(names)[:model.num_classes])
+    start = time.perf_counter()
+    null = model.num_classes  # every generator's null class (the unconditional row of its class table)
+    images = task.sample_images(model, torch.full((n,), null if label < 0 else label, dtype=torch.long))
+    seconds = (time.perf_counter() - start) / n
+    shown = "unconditional" if label < 0 else str(names[label])
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in shown)
+    path = save_image_grid(_to_unit(images, model.pretrained_cfg), out or Path(run) / f"samples_{safe}.png")
+    return path, seconds
