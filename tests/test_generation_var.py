@@ -166,6 +166,21 @@ def test_train_hart_then_vitkit_sample_writes_a_grid(tokenizer, tmp_path, capsys
     assert cli_main(["sample", str(tmp_path / "hart"), "--class", "giraffe"]) == 2
     assert "unknown class 'giraffe'" in capsys.readouterr().err
 
+    # the served page's sampler: POST /sample renders a grid of the run's generator
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vitkit.serve import create_app
+
+    client = TestClient(create_app(tmp_path / "hart"))
+    card = client.get("/model").json()
+    assert card["generator"] is True and card["explain"] is None
+    r = client.post("/sample", params={"class": first, "n": 4, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["grid"].startswith("data:image/png;base64,") and r.json()["ms_per_image"] > 0
+    assert client.post("/sample", params={"class": "giraffe"}).status_code == 400
+    assert client.post("/sample", params={"class": first, "n": 65}).status_code == 422
+
 
 @pytest.mark.parametrize("name", ["ar", "var"])
 def test_vitkit_sample_reads_the_generator_from_the_run(name, tokenizer, tmp_path, capsys):

@@ -102,9 +102,12 @@ class ModelService:
         self.folder = resolve_model_dir(run)
         self.task = task_for_model(self.model, self.folder)
         self.task.setup(self.model)
-        channels, h, w = self.model.pretrained_cfg["input_size"]
+        channels, h, w = self.model.pretrained_cfg.get("input_size", (1, 1, 1))  # generators take no image
         self.channels, self.size = int(channels), (int(h), int(w))
-        self.explain_method = explain_method
+        from ..tasks.generation import GENERATOR_TASKS
+
+        self.generator = self.task.name in GENERATOR_TASKS
+        self.explain_method = None if self.generator else explain_method
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_pending)
         self.card = self._card()
@@ -115,8 +118,8 @@ class ModelService:
         card: dict[str, Any] = {
             "name": model.model_name or type(model).__name__, "class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "task": self.task.name,
-            "input_size": list(cfg["input_size"]), "class_names": list(cfg.get("class_names") or []),
-            "vitkit_version": __version__, "explain": self.explain_method,
+            "input_size": list(cfg.get("input_size", [])), "class_names": list(cfg.get("class_names") or []),
+            "vitkit_version": __version__, "explain": self.explain_method, "generator": self.generator,
         }
         for where in (self.run, self.run.parent, self.folder.parent.parent):  # run folder, or checkpoint's run
             summary = where / "summary.json"
@@ -162,6 +165,25 @@ class ModelService:
                 out["explain"] = overlay
             out["time_ms"] = round(1000 * (time.perf_counter() - start), 2)
             return out
+        finally:
+            self._slots.release()
+
+    def sample(self, class_name: str, n: int, seed: int) -> dict[str, Any]:
+        """A PNG grid of ``n`` samples of one class from a generator run (ar, var, hart), as a data URL."""
+        if not self.generator:
+            raise ConfigError(f"sampling is for generator runs; this one is a {self.task.name} model")
+        if not self._slots.acquire(blocking=False):
+            raise Busy("too many requests are waiting; try again")
+        import tempfile
+
+        from ..tasks.generation import sample_run
+
+        try:
+            with self._lock, tempfile.TemporaryDirectory() as tmp:
+                path, seconds = sample_run(self.run, class_name, n=n, seed=seed, out=Path(tmp) / "grid.png")
+                data = path.read_bytes()
+            return {"class": class_name, "n": n, "seed": seed, "ms_per_image": round(1000 * seconds, 2),
+                    "grid": "data:image/png;base64," + base64.b64encode(data).decode()}
         finally:
             self._slots.release()
 
@@ -228,6 +250,18 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
         try:
             return service.predict(data, topk, explain, names)
         except (BadImageError, ConfigError) as e:
+            raise HTTPException(400, str(e)) from None
+        except Busy as e:
+            raise HTTPException(503, str(e)) from None
+
+    @app.post("/sample")
+    def sample(class_name: Annotated[str, Query(alias="class", max_length=64)],
+               n: Annotated[int, Query(ge=1, le=64)] = 16, seed: int = 0) -> dict[str, Any]:
+        """Generator runs: a PNG grid (data URL) of ``n`` class-conditional samples (``class``: a name, an index,
+        or ``none``)."""
+        try:
+            return service.sample(class_name, n, seed)
+        except ConfigError as e:
             raise HTTPException(400, str(e)) from None
         except Busy as e:
             raise HTTPException(503, str(e)) from None
