@@ -375,7 +375,7 @@ def test_vitkit_zeroshot_command(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ a whole run
 def test_training_run_writes_the_primary_metric(tmp_path, data_no_system_dirs):  # noqa: F811
     from vitkit.engine import train
-    from vitkit.tasks.clip import zero_shot_files
+    from vitkit.engine.evaluate import zero_shot_files
 
     write_fake_fmnist(tmp_path / "fm", n_train=30, n_test=10)
     overrides = [

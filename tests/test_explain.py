@@ -1,4 +1,4 @@
-"""Attention pictures (vitkit.viz.attention): rollout maths, explain on real tiny models, files and the command."""
+"""Attention pictures (viz.attention, engine.explain): rollout maths, explain on tiny models, files, the command."""
 
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ from safetensors import safe_open
 
 import vitkit
 from _tiny import tiny
+from vitkit.engine.explain import add_explain_args, explain, explain_files, run_explain_args
 from vitkit.errors import ConfigError, DataError
 from vitkit.layers import AttentionMapSource
-from vitkit.viz.attention import (
-    add_explain_args,
-    attention_rollout,
-    explain,
-    explain_files,
-    render_overlay,
-    run_explain_args,
-)
+from vitkit.viz.attention import attention_rollout, render_overlay
 
 SMALL = dict(embed_dim=24, depth=2, num_heads=2, mlp_dim=None, num_classes=3, img_size=16)  # 4x4 patch grid
 

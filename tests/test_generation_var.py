@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from vitkit.engine.config import ModelConfig
+from vitkit.engine.evaluate import sample_run
 from vitkit.engine.trainer import train
 from vitkit.errors import ConfigError
 from vitkit.models.hart import HART
 from vitkit.models.var import VAR
 from vitkit.models.vqvae import MultiScaleVQVAE
 from vitkit.tasks import TaskContext, build_task
-from vitkit.tasks.generation import HARTTask, VARTask, sample_run
+from vitkit.tasks.generation import HARTTask, VARTask
 
 V, SCALES = 16, (1, 2, 4)  # vocabulary and scales of the tiny tokenizer (8×8 digits -> 4×4 latent, L = 21)
 L = sum(p * p for p in SCALES)

@@ -246,14 +246,14 @@ cmd_ablate.configure = _ablate_args
 
 # ---------------------------------------------------------------------------- explain
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    from .viz.attention import add_explain_args
+    from .engine.explain import add_explain_args
 
     add_explain_args(p)
 
 
 @command("explain", "attention pictures for image files: rollout, last-layer CLS attention, gradient-weighted")
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .viz.attention import run_explain_args
+    from .engine.explain import run_explain_args
 
     return run_explain_args(args)
 
@@ -317,7 +317,7 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     import json
 
-    from .tasks.clip import zero_shot_files
+    from .engine.evaluate import zero_shot_files
 
     for r in zero_shot_files(args.run, args.images, args.classes.split(","), args.templates):
         r["top"] = r["top"][:args.topk]
@@ -348,7 +348,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", "sample images of one class from a trained generator (ar, var, hart) into a PNG grid")
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .tasks.generation import sample_run
+    from .engine.evaluate import sample_run
 
     path, seconds = sample_run(args.run, args.class_name, args.n, args.steps, args.cfg, args.top_k, args.seed,
                                args.out)

@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..models._pretrained import load_weights
 from ..models.vilt import ViLT
 from ._common import apply_hf_metadata, build_converted, check_consumed, config_value, read_hf_folder, take
-from .hf_vit import HF_ACTIVATIONS
+from .hf_vit import convert_hf_vit_layers, hf_config_activation
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
@@ -60,11 +60,7 @@ def _tied_decoder(state: dict[str, torch.Tensor]) -> bool:
 
 def hf_vilt_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
     """ViLT constructor arguments for an HF ViLT state dict (normalised keys) and its ``config.json``."""
-    if config.get("model_type", "vilt") != "vilt":
-        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'vilt'")
-    act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    act = hf_config_activation(config, "vilt", source)
     proj = _shape(state, "embeddings.patch_embeddings.projection.weight", source, 4)
     if proj[-1] != proj[-2]:
         raise CheckpointError(f"{source}: the patch projection kernel {tuple(proj[-2:])} is not square")
@@ -92,7 +88,7 @@ def hf_vilt_args(config: dict[str, Any], state: dict[str, torch.Tensor], source:
         qkv_bias="encoder.layer.0.attention.attention.query.bias" in state,
         vocab_size=word[0], max_text_len=text_pos[0], type_vocab_size=segments[0], modality_types=modalities[0],
         pad_token_id=config.get("pad_token_id"), norm_eps=config.get("layer_norm_eps", 1e-12),
-        act=HF_ACTIVATIONS[act], patch_sampling=isinstance(max_len, int) and max_len > 0,
+        act=act, patch_sampling=isinstance(max_len, int) and max_len > 0,
         max_image_length=max_len if isinstance(max_len, int) and max_len > 0 else 200,
         rank_head="rank_output.weight" in state, mlm_head="mlm_score.transform.dense.weight" in state,
         tie_mlm_decoder=_tied_decoder(state), drop_rate=config.get("hidden_dropout_prob", 0.0),
@@ -121,18 +117,7 @@ def convert_hf_vilt_state_dict(state: dict[str, torch.Tensor], depth: int,
         "pooler.weight": take(state, "pooler.dense.weight", source),
         "pooler.bias": take(state, "pooler.dense.bias", source),
     }
-    for i in range(depth):
-        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value")]
-            if all(k in state for k in qkv):
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
-            elif kind == "weight" or any(k in state for k in qkv):
-                raise CheckpointError(f"{source}: layer {i} lacks some query/key/value {kind}s")
-            for theirs, mine in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                                 ("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
-                                 ("output.dense", "mlp.fc2")):
-                out[f"{ours}{mine}.{kind}"] = take(state, f"{hf}{theirs}.{kind}", source)
+    out.update(convert_hf_vit_layers(state, depth, source))
     if "rank_output.weight" in state or "rank_output.bias" in state:
         out["rank_output.weight"] = take(state, "rank_output.weight", source)
         out["rank_output.bias"] = take(state, "rank_output.bias", source)

@@ -89,6 +89,25 @@ def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: 
     )
 
 
+def convert_hf_vit_layers(state: dict[str, torch.Tensor], depth: int, source: str) -> dict[str, torch.Tensor]:
+    """Pop HF's ``encoder.layer.<i>`` weights (the ViT layer layout, which ViLT shares) and return them as vitkit
+    ``blocks.<i>`` weights, query/key/value fused into one ``qkv`` (rows [q; k; v])."""
+    out = {}
+    for i in range(depth):
+        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value")]
+            if all(k in state for k in qkv):
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
+            elif kind == "weight" or any(k in state for k in qkv):
+                raise CheckpointError(f"{source}: layer {i} lacks some query/key/value {kind}s")
+            for theirs, mine in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+                                 ("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
+                                 ("output.dense", "mlp.fc2")):
+                out[f"{ours}{mine}.{kind}"] = take(state, f"{hf}{theirs}.{kind}", source)
+    return out
+
+
 def convert_hf_vit_state_dict(state: dict[str, torch.Tensor], depth: int,
                               source: str = "state dict") -> dict[str, torch.Tensor]:
     """Rename (and fuse) HF ViT weights into vitkit's layout (Hub or transformers-5 key names)."""
@@ -101,19 +120,7 @@ def convert_hf_vit_state_dict(state: dict[str, torch.Tensor], depth: int,
         "norm.weight": take(state, "layernorm.weight", source),
         "norm.bias": take(state, "layernorm.bias", source),
     }
-    for i in range(depth):
-        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value")]
-            if all(k in state for k in qkv):
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
-            elif kind == "weight":
-                raise CheckpointError(f"{source}: layer {i} lacks query/key/value weights")
-            out[f"{ours}norm1.{kind}"] = take(state, f"{hf}layernorm_before.{kind}", source)
-            out[f"{ours}norm2.{kind}"] = take(state, f"{hf}layernorm_after.{kind}", source)
-            out[f"{ours}attn.proj.{kind}"] = take(state, f"{hf}attention.output.dense.{kind}", source)
-            out[f"{ours}mlp.fc1.{kind}"] = take(state, f"{hf}intermediate.dense.{kind}", source)
-            out[f"{ours}mlp.fc2.{kind}"] = take(state, f"{hf}output.dense.{kind}", source)
+    out.update(convert_hf_vit_layers(state, depth, source))
     for hf, ours in (("pooler.dense", "pre_logits.0"), ("classifier", "head")):
         present = [kind for kind in ("weight", "bias") if f"{hf}.{kind}" in state]
         if len(present) == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,95 @@ def predict_images(model: torch.nn.Module, paths: list[str | Path], topk: int = 
     task.setup(model)
     results = task.predict(model, task.prepare_batch(images, train=False), topk=topk)
     return [{"path": str(p), **r} for p, r in zip(paths, results)]
+
+
+def zero_shot_files(run: str | Path, paths: Sequence[str | Path], class_names: Sequence[str],
+                    templates: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``vitkit zeroshot``: every class with its probability, best first, for each image file.
+
+    ``templates`` default to those the run was trained with (its ``task.args.templates``), else
+    :data:`DEFAULT_TEMPLATES`."""
+    from ..data.transforms import build_transforms
+    from ..models.clip import CLIP
+    from ..tasks.clip import DEFAULT_TEMPLATES, model_tokenizer, zero_shot_classify
+
+    names = [str(c).strip() for c in class_names if str(c).strip()]
+    if len(names) < 2:
+        raise ConfigError(f"zero-shot classification needs at least two class names, got {names}")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"image file(s) not found: {', '.join(missing)}")
+    folder = resolve_model_dir(run)
+    model = load_model(folder)
+    if not isinstance(model, CLIP):
+        raise ConfigError(f"{folder} holds a {type(model).__name__}; zero-shot classification needs a CLIP")
+    if templates is None:
+        task, args = task_spec(model, folder)
+        templates = list((args or {}).get("templates") or DEFAULT_TEMPLATES) if task == "clip" else DEFAULT_TEMPLATES
+    tokenizer = model_tokenizer(model, folder)
+    cfg = model.pretrained_cfg
+    channels, size = _input_spec(model)
+    images = torch.stack([load_image(str(p), channels, size) for p in paths])
+    images = build_transforms(None, False, cfg["mean"], cfg["std"], size)(images)
+    probs = zero_shot_classify(model, tokenizer, images, names, templates)
+    results = []
+    for path, row in zip(paths, probs):
+        order = row.argsort(descending=True).tolist()
+        results.append({"path": str(path), "top": [(names[i], float(row[i])) for i in order]})
+    return results
+
+
+def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None = None, cfg: float | None = None,
+               top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> tuple[Path, float]:
+    """Sample ``n`` images of one class from a trained generator run (ar, var or hart: its task says which) and
+    write them as a PNG grid; returns (the PNG's path, wall-clock seconds per image, sampling and decoding).
+
+    ``steps``: MaskGIT steps of a masked-order ar generator, or HART's diffusion steps (0 = the discrete image);
+    other generators take none. ``cfg`` / ``top_k`` default to the run's task settings. The tokenizer is the one
+    the run trained on (its ``task.args.tokenizer``, else the path saved in the checkpoint). ``out`` defaults to
+    ``samples_<class>.png`` in the run folder."""
+    import dataclasses
+    import time
+
+    from ..tasks.generation import GENERATOR_TASKS, class_index, save_image_grid, to_unit
+
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    folder = resolve_model_dir(run)
+    model = load_model(folder)
+    name, args = task_spec(model, folder)
+    if name not in GENERATOR_TASKS:
+        raise ConfigError(f"{run} was trained with task {name!r}; vitkit sample needs a generator "
+                          f"({', '.join(GENERATOR_TASKS)})")
+    task = build_task(name, args)
+    saved = model.pretrained_cfg.get("tokenizer")
+    if saved and not (checkpoint_folder(task.args.tokenizer or ".") / "config.json").is_file():
+        task.args = dataclasses.replace(task.args, tokenizer=str(saved))  # run from another working directory
+    overrides: dict[str, Any] = {"sample_seed": seed}
+    if cfg is not None:
+        overrides["cfg"] = cfg
+    if top_k is not None:
+        overrides["top_k"] = top_k
+    if steps is not None:
+        if name == "ar" and model.order == "masked":
+            overrides["steps"] = steps
+        elif name == "hart":
+            overrides["diffusion_steps"] = steps
+        else:
+            raise ConfigError("--steps is for a masked-order ar generator (MaskGIT steps) or hart (diffusion steps); "
+                              f"this {name} generator takes one step per {'token' if name == 'ar' else 'scale'}")
+    try:
+        task.args = dataclasses.replace(task.args, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"vitkit sample: {e}") from None
+    names = model.pretrained_cfg.get("class_names") or task.tokenizer().pretrained_cfg.get("source_classes") \
+        or [str(i) for i in range(model.num_classes)]
+    label = class_index(class_name, list(names)[:model.num_classes])
+    start = time.perf_counter()
+    null = model.num_classes  # every generator's null class (the unconditional row of its class table)
+    images = task.sample_images(model, torch.full((n,), null if label < 0 else label, dtype=torch.long))
+    seconds = (time.perf_counter() - start) / n
+    shown = "unconditional" if label < 0 else str(names[label])
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in shown)
+    path = save_image_grid(to_unit(images, model.pretrained_cfg), out or Path(run) / f"samples_{safe}.png")
+    return path, seconds

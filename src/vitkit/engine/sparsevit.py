@@ -198,7 +198,6 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float], out_dir: str
     split: the search must not pick on the numbers it reports). Writes ``search.json`` and ``pareto.png``."""
     from ..data import build_dataset
     from ..models.swin import SwinTransformer
-    from ..tasks.base import to_device
     from .evaluate import load_model, resolve_model_dir, task_for_model
 
     model = load_model(checkpoint)
@@ -209,8 +208,8 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float], out_dir: str
     task.setup(model)
     ds = build_dataset(data, split, **(data_args or {}))
     n = min(eval_images, len(ds))
-    batches = [task.prepare_batch(to_device(ds.__getitems__(list(range(i, min(i + 250, n)))), torch.device("cpu")),
-                                  train=False) for i in range(0, n, 250)]
+    batches = [task.prepare_batch(ds.__getitems__(list(range(i, min(i + 250, n)))), train=False)
+               for i in range(0, n, 250)]
     images = batches[0].images[:latency_batch] if hasattr(batches[0], "images") else batches[0][0][:latency_batch]
 
     def evaluate(ratios: Ratios) -> float:

@@ -55,8 +55,7 @@ class SingleScaleVQVAE(MultiScaleVQVAE):
     It is :class:`MultiScaleVQVAE` with ``patch_nums=(h,)`` and a single φ (the identity with the default
     ``quant_resi=0``: f̂ is the nearest codes themselves, the classic VQ-VAE), with the same parameter names and
     the same API (``img_to_idx(img)[-1]`` is the (B, h·w) code map, ``idx_to_img([codes], last_one=True)``
-    decodes). It exists because ``MultiScaleQuantizer`` refuses fewer than two scales: the parent is built with
-    the scale twice and the quantiser then told it has one.
+    decodes). It only fixes those defaults and checks that there is exactly one scale.
     """
 
     def __init__(
@@ -83,10 +82,7 @@ class SingleScaleVQVAE(MultiScaleVQVAE):
         super().__init__(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
                          num_res_blocks=num_res_blocks, in_channels=in_channels, dropout=dropout, using_sa=using_sa,
                          using_mid_sa=using_mid_sa, beta=beta, using_znorm=using_znorm, quant_conv_ks=quant_conv_ks,
-                         quant_resi=quant_resi, share_quant_resi=1, patch_nums=patch_nums * 2)
-        self.patch_nums = patch_nums
-        self.quantize.patch_nums = patch_nums
-        self.quantize.ema_vocab_hit_SV = self.quantize.ema_vocab_hit_SV.new_zeros(1, vocab_size)
+                         quant_resi=quant_resi, share_quant_resi=1, patch_nums=patch_nums)
 
     @property
     def grid_size(self) -> int:

@@ -228,8 +228,8 @@ class MultiScaleQuantizer(nn.Module):
                  beta: float = 0.25, quant_resi: float = 0.5, share_quant_resi: int = 4,
                  default_qresi_counts: int = 0) -> None:
         super().__init__()
-        if len(patch_nums) < 2:
-            raise ValueError(f"patch_nums={list(patch_nums)}: a multi-scale quantiser needs at least two scales")
+        if len(patch_nums) < 1:
+            raise ValueError("patch_nums must hold at least one scale (one scale is a plain VQ-VAE)")
         if share_quant_resi < 0:
             raise ValueError(f"share_quant_resi={share_quant_resi} must be >= 0")
         self.vocab_size, self.c_vae, self.patch_nums = vocab_size, c_vae, tuple(patch_nums)
@@ -253,7 +253,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def phi_index(self, si: int, num_scales: int) -> int:
         """Which φ scale ``si`` of ``num_scales`` uses: the nearest tick to si / (K - 1)."""
-        if len(self.phi) == 1:
+        if len(self.phi) == 1 or num_scales == 1:
             return 0
         return int(np.argmin(np.abs(self.ticks - si / (num_scales - 1))))
 

@@ -176,7 +176,7 @@ class ModelService:
             raise Busy("too many requests are waiting; try again")
         import tempfile
 
-        from ..tasks.generation import sample_run
+        from ..engine.evaluate import sample_run
 
         try:
             with self._lock, tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +189,8 @@ class ModelService:
 
     def _overlay(self, batch: torch.Tensor, image) -> dict[str, Any]:
         """The attention overlay as a PNG data URL, or why this model has none."""
-        from ..viz.attention import explain, render_overlay
+        from ..engine.explain import explain
+        from ..viz.attention import render_overlay
 
         try:
             heat = explain(self.model, batch, self.explain_method)[0]

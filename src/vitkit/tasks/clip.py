@@ -169,42 +169,6 @@ def zero_shot_classify(model: nn.Module, tokenizer: Any, images: torch.Tensor, c
     return (logit_scale_multiplier(model.logit_scale.detach()).float() * image @ classes.T).softmax(-1)
 
 
-def zero_shot_files(run: str | Path, paths: Sequence[str | Path], class_names: Sequence[str],
-                    templates: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """``vitkit zeroshot``: every class with its probability, best first, for each image file.
-
-    ``templates`` default to those the run was trained with (its ``task.args.templates``), else
-    :data:`DEFAULT_TEMPLATES`."""
-    from ..data.image_folder import load_image
-    from ..data.transforms import build_transforms
-    from ..engine.evaluate import load_model, resolve_model_dir, task_spec
-
-    names = [str(c).strip() for c in class_names if str(c).strip()]
-    if len(names) < 2:
-        raise ConfigError(f"zero-shot classification needs at least two class names, got {names}")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"image file(s) not found: {', '.join(missing)}")
-    folder = resolve_model_dir(run)
-    model = load_model(folder)
-    if not isinstance(model, CLIP):
-        raise ConfigError(f"{folder} holds a {type(model).__name__}; zero-shot classification needs a CLIP")
-    if templates is None:
-        task, args = task_spec(model, folder)
-        templates = list((args or {}).get("templates") or DEFAULT_TEMPLATES) if task == "clip" else DEFAULT_TEMPLATES
-    tokenizer = model_tokenizer(model, folder)
-    cfg = model.pretrained_cfg
-    channels, h, w = (int(v) for v in cfg["input_size"])
-    images = torch.stack([load_image(str(p), channels, (h, w)) for p in paths])
-    images = build_transforms(None, False, cfg["mean"], cfg["std"], (h, w))(images)
-    probs = zero_shot_classify(model, tokenizer, images, names, templates)
-    results = []
-    for path, row in zip(paths, probs):
-        order = row.argsort(descending=True).tolist()
-        results.append({"path": str(path), "top": [(names[i], float(row[i])) for i in order]})
-    return results
-
-
 def check_templates(templates: Sequence[str]) -> None:
     """Every template must hold exactly one ``{}`` (where the class name goes)."""
     for t in templates:

@@ -24,7 +24,8 @@ denoising loss of the continuous residual f − f̂. The primary metric is the e
 whole multi-scale code, so bits per image too), with the accuracy per scale and hart's diffusion loss. Pictures:
 ``var_samples.png`` / ``hart_samples.png``, guided class-conditional samples.
 
-:func:`sample_run` (``vitkit sample``) samples one class from any of the three generators' runs into a PNG grid.
+:func:`vitkit.engine.evaluate.sample_run` (``vitkit sample``) samples one class from any of the three generators'
+runs into a PNG grid.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _labels_of(batch: Batch) -> torch.Tensor | None:
     return None
 
 
-def _to_unit(images: torch.Tensor, cfg: Mapping[str, Any]) -> torch.Tensor:
+def to_unit(images: torch.Tensor, cfg: Mapping[str, Any]) -> torch.Tensor:
     """Normalised images -> [0, 1] pixels (PSNR and MSE are measured there, whatever the normalisation)."""
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
@@ -185,7 +186,7 @@ class VQTask(Task):
         for batch in batches:
             images = batch_images(batch)
             rec, idx = self._reconstruct(model, images)
-            se += (_to_unit(rec, cfg) - _to_unit(images, cfg)).square().sum().double().cpu()
+            se += (to_unit(rec, cfg) - to_unit(images, cfg)).square().sum().double().cpu()
             pixels += images.numel()
             count += images.shape[0]
             hist += torch.cat([i.flatten() for i in idx]).bincount(minlength=model.vocab_size).double().cpu()
@@ -240,7 +241,7 @@ class VQTask(Task):
         """Per image: reconstruction MSE and PSNR, and how many distinct codes it uses."""
         rec, idx = self._reconstruct(model, images)
         cfg = model.pretrained_cfg
-        mse = (_to_unit(rec, cfg) - _to_unit(images, cfg)).square().flatten(1).mean(1)
+        mse = (to_unit(rec, cfg) - to_unit(images, cfg)).square().flatten(1).mean(1)
         codes = torch.cat([i for i in idx], dim=1)
         return [{"rec_mse": round(float(m), 6), "psnr": round(10 * math.log10(1 / max(float(m), 1e-12)), 3),
                  "distinct_codes": int(c.unique().numel())} for m, c in zip(mse, codes)]
@@ -721,7 +722,7 @@ class HARTTask(VARTask):
 GENERATOR_TASKS = ("ar", "var", "hart")
 
 
-def _class_index(class_name: str, names: list[str]) -> int:
+def class_index(class_name: str, names: list[str]) -> int:
     """A class name (case-insensitive) or index -> its index; ``none`` = the null class (unconditional, -1)."""
     text = str(class_name).strip()
     if text.lower() in ("none", "null", "uncond", "unconditional"):
@@ -752,60 +753,3 @@ def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int = 8, pad
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB").save(path)
     return path
-
-
-def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None = None, cfg: float | None = None,
-               top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> tuple[Path, float]:
-    """Sample ``n`` images of one class from a trained generator run (ar, var or hart: its task says which) and
-    write them as a PNG grid; returns (the PNG's path, wall-clock seconds per image, sampling and decoding).
-
-    ``steps``: MaskGIT steps of a masked-order ar generator, or HART's diffusion steps (0 = the discrete image);
-    other generators take none. ``cfg`` / ``top_k`` default to the run's task settings. The tokenizer is the one
-    the run trained on (its ``task.args.tokenizer``, else the path saved in the checkpoint). ``out`` defaults to
-    ``samples_<class>.png`` in the run folder."""
-    import dataclasses
-    import time
-
-    from ..engine.evaluate import load_model, resolve_model_dir, task_spec
-    from .base import build_task
-
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
-    folder = resolve_model_dir(run)
-    model = load_model(folder)
-    name, args = task_spec(model, folder)
-    if name not in GENERATOR_TASKS:
-        raise ConfigError(f"{run} was trained with task {name!r}; vitkit sample needs a generator "
-                          f"({', '.join(GENERATOR_TASKS)})")
-    task = build_task(name, args)
-    saved = model.pretrained_cfg.get("tokenizer")
-    if saved and not (checkpoint_folder(task.args.tokenizer or ".") / "config.json").is_file():
-        task.args = dataclasses.replace(task.args, tokenizer=str(saved))  # run from another working directory
-    overrides: dict[str, Any] = {"sample_seed": seed}
-    if cfg is not None:
-        overrides["cfg"] = cfg
-    if top_k is not None:
-        overrides["top_k"] = top_k
-    if steps is not None:
-        if name == "ar" and model.order == "masked":
-            overrides["steps"] = steps
-        elif name == "hart":
-            overrides["diffusion_steps"] = steps
-        else:
-            raise ConfigError("--steps is for a masked-order ar generator (MaskGIT steps) or hart (diffusion steps); "
-                              f"this {name} generator takes one step per {'token' if name == 'ar' else 'scale'}")
-    try:
-        task.args = dataclasses.replace(task.args, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"vitkit sample: {e}") from None
-    names = model.pretrained_cfg.get("class_names") or task.tokenizer().pretrained_cfg.get("source_classes") \
-        or [str(i) for i in range(model.num_classes)]
-    label = _class_index(class_name, list(names)[:model.num_classes])
-    start = time.perf_counter()
-    null = model.num_classes  # every generator's null class (the unconditional row of its class table)
-    images = task.sample_images(model, torch.full((n,), null if label < 0 else label, dtype=torch.long))
-    seconds = (time.perf_counter() - start) / n
-    shown = "unconditional" if label < 0 else str(names[label])
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in shown)
-    path = save_image_grid(_to_unit(images, model.pretrained_cfg), out or Path(run) / f"samples_{safe}.png")
-    return path, seconds
