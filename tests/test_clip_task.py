@@ -372,6 +372,38 @@ def test_vitkit_zeroshot_command(tmp_path, capsys):
     assert "at least two" in capsys.readouterr().err
 
 
+def test_vitkit_retrieve_command_ranks_by_clip_similarity(tmp_path, capsys):
+    from vitkit.cli import main
+    from vitkit.engine.evaluate import retrieval_scores
+
+    model, task, data = _model_and_task(16)
+    model.save_pretrained(tmp_path / "ckpt")
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"canvas{i}.png"))
+        Image.fromarray(data.images[i, 0].numpy()).save(paths[-1])
+    texts = [data.captions[0], data.captions[1], "a bag on the left"]
+    scores = retrieval_scores(tmp_path / "ckpt", paths, texts)
+    with torch.no_grad():  # the same numbers from the model directly (the PNGs hold the dataset's pixels)
+        images = task.prepare_batch(caption_collate(data.__getitems__([0, 1, 2])), train=False)["images"]
+        tok = configured_tokenizer(model.tokenizer, model.context_length)
+        ref = (model.logit_scale.exp().clamp(max=100) * model.encode_image(images, normalize=True)
+               @ model.encode_text(*tokenize(tok, texts), normalize=True).T)
+    assert scores.shape == (3, 3) and torch.allclose(scores, ref, atol=1e-4)
+    assert main(["retrieve", str(tmp_path / "ckpt"), *paths, "--text", texts[0], "--text", texts[2],
+                 "--topk", "2", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["query"] for r in rows] == [texts[0], texts[2]] and len(rows[0]["matches"]) == 2
+    assert rows[0]["matches"][0][0] == paths[int(ref[:, 0].argmax())]
+    (tmp_path / "captions.txt").write_text("\n".join(texts) + "\n")
+    assert main(["retrieve", str(tmp_path / "ckpt"), paths[1], "--texts-file", str(tmp_path / "captions.txt"),
+                 "--to-text"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == paths[1] and len(out) == 4 and out[1].strip().endswith(texts[int(ref[1].argmax())])
+    assert main(["retrieve", str(tmp_path / "ckpt"), *paths]) == 2  # no text: one error line
+    assert "at least one image file and one text" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ a whole run
 def test_training_run_writes_the_primary_metric(tmp_path, data_no_system_dirs):  # noqa: F811
     from vitkit.engine import train

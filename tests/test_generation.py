@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from vitkit.engine.config import ModelConfig
@@ -16,6 +18,7 @@ from vitkit.errors import ConfigError, InputShapeError
 from vitkit.models import from_pretrained
 from vitkit.models.ar import ORDERS, SingleScaleVQVAE, TokenGenerator, cfg_combine, masked_counts
 from vitkit.tasks import TaskContext, build_task
+from vitkit.tasks.base import batch_images
 from vitkit.tasks.generation import ARTask, VQTask, restart_dead_codes
 
 V, G, C = 16, 4, 3  # vocabulary, grid (L = 16 tokens), classes of the tiny generators
@@ -327,6 +330,30 @@ def test_vq_task_steps_and_evaluates(name, patch_nums, tmp_path):
     assert set(task.predict(model, batch[0][:2])[0]) == {"rec_mse", "psnr", "distinct_codes"}
 
 
+@pytest.mark.parametrize("continuous_prob", [0.0, 1.0])
+def test_vq_task_hybrid_step_decodes_f_or_f_hat(continuous_prob):
+    """HART's hybrid tokenizer: continuous_prob = 1 decodes the encoder's f itself, 0 the quantised f̂; the
+    continuous PSNR (decoding f) is reported either way, and the setting is checked."""
+    data = _digits("test")
+    task = build_task("vq", {"continuous_prob": continuous_prob}, TaskContext(train_set=data, eval_set=data))
+    model = task.build_model(ModelConfig(name="vqvae_fmnist_tiny", args={**TINY_VQ, "patch_nums": [1, 2, G]}))
+    task.setup(model)
+    batch = task.prepare_batch(data.__getitems__(list(range(16))), train=True)
+    images = batch_images(batch)
+    torch.manual_seed(0)
+    loss, stats = task.training_step(model.train(), batch)
+    f = model.encode(images)
+    f_hat, vq_loss = model.quantize(f)
+    rec = model.decode(f if continuous_prob else f_hat)
+    assert loss.item() == pytest.approx((F.mse_loss(rec, images) + vq_loss).item(), rel=1e-5)
+    loss.backward()
+    assert model.encoder.conv_in.weight.grad is not None
+    metrics = task.evaluate(model.eval(), [batch])
+    assert math.isfinite(metrics["psnr_continuous"]) and "continuous f" in task.format_report(metrics)
+    with pytest.raises(ValueError, match="continuous_prob"):
+        build_task("vq", {"continuous_prob": 1.5})
+
+
 def test_vq_then_ar_train_end_to_end_and_eval_through_the_cli(tmp_path, capsys):
     """Stage 1 trains the tokenizer on digits, stage 2 a generator on its codes; `vitkit eval` / `predict` go
     through the ar task with the run's tokenizer."""
@@ -360,3 +387,26 @@ def test_vq_then_ar_train_end_to_end_and_eval_through_the_cli(tmp_path, capsys):
     assert "bits_per_token" in out and "likeliest_class" in out
     assert cli_main(["predict", str(tmp_path / "vq"), str(tmp_path / "x.png")]) == 0
     assert "psnr" in capsys.readouterr().out
+
+
+def test_frechet_distance_matches_closed_forms():
+    """FD of two Gaussians: zero against itself; with commuting (here diagonal) covariances
+    ‖μ1 − μ2‖² + Σ(√a − √b)²; invariant to a common rotation; symmetric. ``gaussian`` is mean + unbiased cov."""
+    from vitkit.tasks.generation import frechet_distance, gaussian
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64)
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    expected = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()
+    assert frechet_distance(mu1, a.diag(), mu2, b.diag()) == pytest.approx(expected.item(), rel=1e-9)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    rotated = frechet_distance(q @ mu1, q @ a.diag() @ q.T, q @ mu2, q @ b.diag() @ q.T)
+    assert rotated == pytest.approx(expected.item(), rel=1e-7)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s1, s2 = m @ m.T, (m + 0.5).T @ (m + 0.5)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-7)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-7)
+    x = torch.randn(50, 3, generator=g)
+    mean, cov = gaussian(x)
+    assert torch.allclose(mean, x.double().mean(0))
+    assert torch.allclose(cov, torch.from_numpy(np.cov(x.double().numpy(), rowvar=False)))

@@ -277,6 +277,28 @@ def test_predict_ranks_captions_and_needs_them():
     assert [len(r["captions"]) for r in per_image] == [1, 2]
 
 
+def test_retrieval_scores_are_itm_logits_of_every_pair(tmp_path):
+    from PIL import Image
+
+    from vitkit.engine.evaluate import retrieval_scores, retrieve_files
+
+    ds = _dataset(8)
+    task, model = _task(ds)
+    model.save_pretrained(tmp_path / "ckpt")
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"c{i}.png"))
+        Image.fromarray(ds.images[i, 0].numpy()).save(paths[-1])
+    texts = [ds.captions[0], ds.captions[1], "a bag on the left"]
+    scores = retrieval_scores(tmp_path / "ckpt", paths, texts)
+    images = task.prepare_batch(ds.__getitems__([0, 1]), train=False)["images"]
+    with torch.no_grad():
+        ref = torch.stack([task._scores(model.eval(), images[i:i + 1].expand(3, -1, -1, -1), texts) for i in range(2)])
+    assert scores.shape == (2, 3) and torch.allclose(scores, ref, atol=1e-4)
+    best = retrieve_files(tmp_path / "ckpt", paths, texts, to_text=True, topk=1)
+    assert [r["matches"][0][0] for r in best] == [texts[int(i)] for i in ref.argmax(1)]
+
+
 def test_args_and_augmentation_checks():
     assert parse_task_args(ViLTTask, {"wpa_weight": 0.1, "hard_negative_prob": 0.25}).wpa_weight == 0.1
     with pytest.raises(ConfigError, match="mlm_prob"):

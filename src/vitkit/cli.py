@@ -1,5 +1,5 @@
 """The ``vitkit`` command line: models, convert, train, eval, predict, bench, ablate, explain, export, sparsevit,
-zeroshot, sample, serve.
+zeroshot, retrieve, sample, serve.
 
 Each command parses its arguments here and calls a library function, so everything the CLI does is also
 available from Python. Errors vitkit raises on purpose are printed as one clear line (exit code 2),
@@ -331,6 +331,42 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 cmd_zeroshot.configure = _zeroshot_args
+
+
+# ---------------------------------------------------------------------------- retrieve
+def _retrieve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a CLIP or ViLT training run folder or checkpoint folder (uses checkpoints/best)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("--text", dest="texts", action="append", default=[], metavar="TEXT",
+                   help="a caption, repeatable")
+    p.add_argument("--texts-file", help="a UTF-8 file with one caption per line (added to --text)")
+    p.add_argument("--to-text", action="store_true",
+                   help="rank the texts for each image (default: rank the images for each text)")
+    p.add_argument("--topk", type=_positive_int, default=5, help="how many matches to show (>= 1)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+
+@command("retrieve", "image-text retrieval with a CLIP or ViLT: the best images for each caption, or with "
+                     "--to-text the best captions for each image")
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine.evaluate import retrieve_files
+
+    texts = list(args.texts)
+    if args.texts_file:
+        texts += Path(args.texts_file).read_text(encoding="utf-8").splitlines()
+    for r in retrieve_files(args.run, args.images, texts, to_text=args.to_text, topk=args.topk):
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(r["query"])
+        for key, score in r["matches"]:
+            print(f"  {score:8.3f}  {key}")
+    return 0
+
+
+cmd_retrieve.configure = _retrieve_args
 
 
 # ---------------------------------------------------------------------------- sample

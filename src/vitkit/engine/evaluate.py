@@ -166,33 +166,30 @@ def zero_shot_files(run: str | Path, paths: Sequence[str | Path], class_names: S
     return results
 
 
-def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None = None, cfg: float | None = None,
-               top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> tuple[Path, float]:
-    """Sample ``n`` images of one class from a trained generator run (ar, var or hart: its task says which) and
-    write them as a PNG grid; returns (the PNG's path, wall-clock seconds per image, sampling and decoding).
+def load_generator(run: str | Path, steps: int | None = None, cfg: float | None = None, top_k: int | None = None,
+                   seed: int = 0, **settings: Any) -> tuple[torch.nn.Module, Task, list[str]]:
+    """(model, task, class names) of a trained generator run (ar, var or hart: its task says which), with the
+    task's sampling settings overridden: ``task.sample_images(model, labels)`` then draws samples.
 
     ``steps``: MaskGIT steps of a masked-order ar generator, or HART's diffusion steps (0 = the discrete image);
-    other generators take none. ``cfg`` / ``top_k`` default to the run's task settings. The tokenizer is the one
-    the run trained on (its ``task.args.tokenizer``, else the path saved in the checkpoint). ``out`` defaults to
-    ``samples_<class>.png`` in the run folder."""
+    other generators take none. ``cfg`` / ``top_k`` default to the run's task settings; ``settings`` are further
+    task arguments (``temperature``, ``top_p``). The tokenizer is the one the run trained on (its
+    ``task.args.tokenizer``, else the path saved in the checkpoint)."""
     import dataclasses
-    import time
 
-    from ..tasks.generation import GENERATOR_TASKS, class_index, save_image_grid, to_unit
+    from ..tasks.generation import GENERATOR_TASKS
 
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
     folder = resolve_model_dir(run)
     model = load_model(folder)
     name, args = task_spec(model, folder)
     if name not in GENERATOR_TASKS:
-        raise ConfigError(f"{run} was trained with task {name!r}; vitkit sample needs a generator "
+        raise ConfigError(f"{run} was trained with task {name!r}; sampling needs a generator "
                           f"({', '.join(GENERATOR_TASKS)})")
     task = build_task(name, args)
     saved = model.pretrained_cfg.get("tokenizer")
     if saved and not (checkpoint_folder(task.args.tokenizer or ".") / "config.json").is_file():
         task.args = dataclasses.replace(task.args, tokenizer=str(saved))  # run from another working directory
-    overrides: dict[str, Any] = {"sample_seed": seed}
+    overrides: dict[str, Any] = {"sample_seed": seed, **settings}
     if cfg is not None:
         overrides["cfg"] = cfg
     if top_k is not None:
@@ -207,11 +204,26 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
                               f"this {name} generator takes one step per {'token' if name == 'ar' else 'scale'}")
     try:
         task.args = dataclasses.replace(task.args, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"vitkit sample: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampling settings for {run}: {e}") from None
     names = model.pretrained_cfg.get("class_names") or task.tokenizer().pretrained_cfg.get("source_classes") \
         or [str(i) for i in range(model.num_classes)]
-    label = class_index(class_name, list(names)[:model.num_classes])
+    return model, task, [str(n) for n in list(names)[:model.num_classes]]
+
+
+def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None = None, cfg: float | None = None,
+               top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> tuple[Path, float]:
+    """Sample ``n`` images of one class from a trained generator run (see :func:`load_generator` for the
+    settings) and write them as a PNG grid; returns (the PNG's path, wall-clock seconds per image, sampling and
+    decoding). ``out`` defaults to ``samples_<class>.png`` in the run folder."""
+    import time
+
+    from ..tasks.generation import class_index, save_image_grid, to_unit
+
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    model, task, names = load_generator(run, steps=steps, cfg=cfg, top_k=top_k, seed=seed)
+    label = class_index(class_name, names)
     start = time.perf_counter()
     null = model.num_classes  # every generator's null class (the unconditional row of its class table)
     images = task.sample_images(model, torch.full((n,), null if label < 0 else label, dtype=torch.long))
@@ -220,3 +232,56 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in shown)
     path = save_image_grid(to_unit(images, model.pretrained_cfg), out or Path(run) / f"samples_{safe}.png")
     return path, seconds
+
+
+def retrieval_scores(run: str | Path, paths: Sequence[str | Path], texts: Sequence[str]) -> torch.Tensor:
+    """(images, texts) matching scores of image files against captions with a CLIP (cosine similarity of the
+    normalised embeddings, times the learned scale) or a ViLT (the ITM logit of every pair, one joint pass each)."""
+    from ..data.transforms import build_transforms
+    from ..models.clip import CLIP, logit_scale_multiplier
+    from ..models.vilt import ViLT
+    from ..tasks.clip import configured_tokenizer, model_tokenizer, tokenize
+
+    texts = [str(t).strip() for t in texts if str(t).strip()]
+    if not texts or not paths:
+        raise ConfigError("retrieval needs at least one image file and one text")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"image file(s) not found: {', '.join(missing)}")
+    folder = resolve_model_dir(run)
+    model = load_model(folder)
+    if not isinstance(model, (CLIP, ViLT)):
+        raise ConfigError(f"{folder} holds a {type(model).__name__}; retrieval needs a CLIP or a ViLT")
+    cfg = model.pretrained_cfg
+    channels, size = _input_spec(model)
+    images = torch.stack([load_image(str(p), channels, size) for p in paths])
+    images = build_transforms(None, False, cfg["mean"], cfg["std"], size)(images)
+    with torch.inference_mode():
+        if isinstance(model, CLIP):
+            ids, mask = tokenize(configured_tokenizer(model_tokenizer(model, folder), model.context_length), texts)
+            img = model.encode_image(images, normalize=True).float()
+            txt = model.encode_text(ids, mask, normalize=True).float()
+            return logit_scale_multiplier(model.logit_scale.detach()).float() * img @ txt.T
+        name, args = task_spec(model, folder)
+        task = build_task("vilt", args if name == "vilt" else None)  # its tokenizer settings; converted: defaults
+        task.setup(model)
+        rows = [task._scores(model, images[i:i + 1].expand(len(texts), -1, -1, -1), texts)
+                for i in range(len(paths))]
+        return torch.stack(rows)
+
+
+def retrieve_files(run: str | Path, paths: Sequence[str | Path], texts: Sequence[str], to_text: bool = False,
+                   topk: int = 5) -> list[dict[str, Any]]:
+    """``vitkit retrieve``: for each text the best-matching image files (or with ``to_text`` for each image
+    the best-matching texts), best first, with their scores (see :func:`retrieval_scores`)."""
+    texts = [str(t).strip() for t in texts if str(t).strip()]
+    scores = retrieval_scores(run, paths, texts)
+    if to_text:
+        queries, keys, table = [str(p) for p in paths], texts, scores
+    else:
+        queries, keys, table = texts, [str(p) for p in paths], scores.T
+    results = []
+    for query, row in zip(queries, table):
+        order = row.argsort(descending=True)[:topk].tolist()
+        results.append({"query": query, "matches": [(keys[i], float(row[i])) for i in order]})
+    return results

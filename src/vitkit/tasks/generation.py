@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model, from_pretrained
 from ..models.ar import TokenGenerator
-from ..models.hart import HART, hybrid_tokens
+from ..models.hart import HART, hybrid_tokens, hybrid_vqvae_loss
 from ..models.var import VAR
 from ..models.vqvae import MultiScaleVQVAE
 from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
@@ -107,10 +107,22 @@ class VQArgs:
     dead_threshold: float = 0.03  # dead: hit EMA below this share of a uniformly used code's
     grid_images: int = 8  # evaluation images in vq_reconstruction.png
     seed: int = 0  # the random codes decoded in the picture
+    # HART's hybrid tokenizer: the share of steps whose decoder sees the continuous f instead of f̂ (0: VAR's)
+    continuous_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.grid_images < 0 or not 0 <= self.dead_threshold < 1:
             raise ValueError("grid_images must be >= 0 and 0 <= dead_threshold < 1")
+        if not 0 <= self.continuous_prob <= 1:
+            raise ValueError(f"continuous_prob={self.continuous_prob!r} must be in [0, 1]")
+
+
+class _TorchCoin:
+    """``random()`` from torch's global generator, which checkpoints save and resume restores (exact resume)."""
+
+    @staticmethod
+    def random() -> float:
+        return float(torch.rand(()))
 
 
 @register_task
@@ -125,6 +137,9 @@ class VQTask(Task):
         model = create_model(model_cfg.name, pretrained=pretrained, **dict(model_cfg.args))
         if not isinstance(model, MultiScaleVQVAE):
             raise ConfigError(f"task vq trains a VQ tokenizer (e.g. vq_fmnist_tiny), got {model_cfg.name!r}")
+        if self.args.continuous_prob and self.ctx.world_size > 1:
+            raise ConfigError("task vq with continuous_prob > 0 trains in one process: the hybrid step calls the "
+                              "encoder and decoder directly, which DDP does not see")
         if pretrained is None and self.args.codebook_init:
             model.quantize.init_codebook(self.args.codebook_init)
         source = self.ctx.train_set
@@ -138,9 +153,12 @@ class VQTask(Task):
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch_images(batch)
-        out = model(images)
-        n = images.shape[0]
         vq = _unwrap(model)
+        if self.args.continuous_prob:  # HART: decode the continuous f on this share of steps, f̂ on the others
+            out = hybrid_vqvae_loss(vq, images, discrete_prob=1 - self.args.continuous_prob, generator=_TorchCoin())
+        else:
+            out = model(images)
+        n = images.shape[0]
         usage = sum(vq.quantize.usages(self._tokens_per_step(vq, n), self.ctx.world_size)) / len(vq.patch_nums)
         rec = F.mse_loss(out.rec.float(), images.float()).item()
         return out.loss, {"loss": out.loss.item() * n, "rec_mse": rec * n, "vq_loss": out.vq_loss.item() * n,
@@ -179,6 +197,7 @@ class VQTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
         cfg = model.pretrained_cfg
         se = torch.zeros((), dtype=torch.float64)
+        se_continuous = torch.zeros((), dtype=torch.float64)
         pixels = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
         hist = torch.zeros(model.vocab_size, dtype=torch.float64)
@@ -187,18 +206,24 @@ class VQTask(Task):
             images = batch_images(batch)
             rec, idx = self._reconstruct(model, images)
             se += (to_unit(rec, cfg) - to_unit(images, cfg)).square().sum().double().cpu()
+            with torch.autocast(device_type=images.device.type, enabled=False):  # f itself: HART's upper bound
+                rec_f = model.decode(model.encode(images.float()))
+            se_continuous += (to_unit(rec_f, cfg) - to_unit(images, cfg)).square().sum().double().cpu()
             pixels += images.numel()
             count += images.shape[0]
             hist += torch.cat([i.flatten() for i in idx]).bincount(minlength=model.vocab_size).double().cpu()
             if grid is None and self.args.grid_images:
                 k = self.args.grid_images
                 grid = {"images": images[:k].float().cpu(), "rec": rec[:k].float().cpu()}
-        se, pixels, count, hist = (self.ctx.all_reduce_sum(t) for t in (se, pixels, count, hist))
+        se, se_continuous, pixels, count, hist = (self.ctx.all_reduce_sum(t)
+                                                  for t in (se, se_continuous, pixels, count, hist))
         mse = se.item() / max(1.0, pixels.item())
+        mse_continuous = se_continuous.item() / max(1.0, pixels.item())
         p = hist / hist.sum().clamp_min(1)
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
         metrics: dict[str, Any] = {
             "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "rec_mse": mse, "count": int(count.item()),
+            "psnr_continuous": 10 * math.log10(1 / max(mse_continuous, 1e-12)),
             "codebook_usage": (hist > 0).double().mean().item(), "codebook_perplexity": math.exp(entropy),
             "_code_hist": hist,
         }
@@ -233,7 +258,9 @@ class VQTask(Task):
 
     def format_report(self, metrics: dict[str, Any]) -> str:
         return (f"reconstruction PSNR {metrics['psnr']:.2f} dB (MSE {metrics['rec_mse']:.5f} on [0, 1] pixels, "
-                f"{metrics['count']} images)\ncodebook: {100 * metrics['codebook_usage']:.1f}% of the codes used, "
+                f"{metrics['count']} images); decoding the continuous f (HART's bound) "
+                f"{metrics['psnr_continuous']:.2f} dB\ncodebook: {100 * metrics['codebook_usage']:.1f}% of the codes "
+                f"used, "
                 f"perplexity {metrics['codebook_perplexity']:.1f}")
 
     @torch.no_grad()
@@ -753,3 +780,20 @@ def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int = 8, pad
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB").save(path)
     return path
+
+
+# ---------------------------------------------------------------------------- sample quality
+def gaussian(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), the trace of the root from the eigenvalues of the
+    symmetric Σ1^½ Σ2 Σ1^½ (same value as tr((Σ1 Σ2)^½), without a non-symmetric matrix root)."""
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    middle = root1 @ cov2 @ root1
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_root)
