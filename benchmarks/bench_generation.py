@@ -178,7 +178,7 @@ def draw_grid(panels: dict[str, torch.Tensor], per_row: int, class_names: list[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) * per_row / 6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.9 + len(panels) * (0.3 * per_row + 0.15), 3.6), squeeze=False)
     for ax, (name, images) in zip(axes[0], panels.items()):
         rows = []
         for c in range(NUM_CLASSES):
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=Path, default=None, help="PNG: samples of every method side by side")
     ap.add_argument("--grid-per-class", type=int, default=6)
     ap.add_argument("--out", type=Path, default=None, help="JSON with every figure")
+    ap.add_argument("--only", choices=["all", "quality", "speed"], default="all",
+                    help="quality sets and tokenizers only, or speed only (e.g. on a quieter machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -231,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                        "test_acc": float((test_preds == test_labels).float().mean()),
                        "feature_dim": int(test_feats.shape[1])},
         "n": n}
-    real = stratified(train.labels.long(), args.per_class, seed=args.sample_seed)
-    result["floor"] = score(judge, train.images[real].float() / 255, train.labels[real].long(), ref)
-    subset = stratified(test_labels, args.per_class, seed=args.sample_seed)
-    log(f"classifier {result['classifier']}; floor (N={n} real training images) {result['floor']} "
-        f"[{time.perf_counter() - t0:.0f} s]")
-    result["tokenizers"] = tokenizer_rows(judge, args.tokenizer, test01, test_labels, subset, ref, log)
+    quality = args.only != "speed"
+    if quality:
+        real = stratified(train.labels.long(), args.per_class, seed=args.sample_seed)
+        result["floor"] = score(judge, train.images[real].float() / 255, train.labels[real].long(), ref)
+        subset = stratified(test_labels, args.per_class, seed=args.sample_seed)
+        log(f"classifier {result['classifier']}; floor (N={n} real training images) {result['floor']} "
+            f"[{time.perf_counter() - t0:.0f} s]")
+        result["tokenizers"] = tokenizer_rows(judge, args.tokenizer, test01, test_labels, subset, ref, log)
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class)
@@ -247,22 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         per_run = []
         for i, run in enumerate(runs):
             model, task, names = load_generator(run, seed=args.sample_seed, **settings)
-            t1 = time.perf_counter()
-            images = sample_set(model, task, labels, args.sample_seed, args.batch)
-            seconds = time.perf_counter() - t1
-            per_run.append({"run": run, **score(judge, images, labels, ref), "quality_set_s": seconds})
-            log(f"{name} ({run}): {per_run[-1]}")
+            if quality:
+                t1 = time.perf_counter()
+                images = sample_set(model, task, labels, args.sample_seed, args.batch)
+                seconds = time.perf_counter() - t1
+                per_run.append({"run": run, **score(judge, images, labels, ref), "quality_set_s": seconds})
+                log(f"{name} ({run}): {per_run[-1]}")
             if i == 0:
-                panels[name] = sample_set(model, task, grid_labels, args.sample_seed + 1, args.batch)
+                if args.grid is not None:
+                    panels[name] = sample_set(model, task, grid_labels, args.sample_seed + 1, args.batch)
                 steps = describe_steps(model, task)
-                if args.speed_batch:
+                if args.speed_batch and args.only != "quality":
                     speed_labels = torch.arange(args.speed_batch) % NUM_CLASSES
                     speed_cands.append(Candidate(name, "vitkit", "fp32",
                                                  lambda m=model, t=task, y=speed_labels: t.sample_images(m, y),
                                                  name == "raster"))
-        fd, acc = mean_std([r["fd"] for r in per_run]), mean_std([r["class_acc"] for r in per_run])
-        generators.append({"name": name, "settings": settings, "steps": steps, "runs": per_run,
-                           "fd": fd, "class_acc": acc})
+        entry = {"name": name, "settings": settings, "steps": steps, "runs": per_run}
+        if quality:
+            entry.update(fd=mean_std([r["fd"] for r in per_run]), class_acc=mean_std([r["class_acc"] for r in per_run]))
+        generators.append(entry)
     result["generators"] = generators
 
     if speed_cands:
@@ -303,31 +310,38 @@ def format_tables(r: dict[str, Any]) -> str:
     m = r["machine"]
     c = r["classifier"]
     lines = [f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, avx512_bf16 {m['avx512_bf16']}, AMX {m['amx']}),"
-             f" {m['threads']} threads, torch {m['torch']}.",
-             f"Judge: {c['run']} ({c['model']}), test accuracy {100 * c['test_acc']:.2f}%, {c['feature_dim']}-d "
-             f"pre-logit features; FD against the 10,000 test images, N = {r['n']} per set.", "",
-             "| set | steps | FD ↓ | classifier acc ↑ | img/s | ms/img | × raster |",
-             "|---|---|---:|---:|---:|---:|---:|",
-             f"| real training images (floor) | | {r['floor']['fd']:.2f} | {100 * r['floor']['class_acc']:.1f}% "
-             "| | | |"]
-    for t in r["tokenizers"]:
-        lines.append(f"| {t['tokenizer']} reconstructions ({'+'.join(f'{p}²' for p in t['scales'])} codes) | | "
-                     f"{t['rec_fd']:.2f} | {100 * t['rec_class_acc']:.1f}% | | | |")
-        if "continuous_fd" in t:
-            lines.append(f"| {t['tokenizer']} decoding continuous f | | {t['continuous_fd']:.2f} | "
-                         f"{100 * t['continuous_class_acc']:.1f}% | | | |")
-    for g in r["generators"]:
-        k = len(g["runs"])
-        fd = f"{g['fd'][0]:.2f}" + (f" ± {g['fd'][1]:.2f}" if k > 1 else "")
-        acc = f"{100 * g['class_acc'][0]:.1f}%" + (f" ± {100 * g['class_acc'][1]:.1f}" if k > 1 else "")
-        s = g.get("speed")
-        speed = f"{s['img_s']:.1f} | {s['ms_per_img']:.1f} | {s['x_raster']:.2f}" if s else " | | "
-        lines.append(f"| {g['name']} ({k} run{'s' if k > 1 else ''}) | {g['steps']} | {fd} | {acc} | {speed} |")
-    lines += ["", "| tokenizer | PSNR dB | PSNR decoding f | codebook usage | perplexity |",
-              "|---|---:|---:|---:|---:|"]
-    for t in r["tokenizers"]:
-        lines.append(f"| {t['tokenizer']} | {t['psnr']:.2f} | {t['psnr_continuous']:.2f} | "
-                     f"{100 * t['codebook_usage']:.0f}% | {t['perplexity']:.0f} |")
+             f" {m['threads']} threads, torch {m['torch']}; 1-min load {m['load_before']} before, "
+             f"{m['load_after']} after."]
+    if "floor" in r:
+        lines += [f"Judge: {c['run']} ({c['model']}), test accuracy {100 * c['test_acc']:.2f}%, {c['feature_dim']}-d "
+                  f"pre-logit features; FD against the 10,000 test images, N = {r['n']} per set.", "",
+                  "| set | steps | FD ↓ | classifier acc ↑ |", "|---|---|---:|---:|",
+                  f"| real training images (floor) | | {r['floor']['fd']:.3f} | {100 * r['floor']['class_acc']:.1f}% |"]
+        for t in r["tokenizers"]:
+            lines.append(f"| {t['tokenizer']} reconstructions ({'+'.join(f'{p}²' for p in t['scales'])} codes) | | "
+                         f"{t['rec_fd']:.3f} | {100 * t['rec_class_acc']:.1f}% |")
+            if "continuous_fd" in t:
+                lines.append(f"| {t['tokenizer']} decoding continuous f | | {t['continuous_fd']:.3f} | "
+                             f"{100 * t['continuous_class_acc']:.1f}% |")
+        for g in r["generators"]:
+            k = len(g["runs"])
+            fd = f"{g['fd'][0]:.3f}" + (f" ± {g['fd'][1]:.3f}" if k > 1 else "")
+            acc = f"{100 * g['class_acc'][0]:.1f}%" + (f" ± {100 * g['class_acc'][1]:.1f}" if k > 1 else "")
+            lines.append(f"| {g['name']} ({k} run{'s' if k > 1 else ''}) | {g['steps']} | {fd} | {acc} |")
+        lines += ["", "| tokenizer | PSNR dB | PSNR decoding f | codebook usage | perplexity |",
+                  "|---|---:|---:|---:|---:|"]
+        for t in r["tokenizers"]:
+            lines.append(f"| {t['tokenizer']} | {t['psnr']:.2f} | {t['psnr_continuous']:.2f} | "
+                         f"{100 * t['codebook_usage']:.0f}% | {t['perplexity']:.0f} |")
+    timed = [g for g in r["generators"] if "speed" in g]
+    if timed:
+        lines += ["", f"Sampling speed (sampling + decoding, batch {timed[0]['speed']['batch']}, median of timed "
+                  "samples):", "", "| generator | steps | s/batch | img/s | ms/img | × raster |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for g in timed:
+            s = g["speed"]
+            lines.append(f"| {g['name']} | {g['steps']} | {s['s_per_batch']:.3f} | {s['img_s']:.1f} | "
+                         f"{s['ms_per_img']:.2f} | {s['x_raster']:.2f} |")
     return "\n".join(lines)
 
 

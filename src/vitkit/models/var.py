@@ -30,7 +30,6 @@ load through ``vitkit convert var``; parameter names are the official ones):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,19 +50,43 @@ MAX_SCALE_MUL = math.log(100.0)  # clamp of the learned per-head logit scale (lo
 NO_WEIGHT_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
 
 
-@dataclass
 class KVCache:
-    """Keys and values (B, heads, tokens, head_dim) of the scales seen so far, for one attention layer."""
+    """Keys and values (B, heads, tokens, head_dim) of the tokens seen so far, for one attention layer.
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    The tokens live in a buffer that doubles when full, so appending one token per step (raster AR: 49 steps)
+    costs amortised O(1) copies instead of re-concatenating the whole cache each step; ``k`` / ``v`` are views of
+    the filled part."""
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.length]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this scale's keys/values; return all of them."""
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Append these tokens' keys/values; return all of them."""
+        n, end = k.shape[2], self.length + k.shape[2]
+        if self._k is None or end > self._k.shape[2] or self._k.shape[:2] != k.shape[:2]:
+            if self._k is not None and self._k.shape[:2] != k.shape[:2]:
+                raise ValueError(f"KVCache holds batch/heads {tuple(self._k.shape[:2])}, got {tuple(k.shape[:2])}")
+            capacity = max(end, 2 * (self._k.shape[2] if self._k is not None else n))
+            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if self.length:
+                grown_k[:, :, :self.length] = self._k[:, :, :self.length]
+                grown_v[:, :, :self.length] = self._v[:, :, :self.length]
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length:end] = k
+        self._v[:, :, self.length:end] = v
+        self.length = end
+        return self.k, self.v
 
 
 class VARSelfAttention(AttentionMapSource, nn.Module):
