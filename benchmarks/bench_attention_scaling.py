@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.benchmark import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
+from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.engine.inference import native_bf16_supported
 from vitkit.layers.attention import Attention
 from vitkit.layers.linear_attention import ReLULinearAttention
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     _share_weights(base, linear)
     _share_weights(base, sparse)
     meta = {
-        "cpu": _cpu_name(), "cpu_flags": _simd_flags(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_flags": _simd_flags(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "native_bf16": native_bf16_supported(),
         "window_impl": window_impl, "dim": args.dim, "heads": args.heads, "window": args.window,
         "group": args.group, "keep": args.keep, "grids": args.grids, "samples": args.samples, "passes": args.passes,
@@ -397,14 +397,6 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def _simd_flags() -> str:

@@ -35,24 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
+from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.engine.export import export_onnx
 from vitkit.engine.inference import cpu_flags, prepare_for_inference
 from vitkit.models import create_model
 
 DEFAULT_MODELS = ["vit_fmnist_tiny", "vit_small_patch16_224"]
 RUNTIMES = ("eager", "prepared", "onnxruntime")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine_line(threads: int, load_before: float | None, load_after: float | None) -> str:

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
+from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.data import build_dataset
-from vitkit.engine.evaluate import load_generator, load_model, resolve_model_dir
+from vitkit.engine.evaluate import evaluate_checkpoint, load_generator, load_model, resolve_model_dir
 from vitkit.engine.inference import cpu_flags
 from vitkit.tasks.generation import frechet_distance, gaussian, to_unit
 
@@ -72,10 +72,8 @@ class Judge:
         for start in range(0, images01.shape[0], self.batch):
             x = (images01[start:start + self.batch].float() - self.mean) / self.std
             tokens = self.model.forward_features(x)
-            pre = self.model.forward_head(tokens, pre_logits=True)
-            feats.append(pre.float())
-            preds.append(self.model.head(pre).argmax(-1) if hasattr(self.model, "head")
-                         else self.model.forward_head(tokens).argmax(-1))
+            feats.append(self.model.forward_head(tokens, pre_logits=True).float())
+            preds.append(self.model.forward_head(tokens).argmax(-1))
         return torch.cat(feats), torch.cat(preds)
 
 
@@ -111,34 +109,27 @@ def parse_spec(text: str) -> tuple[str, list[str], dict[str, Any]]:
 
 def tokenizer_rows(judge: Judge, specs: list[str], test01: torch.Tensor, test_labels: torch.Tensor,
                    subset: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], log) -> list[dict[str, Any]]:
+    """Per tokenizer run: its own task's evaluation on the whole test set (PSNR through the codes and decoding f,
+    codebook usage and perplexity), and the judge's FD / accuracy on its reconstructions of the ``subset``."""
     rows = []
     for spec in specs:
         name, runs, _ = parse_spec(spec)
         for run in runs:
+            metrics, _ = evaluate_checkpoint(run, data="fashion_mnist", split="test")
             vq = load_model(run)
             cfg = vq.pretrained_cfg
             mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
             std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-            recs, conts, hist = [], [], torch.zeros(vq.vocab_size, dtype=torch.float64)
             with torch.inference_mode():
-                for start in range(0, test01.shape[0], 500):
-                    x = (test01[start:start + 500] - mean) / std
-                    f = vq.encode(x)
-                    idx = vq.quantize.f_to_idx_or_fhat(f, to_fhat=False)
-                    hist += torch.cat([i.flatten() for i in idx]).bincount(minlength=vq.vocab_size).double()
-                    recs.append(to_unit(vq.idx_to_img(idx, last_one=True), cfg))
-                    conts.append(to_unit(vq.decode(f), cfg))
-            rec, cont = torch.cat(recs), torch.cat(conts)
-            p = hist / hist.sum()
-            row = {"tokenizer": name, "run": run, "scales": list(vq.patch_nums),
-                   "psnr": 10 * float(torch.log10(1 / (rec - test01).square().mean())),
-                   "psnr_continuous": 10 * float(torch.log10(1 / (cont - test01).square().mean())),
-                   "codebook_usage": float((hist > 0).double().mean()),
-                   "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
-                   **{f"rec_{k}": v for k, v in score(judge, rec[subset], test_labels[subset], ref).items()}}
+                f = vq.encode((test01[subset] - mean) / std)
+                rec = to_unit(vq.idx_to_img(vq.quantize.f_to_idx_or_fhat(f, to_fhat=False), last_one=True), cfg)
+                cont = to_unit(vq.decode(f), cfg)
+            row = {"tokenizer": name, "run": run, "scales": list(vq.patch_nums), "psnr": metrics["psnr"],
+                   "psnr_continuous": metrics["psnr_continuous"], "codebook_usage": metrics["codebook_usage"],
+                   "perplexity": metrics["codebook_perplexity"],
+                   **{f"rec_{k}": v for k, v in score(judge, rec, test_labels[subset], ref).items()}}
             if len(vq.patch_nums) > 1:
-                row.update({f"continuous_{k}": v for k, v in
-                            score(judge, cont[subset], test_labels[subset], ref).items()})
+                row.update({f"continuous_{k}": v for k, v in score(judge, cont, test_labels[subset], ref).items()})
             log(f"tokenizer {name} ({run}): {row}")
             rows.append(row)
     return rows
@@ -288,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                           "samples": len(next(c for c in speed_cands if c.name == g["name"]).samples)}
 
     flags = cpu_flags()
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     result["machine"] = {
-        "cpu": next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                    "unknown"),
+        "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(), "threads": args.threads,
         "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "torch": torch.__version__,
         "load_before": load_before, "load_after": machine_load()}

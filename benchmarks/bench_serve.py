@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from vitkit.benchmark import cpu_name
 
 
 def _images(n: int) -> list[bytes]:
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lat = sorted(1000 * dt for code, dt in results if code == 200)
     codes = Counter(code for code, _ in results)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2"
     print(f"machine: {cpu} ({isa}), {os.cpu_count()} cores; server `vitkit serve {args.run} --explain {args.explain}`")

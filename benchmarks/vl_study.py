@@ -42,9 +42,9 @@ import torch
 
 from vitkit.data import build_dataset
 from vitkit.data.captions import CAPTION_WORDS, swapped_caption
-from vitkit.engine.evaluate import evaluate_checkpoint, load_model, resolve_model_dir, task_spec
-from vitkit.layers.ot import cost_matrix_cosine, ipot
-from vitkit.tasks import build_task
+from vitkit.data.transforms import build_transforms
+from vitkit.engine.evaluate import evaluate_checkpoint, load_model, resolve_model_dir, task_spec, vilt_task_for
+from vitkit.models.vilt import wpa_plan
 from vitkit.tasks.clip import DEFAULT_TEMPLATES, configured_tokenizer, model_tokenizer, tokenize, zero_shot_classify
 from vitkit.tasks.vilt import Encoded
 
@@ -57,10 +57,9 @@ def parse_spec(text: str) -> tuple[str, list[str]]:
 
 
 def normalise(canvases_uint8: torch.Tensor, model) -> torch.Tensor:
+    """uint8 canvases -> the model's evaluation input (as ``vitkit eval`` prepares it)."""
     cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (canvases_uint8.float() / 255 - mean) / std
+    return build_transforms(None, False, cfg["mean"], cfg["std"])(canvases_uint8)
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -138,10 +137,7 @@ def clip_retrieval_grid(run: str, path: Path, queries: int = 5, topk: int = 5, s
 def _vilt_task(run: str):
     folder = resolve_model_dir(run)
     model = load_model(folder)
-    _, args = task_spec(model, folder)
-    task = build_task("vilt", args)
-    task.setup(model)
-    return model, task
+    return model, vilt_task_for(model, folder)
 
 
 def _class_word_span(caption: str) -> tuple[int, int] | None:
@@ -212,18 +208,8 @@ def wpa_heat_map(run: str, path: Path, index: int | None = None, beta: float = 0
     image = normalise(test.images[index:index + 1], model)
     enc = task.encode([caption])
     out = model(enc.input_ids, enc.attention_mask, None, image)
-    txt_mask, img_mask = out["text_masks"].clone(), out["image_masks"].clone()
-    last = int(txt_mask.sum(1)[0]) - 1
-    txt_mask[0, last] = False  # [SEP], [CLS] and the image [CLS] take no part, as in the WPA loss
-    txt_mask[0, 0] = False
-    img_mask[0, 0] = False
-    txt_pad, img_pad = ~txt_mask, ~img_mask
-    cost = cost_matrix_cosine(out["text_feats"].float(), out["image_feats"].float())
-    joint = txt_pad.unsqueeze(-1) | img_pad.unsqueeze(-2)
-    cost = cost.masked_fill(joint, 0)
-    tl = (txt_pad.size(1) - txt_pad.sum(1)).float()
-    il = (img_pad.size(1) - img_pad.sum(1)).float()
-    plan = ipot(cost, tl, txt_pad, il, img_pad, joint, beta, iteration, 1)[0].T  # (text, image tokens)
+    last = int(out["text_masks"].sum(1)[0]) - 1  # [SEP]: words are the tokens between it and [CLS]
+    plan = wpa_plan(out, beta, iteration)[0]  # (text, image tokens)
     tokens = task.tokenizer.encode(caption).tokens
     pidx = out["patch_index"][0]  # every patch in grid order at evaluation
     grid = (int(pidx[:, 0].max()) + 1, int(pidx[:, 1].max()) + 1)

@@ -651,7 +651,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     meter = ContentionMeter()
     meta: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(), "native_bf16": native_bf16_supported(), "amx": amx_supported(),
+        "cpu": cpu_name(), "native_bf16": native_bf16_supported(), "amx": amx_supported(),
         "timm": include_timm, "allocator_tuned": tuned, "load_before": machine_load(),
     }
     with contextlib.suppress(Exception):
@@ -762,7 +762,8 @@ def _shape(peak: dict[str, Any]) -> str:
     return "x".join(str(v) for v in shape) if shape else "-"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), which every benchmark prints with its figures."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):

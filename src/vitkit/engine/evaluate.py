@@ -234,6 +234,15 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
     return path, seconds
 
 
+def vilt_task_for(model: torch.nn.Module, folder: str | Path) -> Task:
+    """The vilt task set up for ``model``: the run's settings (tokenizer length, ...), defaults for a converted
+    checkpoint that has none."""
+    name, args = task_spec(model, folder)
+    task = build_task("vilt", args if name == "vilt" else None)
+    task.setup(model)
+    return task
+
+
 def retrieval_scores(run: str | Path, paths: Sequence[str | Path], texts: Sequence[str]) -> torch.Tensor:
     """(images, texts) matching scores of image files against captions with a CLIP (cosine similarity of the
     normalised embeddings, times the learned scale) or a ViLT (the ITM logit of every pair, one joint pass each)."""
@@ -262,9 +271,7 @@ def retrieval_scores(run: str | Path, paths: Sequence[str | Path], texts: Sequen
             img = model.encode_image(images, normalize=True).float()
             txt = model.encode_text(ids, mask, normalize=True).float()
             return logit_scale_multiplier(model.logit_scale.detach()).float() * img @ txt.T
-        name, args = task_spec(model, folder)
-        task = build_task("vilt", args if name == "vilt" else None)  # its tokenizer settings; converted: defaults
-        task.setup(model)
+        task = vilt_task_for(model, folder)
         rows = [task._scores(model, images[i:i + 1].expand(len(texts), -1, -1, -1), texts)
                 for i in range(len(paths))]
         return torch.stack(rows)

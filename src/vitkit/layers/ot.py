@@ -84,6 +84,20 @@ def ipot(C: torch.Tensor, x_len: torch.Tensor, x_pad: torch.Tensor, y_len: torch
     return T.masked_fill(joint_pad, 0)
 
 
+def transport_plan(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                   beta: float = 0.5, iteration: int = 50, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine cost C (B, M, N) with padded pairs zeroed, IPOT plan T (B, N, M), computed without gradient) of
+    word and patch features: (B, M, D), (B, N, D), (B, M), (B, N) pad masks."""
+    cost = cost_matrix_cosine(txt_emb, img_emb)
+    joint_pad = txt_pad.unsqueeze(-1) | img_pad.unsqueeze(-2)
+    cost = cost.masked_fill(joint_pad, 0)
+
+    txt_len = (txt_pad.size(1) - txt_pad.sum(dim=1)).to(dtype=cost.dtype)
+    img_len = (img_pad.size(1) - img_pad.sum(dim=1)).to(dtype=cost.dtype)
+    T = ipot(cost.detach(), txt_len, txt_pad, img_len, img_pad, joint_pad, beta, iteration, k)
+    return cost, T.detach()
+
+
 def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_pad: torch.Tensor,
                            img_pad: torch.Tensor, beta: float = 0.5, iteration: int = 50, k: int = 1
                            ) -> torch.Tensor:
@@ -92,14 +106,8 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_pad
     The plan is computed without gradient (IPOT under ``no_grad``, as in ViLT); the distance trace(C T) is
     differentiable in the features through the cost C only.
     """
-    cost = cost_matrix_cosine(txt_emb, img_emb)
-    joint_pad = txt_pad.unsqueeze(-1) | img_pad.unsqueeze(-2)
-    cost = cost.masked_fill(joint_pad, 0)
-
-    txt_len = (txt_pad.size(1) - txt_pad.sum(dim=1)).to(dtype=cost.dtype)
-    img_len = (img_pad.size(1) - img_pad.sum(dim=1)).to(dtype=cost.dtype)
-    T = ipot(cost.detach(), txt_len, txt_pad, img_len, img_pad, joint_pad, beta, iteration, k)
-    return trace(cost.matmul(T.detach()))
+    cost, T = transport_plan(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)
+    return trace(cost.matmul(T))
 
 
-__all__ = ["cost_matrix_cosine", "trace", "ipot", "optimal_transport_dist"]
+__all__ = ["cost_matrix_cosine", "trace", "ipot", "transport_plan", "optimal_transport_dist"]

@@ -7,12 +7,26 @@ for image-text models whose text side is built differently (ViLT adds its own to
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import InputShapeError
 from .block import Block
+
+
+def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
+    """A ``tokenizers.Tokenizer``, its JSON string or its parsed JSON object -> the JSON object."""
+    if isinstance(tokenizer, dict):
+        return tokenizer
+    if isinstance(tokenizer, str):
+        return json.loads(tokenizer)
+    if callable(getattr(tokenizer, "to_str", None)):
+        return json.loads(tokenizer.to_str())
+    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
 
 
 def check_token_batch(input_ids: torch.Tensor, context_length: int, what: str = "text encoder") -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.constants import FMNIST_MEAN, FMNIST_STD
-from ..layers.text import TextTransformer
+from ..layers.text import TextTransformer, tokenizer_json
 from ._base import VitkitModel, check_model_args
 from ._registry import register_config
 from .vit import VisionTransformer
@@ -125,17 +125,6 @@ class CLIPEmbeddings(NamedTuple):
     logit_scale: torch.Tensor  # the parameter itself (clip_loss clamps it), so the temperature gets its gradient
 
 
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    """A ``tokenizers.Tokenizer``, its JSON string or its parsed JSON object -> the JSON object."""
-    if isinstance(tokenizer, dict):
-        return tokenizer
-    if isinstance(tokenizer, str):
-        return json.loads(tokenizer)
-    if callable(getattr(tokenizer, "to_str", None)):
-        return json.loads(tokenizer.to_str())
-    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
-
-
 class CLIPVisionTransformer(VisionTransformer):
     """A ViT as CLIP's image tower; the CLIP-specific parts are switches of this subclass, not of ViT.
 
@@ -225,7 +214,7 @@ class CLIP(VitkitModel):
                                "std": OPENAI_CLIP_STD[:in_chans], "interpolation": "bicubic"}
         self._tokenizer: Any = None
         if tokenizer is not None:
-            self._tokenizer = self._checked_tokenizer(_tokenizer_json(tokenizer))
+            self._tokenizer = self._checked_tokenizer(tokenizer_json(tokenizer))
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -236,7 +225,7 @@ class CLIP(VitkitModel):
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
-        data = _tokenizer_json(tokenizer)
+        data = tokenizer_json(tokenizer)
         self._tokenizer = self._checked_tokenizer(data)
         self.model_args["tokenizer"] = data
 

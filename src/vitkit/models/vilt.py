@@ -47,8 +47,9 @@ from torch import nn
 from ..data.constants import FMNIST_MEAN, FMNIST_STD, INCEPTION_MEAN, INCEPTION_STD
 from ..errors import CheckpointError, InputShapeError
 from ..layers import Block, PatchEmbed, check_image_batch, get_act_layer
-from ..layers.ot import optimal_transport_dist
+from ..layers.ot import optimal_transport_dist, transport_plan
 from ..layers.pos_embed import infer_grid
+from ..layers.text import tokenizer_json
 from ..utils import to_2tuple
 from ._base import VitkitModel, check_model_args
 from ._registry import register_config
@@ -188,7 +189,7 @@ class ViLT(VitkitModel):
                                "std": (0.5,) * in_chans, "interpolation": "bicubic", "max_text_len": max_text_len}
         self._tokenizer: Any = None
         if tokenizer is not None:
-            self._tokenizer = self._checked_tokenizer(_tokenizer_json(tokenizer))
+            self._tokenizer = self._checked_tokenizer(tokenizer_json(tokenizer))
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -199,7 +200,7 @@ class ViLT(VitkitModel):
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
-        data = _tokenizer_json(tokenizer)
+        data = tokenizer_json(tokenizer)
         self._tokenizer = self._checked_tokenizer(data)
         self.model_args["tokenizer"] = data
 
@@ -425,15 +426,15 @@ class ViLT(VitkitModel):
         return len(self.blocks) + 1
 
 
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    """A ``tokenizers.Tokenizer``, its JSON string or its parsed JSON object -> the JSON object."""
-    if isinstance(tokenizer, dict):
-        return tokenizer
-    if isinstance(tokenizer, str):
-        return json.loads(tokenizer)
-    if callable(getattr(tokenizer, "to_str", None)):
-        return json.loads(tokenizer.to_str())
-    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
+def _wpa_pads(out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, image) padding masks of the WPA computation: padding, the text [CLS] and [SEP] (the last real
+    token) and the image [CLS] take no part."""
+    txt_mask, img_mask = out["text_masks"].clone(), out["image_masks"].clone()
+    last = txt_mask.sum(1) - 1
+    txt_mask[torch.arange(txt_mask.shape[0], device=txt_mask.device), last.clamp(min=0)] = False
+    txt_mask[:, 0] = False
+    img_mask[:, 0] = False
+    return ~txt_mask, ~img_mask
 
 
 def wpa_distance(out: dict[str, Any], beta: float = 0.5, iteration: int = 50, k: int = 1) -> torch.Tensor:
@@ -443,13 +444,16 @@ def wpa_distance(out: dict[str, Any], beta: float = 0.5, iteration: int = 50, k:
     no part; features are compared in float32 under the cosine cost with IPOT (:mod:`vitkit.layers.ot`).
     The ITM-WPA loss is ``0.1 * (mean distance of matching pairs - mean of non-matching pairs)``.
     """
-    txt_mask, img_mask = out["text_masks"].clone(), out["image_masks"].clone()
-    last = txt_mask.sum(1) - 1
-    txt_mask[torch.arange(txt_mask.shape[0], device=txt_mask.device), last.clamp(min=0)] = False
-    txt_mask[:, 0] = False
-    img_mask[:, 0] = False
-    return optimal_transport_dist(out["text_feats"].float(), out["image_feats"].float(), ~txt_mask, ~img_mask,
+    return optimal_transport_dist(out["text_feats"].float(), out["image_feats"].float(), *_wpa_pads(out),
                                   beta, iteration, k)
+
+
+def wpa_plan(out: dict[str, Any], beta: float = 0.5, iteration: int = 50, k: int = 1) -> torch.Tensor:
+    """The transport plan behind :func:`wpa_distance`, as (B, text tokens, image tokens) with the [CLS] image
+    token first (zero rows and columns where a token takes no part): where each word sends its mass."""
+    _, T = transport_plan(out["text_feats"].float(), out["image_feats"].float(), *_wpa_pads(out), beta, iteration,
+                          k)
+    return T.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------- registered configurations
