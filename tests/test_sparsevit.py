@@ -9,12 +9,14 @@ import torch
 
 import vitkit
 from test_data import data_no_system_dirs, write_fake_fmnist  # noqa: F401  (fixture)
+from vitkit.engine.config import config_to_yaml, load_config
 from vitkit.engine.sparsevit import (
     Candidate,
     LatencyTable,
     evolutionary_search,
     measure_latency_table,
     pareto_front,
+    run_data_args,
     run_search,
 )
 from vitkit.errors import ConfigError
@@ -150,11 +152,45 @@ def test_search_end_to_end_on_a_tiny_scene_model(tmp_path, data_no_system_dirs):
     model = vitkit.create_model("swin_scenes_tiny", img_size=64, embed_dim=8, depths=[1, 1], num_heads=[2, 2])
     model.pretrained_cfg = {**model.pretrained_cfg, "task": "multilabel"}  # as training with that task records
     model.save_pretrained(tmp_path / "ckpt")
+    # the scenes come from the run's own settings (as training saves them), not from arguments
     data_args = {"data_dir": str(tmp_path / "fm"), "num_eval_scenes": 24, "canvas": 64, "max_items": 2}
-    out = run_search(tmp_path / "ckpt", [1e6], tmp_path / "search", split="val", data_args=data_args,
-                     eval_images=24, latency_batch=2, choices=(0.5, 1.0), population=3, generations=1,
-                     log=lambda s: None)
+    overrides = ["task.name=multilabel", "data.name=fmnist_scenes"]
+    cfg = load_config(None, overrides + [f"data.args.{k}={v}" for k, v in data_args.items()])
+    (tmp_path / "ckpt" / "train_config.yaml").write_text(config_to_yaml(cfg))
+    assert run_data_args(tmp_path / "ckpt", "fmnist_scenes") == data_args
+    assert run_data_args(tmp_path / "ckpt", "fashion_mnist") == {}
+    out = run_search(tmp_path / "ckpt", [1e6], tmp_path / "search", split="val", eval_images=24, latency_batch=2,
+                     choices=(0.5, 1.0), population=3, generations=1, speedups=[1.0], log=lambda s: None)
     report = json.loads((tmp_path / "search" / "search.json").read_text())
     assert (tmp_path / "search" / "pareto.png").is_file() and report["pareto_front"]
     best = out["budgets"]["1e+06ms"]["best"]
     assert best["latency_ms"] <= 1e6 and 0 <= best["metric"] <= 1
+    # a speed-up target is a budget of the dense latency the table predicts, divided by the target
+    saved = report["latency_table"]
+    stage_ms = [{float(k): v for k, v in t.items()} for t in saved["stage_ms"]]
+    table = LatencyTable(**{**saved, "choices": (0.5, 1.0), "stage_ms": stage_ms})
+    assert out["budgets"]["1x"]["budget_ms"] == pytest.approx(table.predict((1.0, 1.0)))
+    assert out["budgets"]["1x"]["best"]["latency_ms"] <= out["budgets"]["1x"]["budget_ms"]
+    with pytest.raises(ConfigError, match="budgets"):
+        run_search(tmp_path / "ckpt", [], tmp_path / "search", log=lambda s: None)
+    # a shared table is used as given (no re-timing), and a budget nothing fits is reported, not fatal
+    table.stage_ms = [{0.5: 1.0, 1.0: 2.0}, {0.5: 1.0, 1.0: 2.0}]
+    table.fixed_ms = 1.0
+    out = run_search(tmp_path / "ckpt", [2.5, 4.0], tmp_path / "search2", eval_images=24, latency_batch=2,
+                     choices=(0.5, 1.0), population=3, generations=1, table=table, log=lambda s: None)
+    assert out["budgets"]["2.5ms"]["best"] is None and "no candidate fits" in out["budgets"]["2.5ms"]["why"]
+    best = out["budgets"]["4ms"]["best"]
+    assert best["latency_ms"] == table.predict(tuple(best["ratios"])) <= 4.0 and tuple(best["ratios"]) != (1.0, 1.0)
+    with pytest.raises(ConfigError, match="latency table"):
+        run_search(tmp_path / "ckpt", [4.0], tmp_path / "search3", choices=(0.25, 1.0), table=table,
+                   log=lambda s: None)
+
+
+def test_cli_search_needs_a_budget_and_says_so(tmp_path, capsys):
+    from vitkit.cli import main
+
+    _model().save_pretrained(tmp_path / "ckpt")
+    assert main(["sparsevit", "search", str(tmp_path / "ckpt")]) == 2
+    assert "--budget-ms" in capsys.readouterr().err
+    assert main(["sparsevit", "search", str(tmp_path / "ckpt"), "--speedup", "0"]) == 2
+    assert "> 0" in capsys.readouterr().err

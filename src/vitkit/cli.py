@@ -290,10 +290,13 @@ def cmd_sparsevit(args: argparse.Namespace) -> int:
     from .engine.sparsevit import run_search
     from .errors import ConfigError
 
-    if args.eval_images < 1 or args.latency_batch < 1 or any(b <= 0 for b in args.budget_ms):
-        raise ConfigError("--eval-images and --latency-batch must be >= 1 and every --budget-ms > 0")
+    if args.eval_images < 1 or args.latency_batch < 1:
+        raise ConfigError("--eval-images and --latency-batch must be >= 1")
+    if not args.budget_ms and not args.speedup:
+        raise ConfigError("sparsevit search: give --budget-ms MS [MS ...] or --speedup X [X ...]")
     run_search(args.run, args.budget_ms, args.out, args.data, args.split, parse_key_values(args.data_arg),
-               args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed)
+               args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed,
+               speedups=args.speedup)
     print(f"wrote {Path(args.out) / 'search.json'} and {Path(args.out) / 'pareto.png'}")
     return 0
 
