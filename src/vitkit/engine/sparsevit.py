@@ -282,6 +282,8 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     elif table.choices != tuple(float(c) for c in choices) or len(table.stage_ms) != model.num_stages:
         raise ConfigError(f"search: the latency table prices {len(table.stage_ms)} stages x {table.choices}, "
                           f"the model has {model.num_stages} stages and the search uses {tuple(choices)}")
+    else:
+        settle(model, images)  # the direct timings below, in the state the table was timed in
     dense = tuple([1.0] * model.num_stages)
     dense_ms = measure_latency(model, images, dense)
     cache: dict[Ratios, float] = {dense: evaluate(dense)}
