@@ -40,20 +40,10 @@ import numpy as np
 import torch
 
 from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
-from vitkit.data import build_dataset
 from vitkit.engine.evaluate import load_model, resolve_model_dir, task_for_model
-from vitkit.engine.sparsevit import DEFAULT_CHOICES, measure_latency_table, run_data_args, run_search, settle
+from vitkit.engine.sparsevit import DEFAULT_CHOICES, eval_batches, measure_latency_table, run_search, settle
 
 Ratios = tuple[float, ...]
-
-
-def test_batches(run: str, task, n: int | None) -> list:
-    """The test scenes the run's settings make (canvas, items per scene, how many), prepared by its task."""
-    settings = {k: v for k, v in run_data_args(resolve_model_dir(run), "fmnist_scenes").items() if k != "num_scenes"}
-    ds = build_dataset("fmnist_scenes", "test", **settings)
-    n = min(n or len(ds), len(ds))
-    return [task.prepare_batch(ds.__getitems__(list(range(i, min(i + 250, n)))), train=False)
-            for i in range(0, n, 250)]
 
 
 @torch.inference_mode()
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         adapted, dense = load_model(adapted_run), load_model(dense_run)
         task = task_for_model(adapted, resolve_model_dir(adapted_run))
         task.setup(adapted)
-        batches = test_batches(adapted_run, task, args.test_images)
+        batches = eval_batches(resolve_model_dir(adapted_run), task, "fmnist_scenes", "test", limit=args.test_images)
         picks = {key: tuple(b["best"]["ratios"]) for key, b in search["budgets"].items() if b["best"]}
         entry = {"dense_run": dense_run, "adapted_run": adapted_run, "dense_ratios": full, "search": search,
                  "adapted": {str(r): score(adapted, task, batches, r) for r in configs},
@@ -230,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             low = load_model(low_runs[i]).eval()
             low_task = task_for_model(low, resolve_model_dir(low_runs[i]))
             low_task.setup(low)  # its eval transform downsizes the test scenes as training did
+            low_batches = eval_batches(resolve_model_dir(low_runs[i]), low_task, "fmnist_scenes", "test",
+                                       limit=args.test_images)
             entry["low_res"] = {"run": low_runs[i], "input_size": low.pretrained_cfg["input_size"],
-                                **score(low, low_task, test_batches(low_runs[i], low_task, args.test_images), full)}
+                                **score(low, low_task, low_batches, full)}
         seeds.append(entry)
         print(f"seed {i}: dense run test mAP {100 * entry['dense_pruned'][str(full)]['mAP']:.2f}, adapted dense "
               f"{100 * entry['adapted'][str(full)]['mAP']:.2f}; picks "

@@ -86,25 +86,18 @@ def measure_latency_table(model: nn.Module, images: torch.Tensor, choices: Seque
     saved = model.keep_ratios
     dense = (1.0,) * model.num_stages
 
-    def run(ratios: Ratios) -> Callable[[], Any]:
-        def call() -> Any:
-            model.set_keep_ratios(ratios)
-            return model(images)
-        return call
-
     try:
         configs = {(i, float(r)): dense[:i] + (float(r),) + dense[i + 1:]
                    for i in range(model.num_stages) for r in choices if float(r) != 1.0}
         configs[(-1, 1.0)] = dense
         times: dict[tuple[int, float], list[float]] = {key: [] for key in configs}
-        for ratios in configs.values():  # warm-up
-            run(ratios)()
-        for _ in range(repeats):
+        for rnd in range(repeats + 1):  # round 0 warms up
             for key, ratios in configs.items():
-                fn = run(ratios)
+                model.set_keep_ratios(ratios)
                 t = time.perf_counter()
-                fn()
-                times[key].append(1000 * (time.perf_counter() - t))
+                model(images)
+                if rnd:
+                    times[key].append(1000 * (time.perf_counter() - t))
         median = {key: statistics.median(v) for key, v in times.items()}
         fixed = median[(-1, 1.0)]
         stage_ms = [{float(r): (median[(i, float(r))] - fixed if float(r) != 1.0 else 0.0) for r in choices}
@@ -115,6 +108,7 @@ def measure_latency_table(model: nn.Module, images: torch.Tensor, choices: Seque
                         torch.get_num_threads())
 
 
+@torch.inference_mode()
 def measure_latency(model: nn.Module, images: torch.Tensor, ratios: Ratios, repeats: int = 15) -> float:
     """Direct timing (median ms per batch) of the model at ``ratios``."""
     saved = model.keep_ratios
@@ -237,6 +231,19 @@ def run_data_args(folder: str | Path, data: str) -> dict[str, Any]:
     return dict(cfg.data.args or {}) if cfg.data.name == data else {}
 
 
+def eval_batches(folder: str | Path, task: Any, data: str, split: str, data_args: dict[str, Any] | None = None,
+                 limit: int | None = None, batch_size: int = 250) -> list:
+    """The first ``limit`` images of ``split``, made with the run's own dataset settings (``data_args`` override
+    them; the training-set size does not apply) and prepared by its task, in batches."""
+    from ..data import build_dataset
+
+    settings = {k: v for k, v in run_data_args(folder, data).items() if k != "num_scenes"}
+    ds = build_dataset(data, split, **{**settings, **(data_args or {})})
+    n = min(limit or len(ds), len(ds))
+    return [task.prepare_batch(ds.__getitems__(list(range(i, min(i + batch_size, n)))), train=False)
+            for i in range(0, n, batch_size)]
+
+
 def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir: str | Path = "sparsevit_search",
                data: str = "fmnist_scenes", split: str = "val", data_args: dict[str, Any] | None = None,
                eval_images: int = 1000, latency_batch: int = 8, choices: Sequence[float] = DEFAULT_CHOICES,
@@ -249,7 +256,6 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     them. ``table`` reuses a latency table measured before (several runs of one architecture priced alike). A
     budget nothing fits is reported (``best`` None) without stopping the others. Writes ``search.json`` and
     ``pareto.png``."""
-    from ..data import build_dataset
     from ..models.swin import SwinTransformer
     from .evaluate import load_model, resolve_model_dir, task_for_model
 
@@ -264,11 +270,7 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     folder = resolve_model_dir(checkpoint)
     task = task_for_model(model, folder)
     task.setup(model)
-    settings = {k: v for k, v in run_data_args(folder, data).items() if k != "num_scenes"}
-    ds = build_dataset(data, split, **{**settings, **(data_args or {})})
-    n = min(eval_images, len(ds))
-    batches = [task.prepare_batch(ds.__getitems__(list(range(i, min(i + 250, n)))), train=False)
-               for i in range(0, n, 250)]
+    batches = eval_batches(folder, task, data, split, data_args, eval_images)
     images = batches[0].images[:latency_batch] if hasattr(batches[0], "images") else batches[0][0][:latency_batch]
 
     def evaluate(ratios: Ratios) -> float:
