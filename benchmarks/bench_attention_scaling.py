@@ -15,7 +15,7 @@ for every method) on token grids of 14x14 ... 64x64, fp32 and bf16:
   quadratic part without the projections, which are linear in N and dominate at small N.
 
 Timing: ``torch.inference_mode``, warm-up, the four methods timed in alternating rounds with
-``vitkit.benchmark.time_alternating`` (each sample ≥ ``--min-sample-seconds``, median of ``--samples``;
+``vitkit.tools.timing.time_alternating`` (each sample ≥ ``--min-sample-seconds``, median of ``--samples``;
 samples during which other processes took more than ``--max-contention`` of the CPU are discarded and re-taken),
 after ``wait_for_quiet``. Cells whose slowest call exceeds ``--slow-call-seconds`` get ``--slow-samples``
 samples only. The exponent is a least-squares fit of log(latency) on log(H*W) over all grids and over the
@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
-from vitkit.engine.inference import native_bf16_supported
 from vitkit.layers.attention import Attention
 from vitkit.layers.linear_attention import ReLULinearAttention
 from vitkit.layers.sparse_window import SparseWindowAttention, build_groups, grid_coords
+from vitkit.tools.inference import native_bf16_supported
+from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 
 METHODS = ("global", "window", "linear", "sparse", "global-sdpa")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

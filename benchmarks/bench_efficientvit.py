@@ -1,7 +1,7 @@
 """CPU latency of EfficientViT against ViT and Swin at Fashion-MNIST size, in one process (for docs/efficient.md).
 
 Random-weight models (seeded), fp32 eager under ``torch.inference_mode``, timed in alternating rotating rounds by
-:func:`vitkit.benchmark.time_alternating` (samples with more than ``--max-contention`` of the CPU taken by other
+:func:`vitkit.tools.timing.time_alternating` (samples with more than ``--max-contention`` of the CPU taken by other
 processes discarded); the table gives the median ms per batch and the ratio to the first model.
 
     python benchmarks/bench_efficientvit.py                       # batch 1 and 64, all cores
@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
-from vitkit.engine.inference import cpu_flags
 from vitkit.models import create_model
+from vitkit.tools.inference import cpu_flags
+from vitkit.tools.timing import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
 
 DEFAULT_MODELS = ["efficientvit_fmnist_tiny", "vit_fmnist_tiny", "vit_fmnist_small", "swin_fmnist_tiny"]
 

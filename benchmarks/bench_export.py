@@ -1,7 +1,7 @@
 """CPU latency of an exported ONNX model in onnxruntime against vitkit eager and ``prepare_for_inference``.
 
 For each ``--model`` (random weights, seeded) at its own input size: the model is exported with
-:func:`vitkit.engine.export.export_onnx` (parity-checked), then three runtimes are timed in one process on the
+:func:`vitkit.tools.export.export_onnx` (parity-checked), then three runtimes are timed in one process on the
 same batch, fp32, with the same thread count (``--threads``, default all cores; torch intra-op threads and
 onnxruntime intra-op threads, onnxruntime inter-op 1):
 
@@ -10,7 +10,7 @@ onnxruntime intra-op threads, onnxruntime inter-op 1):
   bias/GELU/residual, CLS shortcut; exact to fp32 rounding);
 * ``onnxruntime``: ``InferenceSession`` on the exported file, CPUExecutionProvider, all graph optimisations.
 
-Timing reuses :func:`vitkit.benchmark.time_alternating`: warm-up calls, then the runtimes in alternating,
+Timing reuses :func:`vitkit.tools.timing.time_alternating`: warm-up calls, then the runtimes in alternating,
 rotating rounds, each sample at least ``--min-sample-seconds`` long; samples during which other processes took
 more than ``--max-contention`` of the CPU are discarded and re-taken; the table shows the median of
 ``--repeats`` samples. The machine line gives the CPU, its bf16/AMX flags (fp32 here, but they say which oneDNN
@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
-from vitkit.engine.export import export_onnx
-from vitkit.engine.inference import cpu_flags, prepare_for_inference
 from vitkit.models import create_model
+from vitkit.tools.export import export_onnx
+from vitkit.tools.inference import cpu_flags, prepare_for_inference
+from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 
 DEFAULT_MODELS = ["vit_fmnist_tiny", "vit_small_patch16_224"]
 RUNTIMES = ("eager", "prepared", "onnxruntime")

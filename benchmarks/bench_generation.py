@@ -16,7 +16,7 @@ Quality, in one process, for trained runs (``vitkit train --config configs/gener
 
 Speed: every generator's ``task.sample_images`` (sampling and decoding, with its recipe's settings: cfg,
 top-k, MaskGIT steps, diffusion steps) at the same batch, timed in alternating rounds as the other benchmarks
-(:func:`vitkit.benchmark.time_alternating`, samples with more than ``--max-contention`` of the CPU taken by other
+(:func:`vitkit.tools.timing.time_alternating`, samples with more than ``--max-contention`` of the CPU taken by other
 processes discarded), images/s and the ratio to the raster generator.
 
 A generator spec is ``NAME=RUN[,RUN...][@key=value,...]``: several runs are training seeds of one method
@@ -44,11 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.data import build_dataset
-from vitkit.engine.evaluate import evaluate_checkpoint, load_generator, load_model, resolve_model_dir
-from vitkit.engine.inference import cpu_flags
-from vitkit.tasks.generation import frechet_distance, gaussian, to_unit
+from vitkit.tasks.generative import frechet_distance, gaussian, to_unit
+from vitkit.tools.evaluate import evaluate_checkpoint, load_model, resolve_model_dir
+from vitkit.tools.inference import cpu_flags
+from vitkit.tools.predict import load_generator
+from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 
 NUM_CLASSES = 10
 

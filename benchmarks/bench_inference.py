@@ -1,6 +1,6 @@
 """CPU inference throughput: vitkit vs transformers' ViT (sdpa, eager) and timm when importable.
 
-Thin wrapper around :mod:`vitkit.benchmark` (the same as ``vitkit bench``); see that module for the method
+Thin wrapper around :mod:`vitkit.tools.bench` (the same as ``vitkit bench``); see that module for the method
 (same process, identical weights, alternating rounds, contention-checked medians, per-case peak RSS in child
 processes, matmul peaks measured in-process).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from vitkit.benchmark import bench_main
+from vitkit.tools.bench import bench_main
 
 if __name__ == "__main__":
     sys.exit(bench_main(sys.argv[1:]))

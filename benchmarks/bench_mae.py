@@ -29,9 +29,9 @@ from torch import nn
 
 import vitkit
 from vitkit.engine.config import OptimConfig
-from vitkit.engine.inference import native_bf16_supported
 from vitkit.engine.optim import build_optimizer
 from vitkit.models import MaskedAutoencoderViT
+from vitkit.tools.inference import native_bf16_supported
 
 
 @dataclass

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from vitkit.benchmark import cpu_name
+from vitkit.tools.timing import cpu_name
 
 
 def _images(n: int) -> list[bytes]:

@@ -2,20 +2,21 @@
 
 Per seed (``--dense`` and ``--adapted`` list the runs in the same seed order):
 
-1. ``vitkit sparsevit search`` on the adapted run (:func:`vitkit.engine.sparsevit.run_search`), budgets given as
+1. ``vitkit sparsevit search`` on the adapted run (:func:`vitkit.tools.search.run_search`), budgets given as
    speed-up targets over the dense model (``--speedup``), candidates scored on the **val** scenes (made from
    Fashion-MNIST *training* images), so nothing is picked on the test numbers below;
 2. on the **test** scenes (Fashion-MNIST test images only): mAP and exact match of the dense run, of the adapted
    run dense, at each searched pick and at every uniform keep ratio (the same ratio in every stage), and of the
    *dense* run pruned without adaptation (at the picks and the uniform ratios), which shows what adaptation buys;
 3. latency measured directly, not predicted: every configuration above timed in alternating rotating rounds
-   (:func:`vitkit.benchmark.time_alternating`, rounds where other processes took more than ``--max-contention``
+   (:func:`vitkit.tools.timing.time_alternating`, rounds where other processes took more than ``--max-contention``
    of the CPU discarded), fp32, ``--threads`` threads, at each ``--latency-batch``; plus the dense model with
    window shifting turned off, because a pruned stage runs its shifted blocks unshifted (the shift would need
    neighbours that may be pruned) and that alone changes the cost.
 
-With ``--low-res``, dense runs trained on the scenes downscaled (the note's question, *sparse at high resolution
-or dense at low resolution?*) are scored on the test scenes downscaled the same way and timed in the same rounds.
+With ``--low-res``, dense runs trained on the scenes downscaled (SparseViT's question, Chen et al., 2023: *sparse at
+high resolution or dense at low resolution?*) are scored on the test scenes downscaled the same way and timed in the
+same rounds.
 
 Pictures: test mAP against measured latency (dense, uniform ratios with and without adaptation, searched picks)
 and the windows stage 1 keeps on test scenes at the pick of each budget.
@@ -39,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.benchmark import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
-from vitkit.engine.evaluate import load_model, resolve_model_dir, task_for_model
-from vitkit.engine.sparsevit import DEFAULT_CHOICES, eval_batches, measure_latency_table, run_search, settle
+from vitkit.tools.evaluate import load_model, resolve_model_dir, task_for_model
+from vitkit.tools.search import DEFAULT_CHOICES, eval_batches, measure_latency_table, run_search, settle
+from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 
 Ratios = tuple[float, ...]
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapted", required=True, help="sparsity-adapted runs, same seed order")
     ap.add_argument("--low-res", default=None,
                     help="dense runs trained on the scenes downscaled (e.g. model.args.img_size=56), one per seed: "
-                         "the note's 'dense, low resolution' alternative")
+                         "SparseViT's 'dense, low resolution' alternative")
     ap.add_argument("--speedup", type=float, nargs="+", default=[1.25, 1.5, 2.0])
     ap.add_argument("--choices", type=float, nargs="+", default=list(DEFAULT_CHOICES))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
-    # timing in a fresh process, settled by one large dense batch (vitkit.engine.sparsevit.settle) so every
+    # timing in a fresh process, settled by one large dense batch (vitkit.tools.search.settle) so every
     # configuration is timed in the same, steady state whatever this process evaluated before
     timing = [sys.executable, __file__, "--finish", str(out), "--threads", str(args.threads),
               "--repeats", str(args.repeats), "--max-contention", str(args.max_contention), "--figures", args.figures,
@@ -277,7 +278,7 @@ def finish(args: argparse.Namespace) -> int:
 
 def summary(result: dict[str, Any]) -> str:
     """The doc's tables (markdown) from the study's JSON: every configuration's measured latency and test mAP
-    (mean ± std over seeds, then each seed), and whether the note's goal (≥ 1.5× at ≤ 0.5 point) is reached."""
+    (mean ± std over seeds, then each seed), and whether the SparseViT goal (≥ 1.5× at ≤ 0.5 point) is reached."""
     seeds, lat = result["seeds"], result["latency_ms"]
     full = str(tuple(seeds[0]["dense_ratios"]))
     batches = list(lat)

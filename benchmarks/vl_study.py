@@ -43,10 +43,10 @@ import torch
 from vitkit.data import build_dataset
 from vitkit.data.captions import CAPTION_WORDS, swapped_caption
 from vitkit.data.transforms import build_transforms
-from vitkit.engine.evaluate import evaluate_checkpoint, load_model, resolve_model_dir, task_spec, vilt_task_for
 from vitkit.models.vilt import wpa_plan
 from vitkit.tasks.clip import DEFAULT_TEMPLATES, configured_tokenizer, model_tokenizer, tokenize, zero_shot_classify
 from vitkit.tasks.vilt import Encoded
+from vitkit.tools.evaluate import evaluate_checkpoint, load_model, resolve_model_dir, task_for_model, task_spec
 
 
 def parse_spec(text: str) -> tuple[str, list[str]]:
@@ -137,7 +137,9 @@ def clip_retrieval_grid(run: str, path: Path, queries: int = 5, topk: int = 5, s
 def _vilt_task(run: str):
     folder = resolve_model_dir(run)
     model = load_model(folder)
-    return model, vilt_task_for(model, folder)
+    task = task_for_model(model, folder)
+    task.setup(model)
+    return model, task
 
 
 def _class_word_span(caption: str) -> tuple[int, int] | None:

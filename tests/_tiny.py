@@ -84,8 +84,9 @@ def _clip(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
 def _vqvae(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """VAR's tokenizer: two levels at GroupNorm's minimum width 32 (8x8 images, 4x4 latent) and four scales, so
     each of the four shared phi convolutions is used and gets a gradient. Its forward is a training step that
-    returns (loss, rec, vq_loss) with ``.loss``, like MAE."""
-    over = dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=4, vocab_size=16, patch_nums=[1, 2, 3, 4])
+    returns (loss, rec, vq_loss) with ``.loss``, like MAE. The single-scale tokenizer keeps one 4x4 scale."""
+    scales = [4] if len(defaults.get("patch_nums", ())) == 1 else [1, 2, 3, 4]
+    over = dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=4, vocab_size=16, patch_nums=scales)
     return over, (defaults.get("in_channels", 3), 8, 8)
 
 
@@ -104,12 +105,8 @@ def _hart(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
 
 
 def _ar(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]]:
-    """models/ar.py. The single-scale VQ tokenizer (``patch_nums`` set): as ``_vqvae`` with one 4x4 scale. The token
-    generators (not classifiers, see ``call``): two blocks of width 16 over a 3x3 map of 16 codes; their "input
-    shape" is that of one code map, (9,), drawn as floats and turned into codes by ``call``."""
-    if "patch_nums" in defaults:
-        over = dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=4, vocab_size=16, patch_nums=[4])
-        return over, (defaults.get("in_channels", 3), 8, 8)
+    """models/ar.py, the token generators (not classifiers, see ``call``): two blocks of width 16 over a 3x3 map of
+    16 codes; their "input shape" is that of one code map, (9,), drawn as floats and turned into codes by ``call``."""
     over = dict(depth=2, embed_dim=16, num_heads=2, vocab_size=16, grid_size=3, num_classes=NUM_CLASSES,
                 image_size=None)
     return over, (9,)

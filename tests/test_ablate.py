@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import vitkit.engine.ablate as ablate
+import vitkit.tools.ablate as ablate
 from vitkit.cli import main as cli_main
 from vitkit.errors import ConfigError
 
@@ -124,7 +124,7 @@ def test_workers_die_with_a_killed_ablate(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import multiprocessing, os, time
         from concurrent.futures import ProcessPoolExecutor
-        from vitkit.engine.ablate import die_with_parent
+        from vitkit.tools.ablate import die_with_parent
 
         def work(path):
             open(path, "w").write(str(os.getpid()))
@@ -155,3 +155,22 @@ def test_workers_die_with_a_killed_ablate(tmp_path):
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the worker outlived its killed parent")
+
+
+def test_studies_are_data_and_a_file_of_ones_own_works(tmp_path):
+    """vitkit's studies come from studies.yaml (no study is code); a user's file has the same form, and a
+    malformed one fails naming the file and the study."""
+    assert {"pos_embed", "pooling", "data_size", "ssl", "window"} <= set(ablate.STUDIES)
+    assert ablate.STUDIES["pooling"].lr_multipliers == (0.5, 1.0, 2.0, 4.0)
+    assert [v.label for v in ablate.STUDIES["hybrid"].variants] == ["pure", "hybrid"]
+    mine = tmp_path / "studies.yaml"
+    mine.write_text("studies:\n  depth:\n    claim: Deeper is better.\n    variants:\n      d1: [model.args.depth=1]\n"
+                    "      d2: [model.args.depth=2]\n")
+    studies = ablate.load_studies(mine)
+    assert studies["depth"].claim == "Deeper is better." and len(studies["depth"].variants) == 2
+    mine.write_text("studies:\n  depth:\n    claim: x\n    variants: {d1: model.args.depth=1}\n")
+    with pytest.raises(ConfigError, match=r"studies.yaml: study 'depth', variant 'd1'"):
+        ablate.load_studies(mine)
+    mine.write_text("studies:\n  depth:\n    claim: x\n    seeds: 3\n    variants: {d1: []}\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['seeds'\]"):
+        ablate.load_studies(mine)

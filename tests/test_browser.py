@@ -29,7 +29,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from vitkit.serve import create_app  # noqa: E402
+from vitkit.tools.serve import create_app  # noqa: E402
 
 # The README's screenshot: VITKIT_SERVE_RUN=<a trained run> VITKIT_SCREENSHOT_DIR=docs/img pytest tests/test_browser.py
 SCREENSHOT_DIR = Path(os.environ["VITKIT_SCREENSHOT_DIR"]) if os.environ.get("VITKIT_SCREENSHOT_DIR") else None
@@ -101,7 +101,7 @@ def test_upload_shows_top5_and_overlay_in_chromium(server, tmp_path):
         assert overlay.startswith("data:image/png;base64,")
         # the overlay image really decoded in the browser
         assert driver.execute_script("return document.getElementById('overlay').naturalWidth") > 0
-        expected = vitkit.engine.predict_images(vitkit.engine.load_model(run), [image], topk=5)[0]["top"]
+        expected = vitkit.tools.predict_images(vitkit.tools.load_model(run), [image], topk=5)[0]["top"]
         assert [li.get_attribute("data-label") for li in items] == [name for name, _ in expected]
         shot = (SCREENSHOT_DIR or tmp_path) / "serve_page.png"
         shot.parent.mkdir(parents=True, exist_ok=True)

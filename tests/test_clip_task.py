@@ -31,9 +31,9 @@ from vitkit.tasks.clip import (  # noqa: E402
     CLIPArgs,
     CLIPTask,
     caption_tokenizer,
+    checkpoint_tokenizer,
     class_embeddings,
     configured_tokenizer,
-    saved_tokenizer,
     tokenize,
     zero_shot_classify,
 )
@@ -128,7 +128,7 @@ def test_tokenizer_round_trips_through_checkpoints(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     loaded = vitkit.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.tokenizer.to_str() == model.tokenizer.to_str()
-    assert saved_tokenizer(tmp_path / "ckpt").to_str() == model.tokenizer.to_str()
+    assert checkpoint_tokenizer(tmp_path / "ckpt").to_str() == model.tokenizer.to_str()
     assert copy.deepcopy(model).tokenizer.to_str() == model.tokenizer.to_str()  # the EMA copy keeps it
     batch = next(_batches(task, data))
     model.eval()
@@ -374,7 +374,7 @@ def test_vitkit_zeroshot_command(tmp_path, capsys):
 
 def test_vitkit_retrieve_command_ranks_by_clip_similarity(tmp_path, capsys):
     from vitkit.cli import main
-    from vitkit.engine.evaluate import retrieval_scores
+    from vitkit.tools.predict import retrieval_scores
 
     model, task, data = _model_and_task(16)
     model.save_pretrained(tmp_path / "ckpt")
@@ -407,7 +407,7 @@ def test_vitkit_retrieve_command_ranks_by_clip_similarity(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ a whole run
 def test_training_run_writes_the_primary_metric(tmp_path, data_no_system_dirs):  # noqa: F811
     from vitkit.engine import train
-    from vitkit.engine.evaluate import zero_shot_files
+    from vitkit.tools.predict import zero_shot_files
 
     write_fake_fmnist(tmp_path / "fm", n_train=30, n_test=10)
     overrides = [
@@ -428,3 +428,13 @@ def test_training_run_writes_the_primary_metric(tmp_path, data_no_system_dirs): 
     Image.fromarray(np.zeros((28, 56), np.uint8)).save(tmp_path / "blank.png")
     result = zero_shot_files(tmp_path / "run", [tmp_path / "blank.png"], ["bag", "coat"])  # the run's templates
     assert len(result[0]["top"]) == 2
+
+
+def test_words_outside_the_vocabulary_are_named():
+    from vitkit.tasks._text import unknown_words, warn_unknown_words
+
+    tok = caption_tokenizer(["a red coat on the left", "a blue bag"], vocab_size=100)
+    assert unknown_words(tok, ["a red coat", "a zebra", "sneaker 🙂", "a zebra"]) == ["zebra", "sneaker", "🙂"]
+    assert unknown_words(tok, ["a red coat", "blue bag"]) == []
+    with pytest.warns(UserWarning, match=r"2 word\(s\) outside the tokenizer's vocabulary.*'zebra', 'sneaker'"):
+        warn_unknown_words(tok, ["zebra", "sneaker"], "zero-shot class names")

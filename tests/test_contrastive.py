@@ -295,7 +295,7 @@ def test_contrastive_run_resume_and_transfer(tmp_path):
     assert encoder and all(torch.equal(own[k], v) for k, v in encoder.items())
     assert vit.head.weight.shape == (10, 16)
 
-    from vitkit.engine.evaluate import evaluate_checkpoint  # `vitkit eval` on the pretraining checkpoint
+    from vitkit.tools.evaluate import evaluate_checkpoint  # `vitkit eval` on the pretraining checkpoint
 
     metrics, task = evaluate_checkpoint(tmp_path / "full", data="digits")
     assert task.name == "contrastive" and metrics["knn_top1"] == pytest.approx(full["best"]["knn_top1"], abs=0.02)

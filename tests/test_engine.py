@@ -175,6 +175,34 @@ def test_bf16_training_runs(tmp_path):
     assert summary["finished"] and math.isfinite(summary["final"]["top1"])
 
 
+def test_evaluation_shows_progress_like_training(tmp_path, capsys):
+    """The evaluation at the end of an epoch has a bar (on stderr) exactly when training has one."""
+    train(None, [*TINY, "train.epochs=1", "train.progress=true", f"output_dir={tmp_path / 'on'}"])
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "eval 1/1" in err
+    train(None, [*TINY, "train.epochs=1", f"output_dir={tmp_path / 'off'}"])  # TINY: train.progress=false
+    err = capsys.readouterr().err
+    assert "epoch 1/1" not in err and "eval 1/1" not in err
+
+
+def test_task_context_progress_bars(capsys):
+    from vitkit.tasks import TaskContext
+
+    data = torch.arange(10.0)
+    quiet = TaskContext()  # off by default: library calls and tests print nothing
+    assert torch.cat(list(quiet.iterate(data, batch_size=4))).tolist() == data.tolist()
+    assert list(quiet.track(range(3), "fit")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    shown = TaskContext(progress=True)
+    assert torch.cat(list(shown.iterate(data, batch_size=4, desc="probe features"))).tolist() == data.tolist()
+    assert list(shown.track(range(3), "fit probe", unit="epoch")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "probe features" in err and "/3 " in err and "fit probe" in err  # named, with its length
+    other_rank = TaskContext(progress=True, rank=1, world_size=2)  # only rank 0 draws bars
+    assert len(list(other_rank.iterate(data, batch_size=4))) == 2
+    assert capsys.readouterr().err == ""
+
+
 def _png(path: Path, value: int, size=(8, 8), mode="L") -> None:
     Image.fromarray(np.full(size, value, dtype=np.uint8), mode=mode).save(path)
 
@@ -194,6 +222,30 @@ def test_image_folder_corrupt_images_are_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"broken\.png"):
         summary = train(None, [*base, "data.max_bad_images=1", f"output_dir={tmp_path / 'r1'}"])
     assert summary["finished"]
+
+
+def test_eval_defaults_to_the_runs_own_folder_and_split(tmp_path, capsys):
+    """`vitkit eval RUN` of a run trained on the user's own folder scores its own eval split, not Fashion-MNIST;
+    `--data image_folder` alone also takes the run's folder."""
+    root = tmp_path / "imgs"
+    for split, count in (("train", 8), ("val", 5)):
+        for c, cls in enumerate(("ant", "bee", "cow")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                _png(root / split / cls / f"{i}.png", 30 + 80 * c + i)
+    run = tmp_path / "run"
+    train(None, [*TINY, "data.name=image_folder", f"data.root={root}", "data.eval_split=val", "train.batch_size=8",
+                 "model.args.in_chans=1", "train.epochs=1", f"output_dir={run}"])
+    from vitkit.tools.evaluate import evaluate_checkpoint
+
+    metrics, task = evaluate_checkpoint(run)
+    assert task.name == "classify" and metrics["count"] == 15 and metrics["class_names"] == ["ant", "bee", "cow"]
+    assert cli_main(["eval", str(run), "--data", "image_folder"]) == 0
+    assert "15" in capsys.readouterr().out
+    assert cli_main(["eval", str(run), "--data", "image_folder", "--split", "train"]) == 0
+    assert "24" in capsys.readouterr().out
+    assert cli_main(["eval", str(run), "--data", "digits"]) == 2  # another dataset: its classes do not fit
+    assert "predicts 3 classes" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -220,6 +272,13 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert "optim.nope" in capsys.readouterr().err
     assert cli_main(["models", "vit_fmnist*"]) == 0
     assert "vit_fmnist_tiny" in capsys.readouterr().out
+    # what a classifier's task cannot do is refused in one line, named by the task, not by a model class check
+    for cmd in (["zeroshot", str(run), str(tmp_path / "a.png"), "--classes", "a,b"],
+                ["retrieve", str(run), str(tmp_path / "a.png"), "--text", "a bag"],
+                ["sample", str(run), "--class", "0"]):
+        assert cli_main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "'classify' task" in err and "cannot do" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ distributed

@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 import vitkit
 from _tiny import tiny
-from vitkit.engine.explain import add_explain_args, explain, explain_files, run_explain_args
 from vitkit.errors import ConfigError, DataError
 from vitkit.layers import AttentionMapSource
+from vitkit.tools.explain import add_explain_args, explain, explain_files, run_explain_args
 from vitkit.viz.attention import attention_rollout, render_overlay
 
 SMALL = dict(embed_dim=24, depth=2, num_heads=2, mlp_dim=None, num_classes=3, img_size=16)  # 4x4 patch grid

@@ -20,7 +20,9 @@ ort = pytest.importorskip("onnxruntime")
 
 import vitkit  # noqa: E402
 from _tiny import is_classifier, tiny  # noqa: E402
-from vitkit.engine.export import (  # noqa: E402
+from vitkit.errors import ConfigError, VitkitError  # noqa: E402
+from vitkit.models import create_model, model_family  # noqa: E402
+from vitkit.tools.export import (  # noqa: E402
     INPUT_NAME,
     OUTPUT_NAME,
     ExportError,
@@ -30,8 +32,6 @@ from vitkit.engine.export import (  # noqa: E402
     read_onnx_metadata,
     run_export_args,
 )
-from vitkit.errors import ConfigError, VitkitError  # noqa: E402
-from vitkit.models import create_model, model_family  # noqa: E402
 
 ATOL = 1e-4
 

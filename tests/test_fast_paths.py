@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.benchmark import (
+from vitkit.models.vit import VisionTransformer
+from vitkit.tools.bench import (
     MODEL_SPECS,
     ContentionMeter,
     add_bench_args,
@@ -23,14 +24,13 @@ from vitkit.benchmark import (
     realistic_images,
     vit_flops,
 )
-from vitkit.engine.inference import (
+from vitkit.tools.inference import (
     FusedBlock,
     PackedLinear,
     native_bf16_supported,
     prepare_for_inference,
     resolve_precision,
 )
-from vitkit.models.vit import VisionTransformer
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built in")
 
@@ -183,7 +183,7 @@ def test_compiled_matches_eager(precision):
 
 def test_hf_parity_of_prepared_fp32(tmp_path):
     pytest.importorskip("transformers")
-    from vitkit.benchmark import build_hf_vit, vitkit_from_hf
+    from vitkit.tools.bench import build_hf_vit, vitkit_from_hf
 
     spec = dict(MODEL_SPECS["vit_s16"], embed_dim=48, depth=2, num_heads=3, mlp_dim=96, img_size=32,
                 patch_size=8, num_classes=7)
@@ -210,7 +210,7 @@ def test_bench_helpers():
     args = p.parse_args(["--quick", "--batches", "1"])
     assert args.quick and args.batches == [1]
     # Deterministic: injected tick counters and clock (a real sub-millisecond window is noise, see #12).
-    from vitkit.benchmark import _CLK_TCK
+    from vitkit.tools.timing import _CLK_TCK
 
     def fake(*values):
         it = iter(values)
@@ -241,6 +241,95 @@ def test_bench_helpers():
                 peak={"fp32": {"gflops": 184.0, "shape": (1, 1, 1)}, "bf16": {"gflops": 1000.0, "shape": (1, 1, 1)}})
     text = format_table({"meta": meta, "rows": [row], "accuracy": []})
     assert "| ViT-S/16 | 1 | fp32 | vitkit | 10.0 | 1.20 |" in text
+
+
+def test_bench_percentages_come_from_one_computation():
+    """"% of peak" counts the FLOPs a case computes (vitkit's CLS shortcut is not credited with the work it skips),
+    against its precision's peak; the logged line and the table show the same figure."""
+    from dataclasses import asdict
+
+    from vitkit.tools.bench import _cell_rows, executed_flops, format_row_log, peak_fraction
+    from vitkit.tools.timing import Candidate
+
+    spec = MODEL_SPECS["vit_s16"]
+    flops = vit_flops(**spec)
+    peaks = {"fp32": {"gflops": 200.0, "shape": (1576, 384, 1536), "kernel": "packed"},
+             "bf16": {"gflops": 400.0, "shape": (1576, 384, 1536), "kernel": "mm"}}
+    assert executed_flops(spec, 8, False) == 8 * flops > executed_flops(spec, 8, True)
+    short = Candidate("vitkit", "vitkit", "fp32", lambda: None, False, flops=executed_flops(spec, 8, True))
+    peer = Candidate("transformers sdpa", "transformers", "fp32", lambda: None, True)
+    fast = Candidate("too fast", "vitkit", "fp32", lambda: None, False)
+    short.samples, peer.samples, fast.samples = [0.5, 0.4, 0.6], [0.6, 0.5, 0.5], [8 * flops / 250e9] * 3
+    rows = _cell_rows("vit_s16", 8, "fp32", ["vitkit", "hf-sdpa", "x"], [short, peer, fast], {}, flops, peaks)
+    # same time, same model GFLOP/s; the shortcut row's fraction counts only what it computed
+    assert rows[0].gflops == pytest.approx(rows[1].gflops) == pytest.approx(8 * flops / 0.5 / 1e9)
+    assert rows[0].peak_fraction == pytest.approx(executed_flops(spec, 8, True) / 0.5 / 1e9 / 200)
+    assert rows[1].peak_fraction == pytest.approx(8 * flops / 0.5 / 1e9 / 200)
+    assert rows[1].peak_fraction > rows[0].peak_fraction
+    assert rows[0].peak_fraction == peak_fraction(rows[0].executed_gflops, "fp32", peaks)
+    # a case faster than the peak is flagged (the peak measurement missed something), never hidden
+    assert rows[2].peak_fraction == pytest.approx(1.25) and "above the measured matmul peak" in rows[2].note
+    assert peak_fraction(100.0, "int8", peaks) == 0.25 and peak_fraction(100.0, "fp32", {"fp32": {"gflops": 0}}) == 0
+    meta = dict(cpu="cpu", threads=2, torch="2", timm=False, allocator_tuned=True, peak=peaks)
+    table = format_table({"meta": meta, "rows": [asdict(r) for r in rows], "accuracy": []})
+    assert "fp32 200 GFLOP/s (packed, 1576x384x1536)" in table
+    for r in rows:
+        shown = f"{100 * r.peak_fraction:.0f}%"
+        assert f"{shown} peak" in format_row_log(r).replace("  ", " ").replace("  ", " ")
+        line = next(line for line in table.splitlines() if f"| {r.name} |" in line or f"| *{r.name}* |" in line)
+        assert f"| {shown} |" in line
+
+
+def test_bench_peak_covers_the_models_gemms_and_kernels():
+    from vitkit.tools.bench import BenchConfig, measure_matmul_peak, model_gemm_shapes, peak_shapes, quick_config
+
+    spec = MODEL_SPECS["vit_s16"]
+    assert model_gemm_shapes(spec, 2) == [(394, 384, 1152), (394, 384, 384), (394, 384, 1536), (394, 1536, 384)]
+    cfg = BenchConfig(models=["vit_s16"], batches=[1, 32], peak_squares=[1024])
+    shapes = peak_shapes(cfg)
+    assert (1024, 1024, 1024) in shapes and all(s in shapes for b in (1, 32) for s in model_gemm_shapes(spec, b))
+    quick = quick_config()
+    assert quick.models == ["vit_s16"] and quick.batches == [1, 8] and quick.samples >= 3 and not quick.compile
+    assert set(peak_shapes(quick)) == {s for b in (1, 8) for s in model_gemm_shapes(spec, b)}
+    # every kernel the candidates run is timed for every shape (tiny shapes, one sample: structure only)
+    peak = measure_matmul_peak(torch.float32, [(32, 16, 8), (16, 16, 16)], repeats=1, max_contention=1.0,
+                               min_sample_s=0.0)
+    kernels = {name for _, name, _ in peak["all"]}
+    assert "mm" in kernels and ("packed" in kernels or not torch.backends.mkldnn.is_available())
+    assert peak["gflops"] == max(g for _, _, g in peak["all"]) and peak["square_gflops"] > 0
+
+
+def test_alternating_timer_prepares_each_candidate_outside_the_timed_region():
+    """``prepare`` switches shared state (the search's keep ratios) before every warm-up and sample."""
+    from vitkit.tools.timing import Candidate, time_alternating
+
+    state = {"now": None}
+    seen = {"a": [], "b": []}
+    cands = [Candidate(name, "x", "fp32", lambda name=name: seen[name].append(state["now"]), False,
+                       prepare=lambda name=name: state.update(now=name)) for name in ("a", "b")]
+    time_alternating(cands, samples=3, min_sample_s=0.0, max_contention=1.0, warmup=1)
+    assert seen["a"] and set(seen["a"]) == {"a"} and set(seen["b"]) == {"b"}
+    assert all(len(c.samples) == 3 and c.discarded == 0 for c in cands)
+
+
+def test_alternating_timer_on_a_machine_that_is_never_quiet():
+    """Every sample disturbed: the rounds stop at the budget, and each candidate keeps the median of its disturbed
+    samples, flagged noisy (no extra call, no endless waiting)."""
+    import contextlib
+
+    from vitkit.tools.timing import Candidate, time_alternating
+
+    class Busy:
+        @contextlib.contextmanager
+        def measure(self):
+            yield {"contention": 1.0, "seconds": 0.0}
+
+    calls = []
+    cand = Candidate("a", "x", "fp32", lambda: calls.append(1), False)
+    time_alternating([cand], samples=3, min_sample_s=0.0, max_contention=0.1, max_rounds=50, warmup=0,
+                     meter=Busy(), backoff_s=0.01, budget_s=0.0)
+    assert cand.discarded == 1 and len(calls) == 2  # sizing call + the first round; the budget ended the rounds
+    assert len(cand.samples) == 1 and cand.note == "noisy"
 
 
 def _classifiers() -> list[str]:

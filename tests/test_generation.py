@@ -15,11 +15,14 @@ import vitkit
 from vitkit.engine.config import ModelConfig
 from vitkit.engine.trainer import train
 from vitkit.errors import ConfigError, InputShapeError
+from vitkit.layers.sampling import cfg_combine, masked_counts
 from vitkit.models import from_pretrained
-from vitkit.models.ar import ORDERS, SingleScaleVQVAE, TokenGenerator, cfg_combine, masked_counts
+from vitkit.models.ar import ORDERS, TokenGenerator
+from vitkit.models.vqvae import SingleScaleVQVAE
 from vitkit.tasks import TaskContext, build_task
+from vitkit.tasks.ar import ARTask
 from vitkit.tasks.base import batch_images
-from vitkit.tasks.generation import ARTask, VQTask, restart_dead_codes
+from vitkit.tasks.vq import VQTask, restart_dead_codes
 
 V, G, C = 16, 4, 3  # vocabulary, grid (L = 16 tokens), classes of the tiny generators
 L = G * G
@@ -392,7 +395,7 @@ def test_vq_then_ar_train_end_to_end_and_eval_through_the_cli(tmp_path, capsys):
 def test_frechet_distance_matches_closed_forms():
     """FD of two Gaussians: zero against itself; with commuting (here diagonal) covariances
     ‖μ1 − μ2‖² + Σ(√a − √b)²; invariant to a common rotation; symmetric. ``gaussian`` is mean + unbiased cov."""
-    from vitkit.tasks.generation import frechet_distance, gaussian
+    from vitkit.tasks.generative import frechet_distance, gaussian
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64)

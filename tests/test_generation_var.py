@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from vitkit.engine.config import ModelConfig
-from vitkit.engine.evaluate import sample_run
 from vitkit.engine.trainer import train
 from vitkit.errors import ConfigError
 from vitkit.models.hart import HART
 from vitkit.models.var import VAR
 from vitkit.models.vqvae import MultiScaleVQVAE
 from vitkit.tasks import TaskContext, build_task
-from vitkit.tasks.generation import HARTTask, VARTask
+from vitkit.tasks.var import HARTTask, VARTask
+from vitkit.tools.predict import sample_run
 
 V, SCALES = 16, (1, 2, 4)  # vocabulary and scales of the tiny tokenizer (8×8 digits -> 4×4 latent, L = 21)
 L = sum(p * p for p in SCALES)
@@ -116,7 +116,7 @@ def test_hart_task_loss_is_harts_training_loss(tokenizer):
 
 
 def test_tasks_refuse_a_tokenizer_or_model_that_does_not_fit(tokenizer, tmp_path):
-    from vitkit.models.ar import SingleScaleVQVAE
+    from vitkit.models.vqvae import SingleScaleVQVAE
 
     single = tmp_path / "single"
     SingleScaleVQVAE(**{**TINY_VQ, "patch_nums": (4,)}).save_pretrained(single)
@@ -171,7 +171,7 @@ def test_train_hart_then_vitkit_sample_writes_a_grid(tokenizer, tmp_path, capsys
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vitkit.serve import create_app
+    from vitkit.tools.serve import create_app
 
     client = TestClient(create_app(tmp_path / "hart"))
     card = client.get("/model").json()
@@ -189,7 +189,7 @@ def test_vitkit_sample_reads_the_generator_from_the_run(name, tokenizer, tmp_pat
     from PIL import Image
 
     from vitkit.cli import main as cli_main
-    from vitkit.models.ar import SingleScaleVQVAE
+    from vitkit.models.vqvae import SingleScaleVQVAE
 
     tok = tokenizer
     model_args = dict(TINY_VAR)
@@ -210,5 +210,5 @@ def test_vitkit_sample_reads_the_generator_from_the_run(name, tokenizer, tmp_pat
     if name == "var":
         assert cli_main(["sample", str(tmp_path / "run"), "--class", "1", "--steps", "3"]) == 2
         assert "--steps is for" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="needs a generator"):
+    with pytest.raises(ConfigError, match="cannot do sampling"):
         sample_run(tokenizer, "1")  # a bare checkpoint without a generator task

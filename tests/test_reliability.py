@@ -122,7 +122,7 @@ def test_predict_topk_must_be_positive(topk, tmp_path, capsys):
     argv = ["predict", str(ck), str(_png(tmp_path / "a.png")), "--topk", topk]
     _assert_one_line(*_run_cli(argv, capsys), "--topk: must be an integer >= 1")
     with pytest.raises(ConfigError, match="topk"):
-        vitkit.engine.predict_images(vitkit.engine.load_model(ck), [tmp_path / "a.png"], topk=int(topk))
+        vitkit.tools.predict_images(vitkit.tools.load_model(ck), [tmp_path / "a.png"], topk=int(topk))
 
 
 def test_eval_rejects_bad_checkpoint_config_and_batch_size(tmp_path, capsys):
@@ -145,6 +145,7 @@ def test_eval_refuses_nan_weights_and_other_class_names(tmp_path, capsys):
     _assert_one_line(code, err, "was trained on other classes than the digits test set")
     assert "--ignore-class-names" in err
     assert cli_main(["eval", str(ck), "--data", "digits", "--ignore-class-names"]) == 0
+    capsys.readouterr()  # its report and progress bar
     state = load_file(str(ck / "model.safetensors"))
     state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     save_file(state, str(ck / "model.safetensors"))
@@ -270,7 +271,7 @@ def test_predict_with_an_rgb_fmnist_model(tmp_path):
     model.save_pretrained(tmp_path / "ck")
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(img)
-    (result,) = vitkit.engine.predict_images(vitkit.engine.load_model(tmp_path / "ck"), [img], topk=2)
+    (result,) = vitkit.tools.predict_images(vitkit.tools.load_model(tmp_path / "ck"), [img], topk=2)
     assert len(result["top"]) == 2
 
 

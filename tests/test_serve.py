@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vitkit.serve import create_app  # noqa: E402
+from vitkit.tools.serve import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_predict_happy_path_matches_the_model(client, run_dir):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     # the same answer as `vitkit predict` on the same file
     (run_dir / "shirt.png").write_bytes(data)
-    ref = vitkit.engine.predict_images(vitkit.engine.load_model(run_dir), [run_dir / "shirt.png"], topk=5)[0]
+    ref = vitkit.tools.predict_images(vitkit.tools.load_model(run_dir), [run_dir / "shirt.png"], topk=5)[0]
     assert [t["label"] for t in out["top"]] == [name for name, _ in ref["top"]]
     assert np.allclose(probs, [p for _, p in ref["top"]], atol=1e-6)
     # an RGB upload of another size is converted and resized like the training data
@@ -103,6 +103,26 @@ def test_too_large_uploads_get_413(client):
 
     r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
+
+
+def test_413_says_the_limit_in_human_units():
+    import asyncio
+
+    from vitkit.tools.serve.app import DEFAULT_MAX_UPLOAD, BodyLimit
+
+    def detail(limit: int) -> str:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(BodyLimit(None, limit)._reject(send))
+        assert sent[0]["status"] == 413
+        return json.loads(sent[1]["body"])["detail"]
+
+    assert detail(DEFAULT_MAX_UPLOAD) == "upload larger than 8 MiB (8,388,608 bytes)"  # --max-upload-mb 8
+    assert detail(200_000) == "upload larger than 195 KiB (200,000 bytes)"
+    assert detail(512) == "upload larger than 512 bytes"
 
 
 def test_bad_images_get_one_line_400(client):

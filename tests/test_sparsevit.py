@@ -10,7 +10,10 @@ import torch
 import vitkit
 from test_data import data_no_system_dirs, write_fake_fmnist  # noqa: F401  (fixture)
 from vitkit.engine.config import config_to_yaml, load_config
-from vitkit.engine.sparsevit import (
+from vitkit.errors import ConfigError
+from vitkit.layers.window_attention import window_partition
+from vitkit.models.swin import SwinTransformer
+from vitkit.tools.search import (
     Candidate,
     LatencyTable,
     evolutionary_search,
@@ -19,9 +22,6 @@ from vitkit.engine.sparsevit import (
     run_data_args,
     run_search,
 )
-from vitkit.errors import ConfigError
-from vitkit.layers.window_attention import window_partition
-from vitkit.models.swin import SwinTransformer
 
 
 def _model(**kw) -> SwinTransformer:
@@ -186,6 +186,20 @@ def test_search_end_to_end_on_a_tiny_scene_model(tmp_path, data_no_system_dirs):
                    log=lambda s: None)
 
 
+def test_search_asks_for_the_capability_not_a_family(tmp_path):
+    from vitkit.tools.search import can_prune_windows, measure_latency
+
+    assert can_prune_windows(_model())
+    vit = vitkit.create_model("vit_fmnist_tiny", embed_dim=16, depth=1, num_heads=2)
+    assert not can_prune_windows(vit)
+    vit.save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="per-stage window keep ratios.*configs/scenes/swin_adapt.yaml"):
+        run_search(tmp_path / "vit", [5.0], tmp_path / "out", log=lambda s: None)
+    model = _model()
+    assert measure_latency(model, torch.randn(2, 1, 32, 32), (0.25, 1.0), repeats=2) > 0
+    assert model.keep_ratios == (1.0, 1.0)  # the timer switched ratios and restored them
+
+
 def test_cli_search_needs_a_budget_and_says_so(tmp_path, capsys):
     from vitkit.cli import main
 
@@ -194,3 +208,13 @@ def test_cli_search_needs_a_budget_and_says_so(tmp_path, capsys):
     assert "--budget-ms" in capsys.readouterr().err
     assert main(["sparsevit", "search", str(tmp_path / "ckpt"), "--speedup", "0"]) == 2
     assert "> 0" in capsys.readouterr().err
+    # every option explains itself, and the help names the run the search needs
+    import argparse
+
+    from vitkit.tools.search import add_sparsevit_args
+
+    parser = argparse.ArgumentParser()
+    add_sparsevit_args(parser)
+    search = parser._subparsers._group_actions[0].choices["search"]
+    assert [a.dest for a in search._actions if not a.help] == []
+    assert "configs/scenes/swin_adapt.yaml" in search.format_help()

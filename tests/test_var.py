@@ -21,8 +21,9 @@ from vitkit.convert.var import (
     infer_var_args,
     infer_vqvae_args,
 )
+from vitkit.layers.sampling import KVCache, sample_top_k_top_p
 from vitkit.models import create_model, load_weights, model_defaults
-from vitkit.models.var import VAR, KVCache, level_layout, sample_top_k_top_p
+from vitkit.models.var import VAR, level_layout
 from vitkit.models.vqvae import MultiScaleVQVAE
 
 # Data-only reference vectors made with the official code (see shared/reference/README.md, section var/). A missing

@@ -280,7 +280,7 @@ def test_predict_ranks_captions_and_needs_them():
 def test_retrieval_scores_are_itm_logits_of_every_pair(tmp_path):
     from PIL import Image
 
-    from vitkit.engine.evaluate import retrieval_scores, retrieve_files
+    from vitkit.tools.predict import retrieval_scores, retrieve_files
 
     ds = _dataset(8)
     task, model = _task(ds)
@@ -369,7 +369,7 @@ def test_train_one_epoch_end_to_end(tmp_path, data_no_system_dirs):  # noqa: F81
         cfg = json.loads((tmp_path / "run" / "checkpoints" / name / "config.json").read_text())
         assert cfg["model_args"]["tokenizer"] and cfg["pretrained_cfg"]["task"] == "vilt"
     # vitkit eval: the checkpoint's own task, settings and tokenizer
-    from vitkit.engine.evaluate import evaluate_checkpoint, load_model
+    from vitkit.tools.evaluate import evaluate_checkpoint, load_model
 
     metrics, task = evaluate_checkpoint(tmp_path / "run", data="fmnist_captions", data_dir=str(tmp_path / "fm"),
                                         num=48, batch_size=32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -100,3 +101,44 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
             raise ValueError(f"expected an int or a pair (h, w), got {x!r}")
         return int(x[0]), int(x[1])
     return int(x), int(x)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS or Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_supported() -> bool:
+    """True when bf16 GEMMs run natively (AVX512-BF16 or AMX-BF16), i.e. when bf16 is actually faster.
+
+    ``torch.backends.cpu.get_cpu_capability()`` only says "AVX512", and oneDNN reports bf16 as supported on any
+    AVX512-BW CPU, where it is emulated and slower than fp32, so the CPU flags decide.
+    """
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    flags = cpu_flags()
+    if flags:
+        return bool({"amx_bf16", "avx512_bf16"} & flags)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amx_supported() -> bool:
+    """AMX tiles present (bf16 and int8 matrix units of Sapphire Rapids and later)."""
+    return "amx_tile" in cpu_flags()
+
+
+def format_bytes(n: int) -> str:
+    """A size in binary units and exactly, e.g. ``8 MiB (8,388,608 bytes)``; small sizes in bytes only."""
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
+                       if n >= s or s == 1)
+    return f"{n / scale:.3g} {unit} ({n:,} bytes)" if scale > 1 else f"{n:,} bytes"

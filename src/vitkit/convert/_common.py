@@ -5,14 +5,17 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, VitkitError
-from ..models._pretrained import read_state_dict
+from ..models._pretrained import load_weights, read_state_dict
 
+StateDict = dict[str, torch.Tensor]
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -124,3 +127,50 @@ def apply_hf_metadata(model, config: dict[str, Any], src: Path, num_classes: int
         cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
     model.pretrained_cfg = preprocessor_stats(src, cfg)
     model.model_name = config.get("_name_or_path") or default_name
+
+
+# ---------------------------------------------------------------------- the shared tail of the converters
+def load_converted(cls: type, args: dict[str, Any], overrides: dict[str, Any],
+                   convert: Callable[[dict[str, Any]], StateDict], source: str,
+                   config_source: str | None = None):
+    """Build ``cls(**args, **overrides)`` (:func:`build_converted`, errors naming ``config_source`` or ``source``)
+    and load the weights ``convert(final arguments)`` returns (``load_weights``: a CheckpointError listing the
+    missing, unexpected and mis-shaped keys). Returns the model."""
+    model = build_converted(cls, args, overrides, config_source or source)
+    load_weights(model, convert({**args, **overrides}), source=source)
+    return model
+
+
+def load_hf_model(cls: type, src: str | os.PathLike, overrides: dict[str, Any],
+                  hf_args: Callable[[dict[str, Any], StateDict, str], dict[str, Any]],
+                  convert: Callable[[StateDict, dict[str, Any], str], StateDict], default_name: str,
+                  normalize: Callable[[StateDict], StateDict] | None = None,
+                  cfg_defaults: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
+    """Every ``load_hf_*``: read the HF folder ``src`` (:func:`read_hf_folder`), ``normalize`` its keys, take the
+    constructor arguments ``hf_args(config, state, config_path)``, build ``cls`` with ``overrides`` and load
+    ``convert(state, final arguments, src)`` (:func:`load_converted`: errors list missing/unexpected keys), then
+    set ``pretrained_cfg`` (``cfg_defaults(final arguments)``, then the folder's class names and normalisation,
+    :func:`apply_hf_metadata`) and the model name. Returns the model."""
+    src = Path(src)
+    config, state = read_hf_folder(src)
+    if normalize is not None:
+        state = normalize(state)
+    args = hf_args(config, state, str(src / "config.json"))
+    final = {**args, **overrides}
+    model = load_converted(cls, args, overrides, lambda merged: convert(state, merged, str(src)), str(src),
+                           str(src / "config.json"))
+    defaults = cfg_defaults(final) if cfg_defaults is not None else None
+    if defaults:
+        model.pretrained_cfg = {**model.pretrained_cfg, **defaults}
+    apply_hf_metadata(model, config, src, final.get("num_classes", 0), default_name)
+    return model
+
+
+def save_converted(model, src: str | os.PathLike, dst: str | os.PathLike, extra_files: tuple[str, ...] = ()):
+    """The end of every ``convert_*``: write ``model`` as a vitkit checkpoint folder ``dst`` and copy the
+    ``extra_files`` (tokenizer files) that the source folder ``src`` holds next to it. Returns the model."""
+    model.save_pretrained(dst)
+    for name in extra_files:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return model

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights, read_state_dict
+from ..models._pretrained import read_state_dict
 from ..models.efficientvit import EFFICIENTVIT_SIZES, EfficientViT
-from ._common import build_converted, check_consumed, strip_prefix
+from ._common import check_consumed, load_converted, save_converted, strip_prefix
 
 # official act_func names -> vitkit names (vitkit names pass through unchanged)
 OFFICIAL_ACTS = {"hswish": "hardswish", "gelu": "gelu_tanh"}
@@ -195,14 +195,11 @@ def load_efficientvit(src: str | os.PathLike, **overrides: Any) -> EfficientViT:
     state = read_state_dict(src, unwrap=("state_dict", "model"))
     args, converted = convert_efficientvit_state_dict(state, str(src), **overrides)
     overrides = _vitkit_act(overrides)
-    model = build_converted(EfficientViT, args, overrides, str(src))
-    load_weights(model, converted, source=str(src))
+    model = load_converted(EfficientViT, args, overrides, lambda _: converted, str(src))
     model.model_name = official_name(args) or "efficientvit"
     return model
 
 
 def convert_efficientvit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> EfficientViT:
     """Convert an official EfficientViT checkpoint file into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_efficientvit(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_efficientvit(src, **overrides), src, dst)

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights, read_config
+from ..models._pretrained import read_config
 from ..models.clip import CLIP
-from ._common import apply_hf_metadata, build_converted, check_consumed, config_value, read_hf_folder, take
+from ._common import check_consumed, config_value, load_hf_model, save_converted, take
 from .hf_vit import HF_ACTIVATIONS
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -160,25 +159,13 @@ def load_hf_clip(src: str | os.PathLike, **overrides: Any) -> CLIP:
 
     ``overrides`` change constructor arguments the weights do not fix (``dynamic_img_size=True``, ...).
     """
-    src = Path(src)
-    config, state = read_hf_folder(src)
-    args = hf_clip_args(config, state, str(src / "config.json"))
-    model = build_converted(CLIP, args, overrides, str(src / "config.json"))
-    args = {**args, **overrides}
-    converted = convert_hf_clip_state_dict(state, args["vision_layers"], args["text_layers"], str(src))
-    load_weights(model, converted, source=str(src))
-    apply_hf_metadata(model, config, src, 0, "hf_clip")
-    return model
+    return load_hf_model(CLIP, src, overrides, hf_clip_args, lambda state, args, source: convert_hf_clip_state_dict(
+        state, args["vision_layers"], args["text_layers"], source), "hf_clip")
 
 
 def convert_hf_clip(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> CLIP:
     """Convert an HF CLIP folder into a vitkit checkpoint folder ``dst`` (+ its ``tokenizer.json``)."""
-    model = load_hf_clip(src, **overrides)
-    model.save_pretrained(dst)
-    tokenizer = Path(src) / TOKENIZER_FILE
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(dst) / TOKENIZER_FILE)
-    return model
+    return save_converted(load_hf_clip(src, **overrides), src, dst, (TOKENIZER_FILE,))
 
 
 def load_tokenizer(folder: str | os.PathLike, truncate: bool = True):

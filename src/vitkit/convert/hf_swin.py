@@ -13,16 +13,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights
 from ..models.swin import SwinTransformer
-from ._common import apply_hf_metadata, build_converted, check_consumed, read_hf_folder, strip_prefix, take
-from .hf_vit import hf_config_activation
+from ._common import check_consumed, load_hf_model, save_converted, strip_prefix, take
+from .hf_vit import convert_hf_layer, hf_config_activation
 
 _BLOCK = r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 _V5_TO_HUB = [
@@ -132,16 +130,7 @@ def convert_hf_swin_state_dict(state: dict[str, torch.Tensor], depths: list[int]
             hf, ours = f"encoder.layers.{i}.blocks.{j}.", f"stages.{i}.blocks.{j}."
             out[f"{ours}attn.relative_position_bias_table"] = take(
                 state, f"{hf}attention.self.relative_position_bias_table", source)
-            for kind in ("weight", "bias"):
-                qkv = [f"{hf}attention.self.{n}.{kind}" for n in ("query", "key", "value")]
-                if all(k in state for k in qkv):
-                    out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
-                elif kind == "weight" or any(k in state for k in qkv):
-                    raise CheckpointError(f"{source}: stage {i} block {j} lacks some query/key/value {kind}s")
-                for theirs, mine in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                                     ("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
-                                     ("output.dense", "mlp.fc2")):
-                    out[f"{ours}{mine}.{kind}"] = take(state, f"{hf}{theirs}.{kind}", source)
+            out.update(convert_hf_layer(state, hf, ours, source, f"stage {i} block {j}", "attention.self."))
         if i < len(depths) - 1:
             hf, ours = f"encoder.layers.{i}.downsample.", f"stages.{i}.downsample."
             for name in ("reduction.weight", "norm.weight", "norm.bias"):
@@ -158,18 +147,11 @@ def load_hf_swin(src: str | os.PathLike, **overrides: Any) -> SwinTransformer:
 
     ``overrides`` change constructor arguments the weights do not fix (``img_size``, ``drop_path_rate``, ...).
     """
-    src = Path(src)
-    config, state = read_hf_folder(src)
-    state = normalize_hf_swin_keys(state)
-    args = hf_swin_args(config, state, str(src / "config.json"))
-    model = build_converted(SwinTransformer, args, overrides, str(src / "config.json"))
-    load_weights(model, convert_hf_swin_state_dict(state, args["depths"], str(src)), source=str(src))
-    apply_hf_metadata(model, config, src, args["num_classes"], "hf_swin")
-    return model
+    return load_hf_model(SwinTransformer, src, overrides, hf_swin_args,
+                         lambda state, args, source: convert_hf_swin_state_dict(state, args["depths"], source),
+                         "hf_swin", normalize=normalize_hf_swin_keys)
 
 
 def convert_hf_swin(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> SwinTransformer:
     """Convert an HF Swin folder into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_hf_swin(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_hf_swin(src, **overrides), src, dst)

@@ -15,16 +15,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights
 from ..models.vilt import ViLT
-from ._common import apply_hf_metadata, build_converted, check_consumed, config_value, read_hf_folder, take
+from ._common import check_consumed, config_value, load_hf_model, save_converted, take
 from .hf_vit import convert_hf_vit_layers, hf_config_activation
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -146,25 +143,15 @@ def load_hf_vilt(src: str | os.PathLike, **overrides: Any) -> ViLT:
 
     ``overrides`` change constructor arguments the weights do not fix (``patch_sampling``, ``drop_path_rate``, ...).
     """
-    src = Path(src)
-    config, state = read_hf_folder(src)
-    state = normalize_hf_vilt_keys(state)
-    args = hf_vilt_args(config, state, str(src / "config.json"))
-    model = build_converted(ViLT, args, overrides, str(src / "config.json"))
-    load_weights(model, convert_hf_vilt_state_dict(state, args["depth"], str(src)), source=str(src))
-    apply_hf_metadata(model, config, src, 0, "hf_vilt")
-    return model
+    return load_hf_model(ViLT, src, overrides, hf_vilt_args,
+                         lambda state, args, source: convert_hf_vilt_state_dict(state, args["depth"], source),
+                         "hf_vilt", normalize=normalize_hf_vilt_keys)
 
 
 def convert_hf_vilt(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> ViLT:
     """Convert an HF ViLT folder into a vitkit checkpoint folder ``dst`` (tokenizer files copied); returns the
     model."""
-    model = load_hf_vilt(src, **overrides)
-    model.save_pretrained(dst)
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
-    return model
+    return save_converted(load_hf_vilt(src, **overrides), src, dst, TOKENIZER_FILES)
 
 
 __all__ = ["convert_hf_vilt", "convert_hf_vilt_state_dict", "load_hf_vilt", "hf_vilt_args",

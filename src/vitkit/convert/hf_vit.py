@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights
 from ..models.vit import VisionTransformer
 from ._common import (
-    apply_hf_metadata,
-    build_converted,
     check_consumed,
     config_value,
-    read_hf_folder,
+    load_hf_model,
+    save_converted,
     strip_prefix,
     take,
 )
@@ -89,22 +86,32 @@ def hf_vit_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: 
     )
 
 
+def convert_hf_layer(state: dict[str, torch.Tensor], hf: str, ours: str, source: str, what: str,
+                     attention: str = "attention.attention.") -> dict[str, torch.Tensor]:
+    """Pop one HF BERT-style layer at prefix ``hf`` (``{attention}query/key/value``, ``layernorm_before/after``,
+    ``attention.output.dense``, ``intermediate.dense``, ``output.dense``: ViT, ViLT, Swin) and return it as the
+    weights of the vitkit block at prefix ``ours``, query/key/value fused into one ``qkv`` (rows [q; k; v]).
+    ``what`` names the layer in errors."""
+    out = {}
+    for kind in ("weight", "bias"):
+        qkv = [f"{hf}{attention}{n}.{kind}" for n in ("query", "key", "value")]
+        if all(k in state for k in qkv):
+            out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
+        elif kind == "weight" or any(k in state for k in qkv):
+            raise CheckpointError(f"{source}: {what} lacks some query/key/value {kind}s")
+        for theirs, mine in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+                             ("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
+                             ("output.dense", "mlp.fc2")):
+            out[f"{ours}{mine}.{kind}"] = take(state, f"{hf}{theirs}.{kind}", source)
+    return out
+
+
 def convert_hf_vit_layers(state: dict[str, torch.Tensor], depth: int, source: str) -> dict[str, torch.Tensor]:
     """Pop HF's ``encoder.layer.<i>`` weights (the ViT layer layout, which ViLT shares) and return them as vitkit
-    ``blocks.<i>`` weights, query/key/value fused into one ``qkv`` (rows [q; k; v])."""
+    ``blocks.<i>`` weights (:func:`convert_hf_layer`)."""
     out = {}
     for i in range(depth):
-        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value")]
-            if all(k in state for k in qkv):
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state.pop(k) for k in qkv], dim=0)
-            elif kind == "weight" or any(k in state for k in qkv):
-                raise CheckpointError(f"{source}: layer {i} lacks some query/key/value {kind}s")
-            for theirs, mine in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                                 ("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
-                                 ("output.dense", "mlp.fc2")):
-                out[f"{ours}{mine}.{kind}"] = take(state, f"{hf}{theirs}.{kind}", source)
+        out.update(convert_hf_layer(state, f"encoder.layer.{i}.", f"blocks.{i}.", source, f"layer {i}"))
     return out
 
 
@@ -139,19 +146,11 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
 
     ``overrides`` change constructor arguments that the weights do not fix (``dynamic_img_size=True``, ...).
     """
-    src = Path(src)
-    config, state = read_hf_folder(src)
-    state = normalize_hf_vit_keys(state)
-    args = hf_vit_args(config, state, str(src / "config.json"))
-    model = build_converted(VisionTransformer, args, overrides, str(src / "config.json"))
-    args = {**args, **overrides}
-    load_weights(model, convert_hf_vit_state_dict(state, args["depth"], str(src)), source=str(src))
-    apply_hf_metadata(model, config, src, args["num_classes"], "hf_vit")
-    return model
+    return load_hf_model(VisionTransformer, src, overrides, hf_vit_args,
+                         lambda state, args, source: convert_hf_vit_state_dict(state, args["depth"], source), "hf_vit",
+                         normalize=normalize_hf_vit_keys)
 
 
 def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     """Convert an HF ViT folder into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_hf_vit(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_hf_vit(src, **overrides), src, dst)

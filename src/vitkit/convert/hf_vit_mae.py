@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +27,8 @@ from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError
 from ..layers import SINCOS_ORDERS, sincos_2d
 from ..models import list_models, model_defaults
-from ..models._pretrained import load_weights
 from ..models.mae import MaskedAutoencoderViT
-from ._common import build_converted, check_consumed, preprocessor_stats, read_hf_folder, take
+from ._common import check_consumed, load_hf_model, save_converted, take
 from .hf_vit import hf_config_activation
 
 # Layer stacks: (pattern of a layer prefix, vitkit prefix)
@@ -162,27 +160,27 @@ def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencod
     ``overrides``: MaskedAutoencoderViT arguments (``mask_ratio=0.6``) or, for anything else, encoder
     arguments (``drop_path_rate=0.1``, ``dynamic_img_size=True``).
     """
-    src = Path(src)
-    config, state = read_hf_folder(src)
-    args = hf_vit_mae_args(config, state, str(src / "config.json"))
     own = set(inspect.signature(MaskedAutoencoderViT.__init__).parameters)
-    for key, value in overrides.items():
-        if key in own and key != "encoder_args":
-            args[key] = value
-        else:
-            args["encoder_args"] = {**args["encoder_args"], **(value if key == "encoder_args" else {key: value})}
-    model = build_converted(MaskedAutoencoderViT, args, {}, str(src / "config.json"))
-    load_weights(model, convert_hf_vit_mae_state_dict(state, str(src)), source=str(src))
-    cfg = dict(model.pretrained_cfg)
-    if model.in_chans == 3:  # the defaults of HF's ViTMAE image processor (and of the official MAE)
-        cfg.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    model.pretrained_cfg = preprocessor_stats(src, cfg)
-    model.model_name = config.get("_name_or_path") or "hf_vit_mae"
-    return model
+
+    def args_with_overrides(config: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+        args = hf_vit_mae_args(config, state, source)
+        for key, value in overrides.items():
+            if key in own and key != "encoder_args":
+                args[key] = value
+            else:
+                args["encoder_args"] = {**args["encoder_args"], **(value if key == "encoder_args" else {key: value})}
+        return args
+
+    def rgb_defaults(args: dict[str, Any]) -> dict[str, Any] | None:
+        """The normalisation of HF's ViTMAE image processor (and of the official MAE) for RGB images, unless the
+        folder's ``preprocessor_config.json`` states its own."""
+        return dict(mean=IMAGENET_MEAN, std=IMAGENET_STD) if args["encoder_args"].get("in_chans", 3) == 3 else None
+
+    return load_hf_model(MaskedAutoencoderViT, src, {}, args_with_overrides,
+                         lambda state, _, source: convert_hf_vit_mae_state_dict(state, source), "hf_vit_mae",
+                         cfg_defaults=rgb_defaults)
 
 
 def convert_hf_vit_mae(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MaskedAutoencoderViT:
     """Convert an HF ViTMAEForPreTraining folder into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_hf_vit_mae(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_hf_vit_mae(src, **overrides), src, dst)

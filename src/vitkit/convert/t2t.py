@@ -27,9 +27,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..layers.t2t import sinusoid_table
-from ..models._pretrained import load_weights, read_state_dict
+from ..models._pretrained import read_state_dict
 from ..models.t2t_vit import OFFICIAL_KERNELS, T2T_SIZES, T2TViT
-from ._common import build_converted, check_consumed, strip_prefix, take
+from ._common import check_consumed, load_converted, save_converted, strip_prefix, take
 
 OFFICIAL_HEADS = {256: 4, 384: 6, 448: 7, 512: 8, 768: 12}
 _NORMS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")
@@ -149,8 +149,7 @@ def load_t2t(src: str | os.PathLike, use_ema: bool = False, **overrides: Any) ->
     unwrap = ("state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "state_dict_ema", "model")
     state = read_state_dict(src, unwrap=unwrap)
     args, converted = convert_t2t_state_dict(state, str(src), **overrides)
-    model = build_converted(T2TViT, args, overrides, str(src))
-    load_weights(model, converted, source=str(src))
+    model = load_converted(T2TViT, args, overrides, lambda _: converted, str(src))
     official = _official_name(args["embed_dim"], args["depth"], args["mlp_ratio"], args["tokens_type"])
     model.model_name = official or "t2t_vit"
     return model
@@ -158,6 +157,4 @@ def load_t2t(src: str | os.PathLike, use_ema: bool = False, **overrides: Any) ->
 
 def convert_t2t(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> T2TViT:
     """Convert an official T2T-ViT checkpoint file into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_t2t(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_t2t(src, **overrides), src, dst)

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..models._pretrained import load_weights, read_state_dict
+from ..layers.conv_codec import NORM_GROUPS
+from ..models._pretrained import read_state_dict
 from ..models.var import VAR, level_layout
-from ..models.vqvae import NORM_GROUPS, OFFICIAL_PATCH_NUMS, MultiScaleVQVAE
-from ._common import build_converted, check_consumed, strip_prefix, take
+from ..models.vqvae import OFFICIAL_PATCH_NUMS, MultiScaleVQVAE
+from ._common import check_consumed, load_converted, save_converted, strip_prefix, take
 
 _PHI_PATTERNS = (  # official φ container -> (share_quant_resi mode, key regex)
     ("partial", re.compile(r"^quantize\.quant_resi\.qresi_ls\.(\d+)\.(weight|bias)$")),
@@ -144,8 +145,7 @@ def load_var_vqvae(src: str | os.PathLike, **overrides: Any) -> MultiScaleVQVAE:
     """Build a vitkit MultiScaleVQVAE from an official VAR VQVAE checkpoint (.pth / .safetensors)."""
     state = read_state_dict(src)
     args, converted = convert_vqvae_state_dict(state, str(src), **overrides)
-    model = build_converted(MultiScaleVQVAE, args, overrides, str(src))
-    load_weights(model, converted, source=str(src))
+    model = load_converted(MultiScaleVQVAE, args, overrides, lambda _: converted, str(src))
     official = args["vocab_size"] == 4096 and args["z_channels"] == 32 and args["ch"] == 160
     model.model_name = "vqvae_var" if official else "multiscale_vqvae"
     return model
@@ -153,9 +153,7 @@ def load_var_vqvae(src: str | os.PathLike, **overrides: Any) -> MultiScaleVQVAE:
 
 def convert_var_vqvae(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MultiScaleVQVAE:
     """Convert an official VAR VQVAE checkpoint file into a vitkit checkpoint folder ``dst``; returns the model."""
-    model = load_var_vqvae(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_var_vqvae(src, **overrides), src, dst)
 
 
 # ---------------------------------------------------------------------- VAR transformer
@@ -228,8 +226,7 @@ def load_var(src: str | os.PathLike, **overrides: Any) -> VAR:
     """Build a vitkit VAR from an official VAR checkpoint (.pth / .safetensors)."""
     state = read_state_dict(src)
     args, converted = convert_var_state_dict(state, str(src), **overrides)
-    model = build_converted(VAR, args, overrides, str(src))
-    load_weights(model, converted, source=str(src))
+    model = load_converted(VAR, args, overrides, lambda _: converted, str(src))
     depth = args["depth"]
     official = (args["embed_dim"], args["num_heads"], args["num_classes"]) == (64 * depth, depth, 1000)
     model.model_name = f"var_d{depth}" if official and depth in (16, 20, 24, 30) else "var"
@@ -238,9 +235,7 @@ def load_var(src: str | os.PathLike, **overrides: Any) -> VAR:
 
 def convert_var(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> VAR:
     """Convert an official VAR transformer checkpoint file into a vitkit checkpoint folder ``dst``."""
-    model = load_var(src, **overrides)
-    model.save_pretrained(dst)
-    return model
+    return save_converted(load_var(src, **overrides), src, dst)
 
 
 __all__ = ["convert_var", "convert_var_state_dict", "convert_var_vqvae", "convert_vqvae_state_dict",

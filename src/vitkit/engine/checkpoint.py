@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..models._pretrained import read_state_dict
+from ..models import read_state_dict
 from ..utils import _fsync_dir, file_mode
 
 TRAIN_STATE = "train_state.pt"

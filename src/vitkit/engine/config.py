@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
+from ..tasks import DEFAULT_TASK
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TrainConfig:
 class TaskConfig:
     """The objective: a registered task name (``vitkit.tasks.TASKS``) and its own settings."""
 
-    name: str = "classify"
+    name: str = DEFAULT_TASK
     args: dict[str, Any] = field(default_factory=dict)
 
 

@@ -131,7 +131,7 @@ class Trainer:
                           all_gather=lambda t: all_gather_with_grad(t, info),
                           all_reduce_sum=lambda t: all_reduce_sum(t, info), autocast=self._autocast,
                           train_set=source_train, eval_set=source_eval, eval_batch_size=t.eval_batch_size,
-                          collate=batch_collate)
+                          collate=batch_collate, progress=t.progress)  # evaluation shows a bar like training
         self.task: Task = build_task(cfg.task.name, cfg.task.args, ctx)
         self.train_set = self.task.train_dataset(source_train)
         self.eval_set = self.task.eval_dataset(source_eval)
@@ -202,7 +202,7 @@ class Trainer:
             return bool(self.cfg.train.bf16)
         if self.dist.device.type == "cuda":
             return torch.cuda.is_bf16_supported()
-        from .inference import native_bf16_supported
+        from ..utils import native_bf16_supported
 
         return native_bf16_supported()
 
@@ -328,7 +328,8 @@ class Trainer:
         raise TrainingError(f"{what}; the run stopped and {kept}; try {hint}")
 
     def _eval_batches(self):
-        for batch in self.task.ctx.iterate(self.eval_set, self.cfg.train.eval_batch_size):
+        desc = f"eval {self.epoch}/{self.cfg.train.epochs}"
+        for batch in self.task.ctx.iterate(self.eval_set, self.cfg.train.eval_batch_size, desc=desc):
             yield self.task.prepare_batch(batch, train=False)
 
     def evaluate(self) -> dict[str, Any]:

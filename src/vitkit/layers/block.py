@@ -21,9 +21,22 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def add_residual_branches(block: nn.Module, dim: int, mlp_ratio: float, mlp_dim: int | None, proj_drop: float,
+                          drop_path: float, init_values: float | None, norm_eps: float, act: str) -> None:
+    """Give a pre-norm block (after its ``norm1`` and ``attn``) the rest of :class:`Block`'s modules, in its order:
+    ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2`` (LayerScale only with ``init_values``,
+    DropPath only with a rate > 0)."""
+    block.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+    block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+    block.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+    block.mlp = Mlp(dim, mlp_dim or int(dim * mlp_ratio), act=act, drop=proj_drop)
+    block.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+    block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. Inference code may swap a block for an equivalent subclass built from the
-    same modules (``engine.inference.FusedBlock.from_block``); parameter names stay the same."""
+    same modules (``tools.inference.FusedBlock.from_block``); parameter names stay the same."""
 
     def __init__(
         self,
@@ -44,12 +57,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
                               qk_scale=qk_scale)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim or int(dim * mlp_ratio), act=act, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        add_residual_branches(self, dim, mlp_ratio, mlp_dim, proj_drop, drop_path, init_values, norm_eps, act)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
                 ) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""ReLU linear attention (EfficientViT's global attention), a plain reference.
+"""ReLU linear attention (EfficientViT's global attention): the one implementation, and a plain multi-head module.
 
 With q = ReLU(x W_q) and k = ReLU(x W_k), attention is taken as
 
     out_i = sum_j (q_i · k_j) v_j / sum_j (q_i · k_j) = q_i (Kᵀ V) / q_i (Kᵀ 1),
 
 so Kᵀ V (head_dim x head_dim per head) is formed once and the cost is O(N · d²) instead of O(N² · d). As in
-EfficientViT, V is padded with a column of ones so that the numerator and the denominator come out of the same
-two matmuls, and the whole computation runs in fp32 (sums over N tokens overflow / lose precision in bf16/fp16),
-then casts back to the input dtype.
+EfficientViT, V is padded with ones so that the numerator and the denominator come out of the same two matmuls,
+and the whole computation runs in fp32 (sums over N tokens overflow / lose precision in bf16/fp16), then casts
+back to the input dtype.
 
-This is the attention core only: no multi-scale aggregation and no depthwise convolutions (EfficientViT adds
-both for locality); the full EfficientViT module may replace it later.
+:func:`relu_linear_attention` is shared: :class:`ReLULinearAttention` below (tokens-first, no multi-scale
+aggregation or depthwise convolutions) and EfficientViT's :class:`~vitkit.layers.lite_mla.LiteMLA` (channels-first
+maps, passed transposed) both call it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from torch import nn
 
 
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
-    """(..., N, d) q, k (already non-negative) and v -> (..., N, d_v), computed in fp32, returned in v's dtype."""
+    """(..., N, d) q, k (already non-negative) and (..., N, d_v) v -> (..., N, d_v), computed in fp32, returned in
+    v's dtype. A query whose q is all zero gets a zero output (``eps`` in the normaliser).
+
+    The products are formed in the order of EfficientViT's official code on its channels-first maps,
+    ``([V; 1] Kᵀ) Q``, so that LiteMLA, which passes its (..., d, N) maps as transposed views, keeps the official
+    numerics bit for bit."""
     dtype = v.dtype
-    q, k, v = q.float(), k.float(), v.float()
-    v = F.pad(v, (0, 1), value=1.0)  # (..., N, d_v + 1): the last column sums kᵀ1
-    kv = k.transpose(-2, -1) @ v  # (..., d, d_v + 1)
-    out = q @ kv  # (..., N, d_v + 1)
-    return (out[..., :-1] / (out[..., -1:] + eps)).to(dtype)
+    # channels-first views (..., d, N); transpose, not .mT, which the ONNX exporter cannot translate
+    q, k, v = (t.float().transpose(-2, -1) for t in (q, k, v))
+    vk = F.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-2, -1)  # (..., d_v + 1, d): the last row sums kᵀ1
+    out = vk @ q  # (..., d_v + 1, N)
+    return (out[..., :-1, :] / (out[..., -1:, :] + eps)).transpose(-2, -1).to(dtype)
 
 
 class ReLULinearAttention(nn.Module):

@@ -7,9 +7,10 @@ x (B, C, H, W) -> 1×1 conv to q, k, v -> multi-scale aggregation -> ReLU linear
   linear in the number of tokens N: v is padded with a row of ones, so numerator and normaliser come out of the
   same two matmuls.
   ``eps = 1e-15`` is added to the normaliser (a query whose ReLU'd q is zero gets a zero output).
-  For small maps (``H·W <= dim``) the N×N matrix is cheaper and the official code forms it (the "quadratic"
-  path); both paths are the same function. Either runs in fp32 with autocast disabled: sums over N overflow or
-  lose precision in fp16/bf16.
+  The linear path is :func:`vitkit.layers.linear_attention.relu_linear_attention` (tokens-first, so the
+  channels-first maps go in and come out as transposed views). For small maps (``H·W <= dim``) the N×N matrix
+  is cheaper and the official code forms it (the "quadratic" path); both paths are the same function. Either
+  runs in fp32 with autocast disabled: sums over N overflow or lose precision in fp16/bf16.
 * **Multi-scale aggregation.** For each scale s (official default ``(5,)``) the qkv map also goes through a
   depthwise s×s conv and a grouped 1×1 conv (groups = 3·heads, so it mixes channels within each head's q, k or
   v only); the aggregated tokens form extra heads that attend alongside the base heads.
@@ -32,15 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMapSource
+from .linear_attention import relu_linear_attention
 from .mbconv import ConvNormAct
-
-
-def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
-    """Channels-first (..., d, N) non-negative q, k and v -> (..., d, N): ``([V; 1] Kᵀ) Q``, each column divided by
-    its last entry (the normaliser). The (d+1)×d product is formed first: cost linear in N."""
-    vk = F.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-2, -1)  # (..., d + 1, d)
-    out = vk @ q  # (..., d + 1, N)
-    return out[..., :-1, :] / (out[..., -1:, :] + eps)
 
 
 def relu_quadratic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
@@ -121,8 +115,9 @@ class LiteMLA(AttentionMapSource, nn.Module):
         with _autocast_off(qkv.device.type):
             q, k, v = qkv.float().split(self.dim, dim=-2)
             q, k = F.relu(q), F.relu(k)
-            if path == "linear":
-                return relu_linear_attention(q, k, v, self.eps)
+            if path == "linear":  # the shared tokens-first function, on transposed views
+                q, k, v = (t.transpose(-2, -1) for t in (q, k, v))
+                return relu_linear_attention(q, k, v, self.eps).transpose(-2, -1)
             out, attn = relu_quadratic_attention(q, k, v, self.eps)
             if self.attn_sink is not None:
                 self._record(_as_probabilities(attn.transpose(-2, -1)))

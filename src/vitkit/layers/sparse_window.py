@@ -46,9 +46,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMapSource
-from .block import LayerScale
-from .drop import DropPath
-from .mlp import Mlp
+from .block import add_residual_branches
 
 SORT_AXES = ("row", "col")
 
@@ -262,12 +260,7 @@ class SparseWindowBlock(nn.Module):
         self.attn = SparseWindowAttention(dim, num_heads, group_size, window_size, qkv_bias=qkv_bias,
                                           attn_drop=attn_drop, proj_drop=proj_drop, qk_scale=qk_scale,
                                           sort_axis=sort_axis, shift=shift)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim or int(dim * mlp_ratio), act=act, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        add_residual_branches(self, dim, mlp_ratio, mlp_dim, proj_drop, drop_path, init_values, norm_eps, act)
 
     @property
     def sort_axis(self) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import InputShapeError
 from .block import Block
+from .weight_init import trunc_normal_linears_
 
 
 def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
@@ -121,11 +122,7 @@ class TextTransformer(nn.Module):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(width, eps=norm_eps)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self.blocks)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) token ids (+ (B, N) padding mask, 1 = token) -> (B, N, width) normalised tokens."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .._version import __version__
 from ..layers.attention import capture_attention
+from ..layers.text import tokenizer_json
 from ._pretrained import save_pretrained
 from ._registry import from_pretrained, register_class
 
@@ -42,6 +44,8 @@ class VitkitModel(nn.Module):
     # Models that pretrain a backbone (MAE, contrastive) name its submodule prefix, e.g. "encoder.": their
     # checkpoints then give just the backbone to a model of another class (see models.load_backbone).
     backbone_prefix: str | None = None
+    # The task (vitkit.tasks) a checkpoint is used with when it records none (a converted checkpoint).
+    default_task: str = "classify"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -205,6 +209,52 @@ def select_blocks(indices: int | list[int] | tuple[int, ...] | None, depth: int,
     if bad or not indices:
         raise ValueError(f"indices={list(indices)}: {what} has {depth} blocks (valid indices {-depth}..{depth - 1})")
     return sorted({i % depth for i in indices})
+
+
+class TokenizerMixin:
+    """A text model that may carry the ``tokenizers`` tokenizer it was trained with (CLIP, ViLT).
+
+    The tokenizer is the constructor argument ``tokenizer`` (its JSON object), so ``config.json`` holds it with
+    the other arguments and a checkpoint's token ids keep their meaning. The constructor ends with
+    ``self._init_tokenizer(tokenizer)``; :meth:`_check_tokenizer` adds a model's own checks.
+    """
+
+    vocab_size: int
+    model_args: dict[str, Any]
+    _tokenizer: Any = None
+
+    def _init_tokenizer(self, tokenizer: dict[str, Any] | str | None) -> None:
+        self._tokenizer = None if tokenizer is None else self._checked_tokenizer(tokenizer_json(tokenizer))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` this model was trained with (None when it carries none, e.g. converted
+        checkpoints, whose tokenizer files lie beside them: ``vitkit.convert.load_tokenizer``)."""
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
+        data = tokenizer_json(tokenizer)
+        self._tokenizer = self._checked_tokenizer(data)
+        self.model_args["tokenizer"] = data
+
+    def _checked_tokenizer(self, data: dict[str, Any]) -> Any:
+        """Parse a tokenizer; refuse one whose ids would fall outside the word-embedding table, or that fails
+        :meth:`_check_tokenizer`."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(json.dumps(data))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise ValueError(f"tokenizer: not a readable tokenizers JSON ({e})") from None
+        if tok.get_vocab_size() > self.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model's vocab_size is "
+                             f"{self.vocab_size}")
+        self._check_tokenizer(tok)
+        return tok
+
+    def _check_tokenizer(self, tok: Any) -> None:
+        """A model's own checks of a parsed tokenizer (raise ValueError); none by default."""
 
 
 class EncoderWrapper(VitkitModel):

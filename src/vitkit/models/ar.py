@@ -1,6 +1,6 @@
 """Token-based image generation on a VQ tokenizer: one decoder-only transformer over the code map of a
-single-scale VQ-VAE, generating in the three ways of the note: one token at a time in raster order or in a random
-order, or several tokens at a time (masked prediction, MaskGIT).
+single-scale VQ-VAE, generating in three ways: one token at a time in raster order or in a random order, or several
+tokens at a time (masked prediction, MaskGIT).
 
 The code map of an image is L = grid_size² codes (``t_i``, raster index i). A class token (``num_classes`` + 1
 rows, the last one the null class) conditions every order; in training the label is replaced by the null class
@@ -23,8 +23,9 @@ with probability ``cond_drop_rate``, so that sampling can use classifier-free gu
 
 ``forward(codes, labels)`` is a training step returning :class:`GeneratorOutput` (loss, logits, targets, mask,
 perm); :meth:`TokenGenerator.sample` returns code maps (B, grid, grid). The tokenizer is not part of this module
-(as VAR's VQ-VAE is not part of VAR): ``tasks.generation`` tokenizes and decodes. :class:`SingleScaleVQVAE`
-(``vq_fmnist_tiny``) is the tokenizer the registered generators fit.
+(as VAR's VQ-VAE is not part of VAR): ``tasks.generation`` tokenizes and decodes, and the registered generators fit
+:class:`~vitkit.models.vqvae.SingleScaleVQVAE` (``vq_fmnist_tiny``). The KV cache, guidance and the samplers are
+:mod:`vitkit.layers.sampling`'s.
 """
 
 from __future__ import annotations
@@ -38,55 +39,21 @@ from torch import nn
 
 from ..data.constants import FMNIST_CLASSES
 from ..errors import InputShapeError
-from ..layers.block import Block
+from ..layers.sampling import (
+    CachedBlock,
+    KVCache,
+    cfg_combine,
+    gumbel_noise,
+    masked_counts,
+    sample_logits,
+    uniform_noise,
+)
+from ..layers.weight_init import trunc_normal_linears_
 from ._base import VitkitModel
 from ._registry import register_config
-from .var import KVCache, sample_top_k_top_p
-from .vqvae import MultiScaleVQVAE
+from .vqvae import VQ_FMNIST_TINY
 
 ORDERS = ("raster", "random", "masked")
-
-
-# ---------------------------------------------------------------------- the tokenizer
-class SingleScaleVQVAE(MultiScaleVQVAE):
-    """A plain VQ-VAE (van den Oord et al., 2017) with VAR's encoder and decoder: one quantisation scale, the full
-    h×w latent map, so an image is h·w codes — the tokenizer of raster, random-order and masked generation.
-
-    It is :class:`MultiScaleVQVAE` with ``patch_nums=(h,)`` and a single φ (the identity with the default
-    ``quant_resi=0``: f̂ is the nearest codes themselves, the classic VQ-VAE), with the same parameter names and
-    the same API (``img_to_idx(img)[-1]`` is the (B, h·w) code map, ``idx_to_img([codes], last_one=True)``
-    decodes). It only fixes those defaults and checks that there is exactly one scale.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int = 4096,
-        z_channels: int = 32,
-        ch: int = 160,
-        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-        using_sa: bool = True,
-        using_mid_sa: bool = True,
-        beta: float = 0.25,
-        using_znorm: bool = False,
-        quant_conv_ks: int = 3,
-        quant_resi: float = 0.0,
-        patch_nums: tuple[int, ...] = (16,),
-    ) -> None:
-        patch_nums = tuple(patch_nums)
-        if len(patch_nums) != 1:
-            raise ValueError(f"patch_nums={list(patch_nums)}: a single-scale VQ-VAE takes exactly one latent size "
-                             f"(use MultiScaleVQVAE for several scales)")
-        super().__init__(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
-                         num_res_blocks=num_res_blocks, in_channels=in_channels, dropout=dropout, using_sa=using_sa,
-                         using_mid_sa=using_mid_sa, beta=beta, using_znorm=using_znorm, quant_conv_ks=quant_conv_ks,
-                         quant_resi=quant_resi, share_quant_resi=1, patch_nums=patch_nums)
-
-    @property
-    def grid_size(self) -> int:
-        return self.patch_nums[0]
 
 
 # ---------------------------------------------------------------------- pieces
@@ -98,51 +65,6 @@ class GeneratorOutput(NamedTuple):
     perm: torch.Tensor  # (B, L) int64: the raster position each slot predicts (identity for raster and masked)
 
 
-class GenBlock(Block):
-    """vitkit's pre-norm :class:`Block` with an optional KV cache, for sampling one slot at a time."""
-
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,  # type: ignore[override]
-                cache: KVCache | None = None) -> torch.Tensor:
-        if cache is None:
-            return super().forward(x, attn_bias)
-        attn = self.attn
-        B, N, C = x.shape
-        qkv = attn.qkv(self.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        k, v = cache.extend(k, v)
-        y = attn._attend(q, k, v, attn.scale, attn_bias)
-        y = attn.proj_drop(attn.proj(y.transpose(1, 2).reshape(B, N, C)))
-        x = x + self.drop_path1(self.ls1(y))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def masked_counts(num_tokens: int, steps: int) -> list[int]:
-    """How many positions MaskGIT sampling leaves masked after each of its ``steps`` steps (it starts from all
-    ``num_tokens`` masked): floor(L·cos(π/2·(t+1)/T)), kept in [1, left − 1] before the last step — every step
-    decides at least one token and leaves at least one for later — and 0 after the last."""
-    if not 1 <= steps <= num_tokens:
-        raise ValueError(f"steps={steps}: MaskGIT sampling needs 1 <= steps <= {num_tokens} (the number of tokens)")
-    counts, left = [], num_tokens
-    for t in range(steps):
-        n = 0 if t == steps - 1 else max(1, min(left - 1, math.floor(num_tokens * math.cos(math.pi / 2 * (t + 1)
-                                                                                          / steps))))
-        counts.append(n)
-        left = n
-    return counts
-
-
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, cfg: float) -> torch.Tensor:
-    """Classifier-free guidance: (1 + cfg)·cond − cfg·uncond; cfg = 0 gives the conditional logits."""
-    return cond if cfg == 0 else cond.mul(1 + cfg).sub_(uncond, alpha=cfg)
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Uniform noise from ``generator`` (drawn on its own device, then moved) or from the global RNG."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
 # ---------------------------------------------------------------------- the model
 class TokenGenerator(VitkitModel):
     """Class-conditional transformer over VQ code maps, in ``order`` raster / random / masked (see the module doc).
@@ -151,6 +73,8 @@ class TokenGenerator(VitkitModel):
     code maps (num, g, g). ``image_size`` (C, H, W) records the images the tokenizer decodes the code maps to
     (metadata: the model never sees pixels).
     """
+
+    default_task = "ar"  # the task a checkpoint without a recorded one (converted) is used with
 
     head_prefixes = ()  # the head predicts VQ codes: its size is fixed by the tokenizer, never swapped
 
@@ -202,8 +126,8 @@ class TokenGenerator(VitkitModel):
         self.class_emb = nn.Embedding(num_classes + 1, embed_dim)  # the last row is the null class (CFG)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList([GenBlock(embed_dim, num_heads, mlp_ratio, proj_drop=drop_rate,
-                                              attn_drop=attn_drop_rate, drop_path=dpr[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList([CachedBlock(embed_dim, num_heads, mlp_ratio, proj_drop=drop_rate,
+                                                 attn_drop=attn_drop_rate, drop_path=dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, vocab_size)
         if order != "masked":  # slot j sees slots 0..j
@@ -214,11 +138,7 @@ class TokenGenerator(VitkitModel):
 
     def _init_weights(self) -> None:
         """GPT-2's: N(0, 0.02) (truncated) everywhere, zero biases, residual projections / √(2·depth)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self, 0.02, embeddings=True)
         for table in (self.pos_embed, getattr(self, "target_pos", None)):
             if table is not None:
                 nn.init.trunc_normal_(table, std=0.02)
@@ -265,16 +185,16 @@ class TokenGenerator(VitkitModel):
     def random_perm(self, B: int, generator: torch.Generator | None = None,
                     device: torch.device | None = None) -> torch.Tensor:
         """(B, L) generation orders: a uniformly random permutation per sample."""
-        return _rand((B, self.num_tokens), generator, device or self.pos_embed.device).argsort(dim=1)
+        return uniform_noise((B, self.num_tokens), generator, device or self.pos_embed.device).argsort(dim=1)
 
     def random_mask(self, B: int, generator: torch.Generator | None = None,
                     device: torch.device | None = None) -> torch.Tensor:
         """(B, L) bool MaskGIT training masks: per sample ⌈cos(π/2·u)·L⌉ random positions, u ~ U(0, 1)."""
         device = device or self.pos_embed.device
         L = self.num_tokens
-        ratio = torch.cos(math.pi / 2 * _rand((B,), generator, device))
+        ratio = torch.cos(math.pi / 2 * uniform_noise((B,), generator, device))
         count = torch.ceil(ratio * L).clamp_(1, L).long()
-        rank = _rand((B, L), generator, device).argsort(dim=1).argsort(dim=1)
+        rank = uniform_noise((B, L), generator, device).argsort(dim=1).argsort(dim=1)
         return rank < count[:, None]
 
     # ------------------------------------------------------------------ the network
@@ -329,7 +249,7 @@ class TokenGenerator(VitkitModel):
         B, L, device = codes.shape[0], self.num_tokens, codes.device
         labels = self._check_labels(labels, B, device)
         if self.training and self.cond_drop_rate > 0:
-            drop = _rand((B,), generator, device) < self.cond_drop_rate
+            drop = uniform_noise((B,), generator, device) < self.cond_drop_rate
             labels = torch.where(drop, self.num_classes, labels)
         identity = torch.arange(L, device=device).expand(B, L)
         if self.order == "masked":
@@ -405,7 +325,7 @@ class TokenGenerator(VitkitModel):
         if labels is None:
             if self.num_classes == 0:
                 return torch.full((num,), 0, dtype=torch.long, device=device)
-            return (_rand((num,), generator, device) * self.num_classes).long().clamp_(max=self.num_classes - 1)
+            return (uniform_noise((num,), generator, device) * self.num_classes).long().clamp_(max=self.num_classes - 1)
         if isinstance(labels, int):
             return torch.full((num,), self.num_classes if labels < 0 else labels, dtype=torch.long, device=device)
         return self._check_labels(labels.to(device), num, device)
@@ -462,11 +382,6 @@ class TokenGenerator(VitkitModel):
         codes = codes.view(num, self.grid_size, self.grid_size)
         return (codes, history) if return_steps else codes
 
-    def _draw(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-              generator: torch.Generator | None) -> torch.Tensor:
-        """(B, n, V) logits -> (B, n) sampled codes."""
-        return sample_top_k_top_p(logits.float() / temperature, top_k=top_k, top_p=top_p, rng=generator)[..., 0]
-
     def _sample_ar(self, labels: torch.Tensor, temperature: float, top_k: int, top_p: float, cfg: float,
                    generator: torch.Generator | None, perm: torch.Tensor | None) -> torch.Tensor:
         B, L, device = labels.shape[0], self.num_tokens, labels.device
@@ -487,7 +402,7 @@ class TokenGenerator(VitkitModel):
             logits = self._step(x, caches)[:, -1:].float()
             if guided:
                 logits = cfg_combine(logits[:B], logits[B:], cfg)
-            tok = self._draw(logits, temperature, top_k, top_p, generator)[:, 0]
+            tok = sample_logits(logits, temperature, top_k, top_p, generator)[:, 0]
             out.scatter_(1, perm[:, j:j + 1], tok[:, None])
             if j + 1 < L:
                 x = self._next_slot(twice(tok), perm2[:, j], perm2[:, j + 1])
@@ -506,15 +421,13 @@ class TokenGenerator(VitkitModel):
                 logits = self.guided_logits(codes, labels, cfg, mask=unknown).float()
             else:
                 logits = self.logits_for(codes, labels, mask=unknown).float()
-            sampled = self._draw(logits, temperature, top_k, top_p, generator)
+            sampled = sample_logits(logits, temperature, top_k, top_p, generator)
             logp = (logits / temperature).log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
             sampled = torch.where(unknown, sampled, codes)
             confidence = torch.where(unknown, logp, torch.inf)
             noise_t = choice_temperature * (1 - (t + 1) / steps)
             if noise_t > 0:  # Gumbel noise (−log Exp(1)), annealed: early steps explore, the last ones do not
-                gumbel = -torch.empty(B, L, device=generator.device if generator is not None else device
-                                      ).exponential_(generator=generator).log().to(device)
-                confidence = confidence + noise_t * gumbel
+                confidence = confidence + noise_t * gumbel_noise((B, L), generator, device)
             remask = torch.zeros(B, L, dtype=torch.bool, device=device)
             if keep_masked:
                 remask.scatter_(1, confidence.topk(keep_masked, dim=1, largest=False).indices, True)
@@ -524,13 +437,6 @@ class TokenGenerator(VitkitModel):
 
 
 # ---------------------------------------------------------------------- registered configurations
-# Fashion-MNIST (28×28 gray): the encoder/decoder of vqvae_fmnist_tiny (three levels, 28 -> 14 -> 7) with one
-# quantisation scale, so an image is a 7×7 map of 49 codes out of 256 (plain VQ: f̂ = the nearest codes).
-VQ_FMNIST_TINY: dict[str, Any] = dict(
-    vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, in_channels=1, patch_nums=(7,),
-)
-register_config("vq_fmnist_tiny", SingleScaleVQVAE, {"mean": (0.5,), "std": (0.5,)}, **VQ_FMNIST_TINY)
-
 # Generators over vq_fmnist_tiny's 7×7 map: 6 blocks of width 128 (1.26M parameters), ten classes + null, 10% label
 # dropout for guidance. ar_fmnist_tiny is the raster order; the others differ only in ``order``.
 AR_FMNIST_TINY: dict[str, Any] = dict(

@@ -23,7 +23,6 @@ with a token the pooling rule reads (``eos_token_id``, see :func:`eot_index`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.constants import FMNIST_MEAN, FMNIST_STD
-from ..layers.text import TextTransformer, tokenizer_json
-from ._base import VitkitModel, check_model_args
+from ..layers.text import TextTransformer
+from ._base import TokenizerMixin, VitkitModel, check_model_args
 from ._registry import register_config
 from .vit import VisionTransformer
 
@@ -152,8 +151,10 @@ class CLIPVisionTransformer(VisionTransformer):
         return self.norm_pre(x), grid
 
 
-class CLIP(VitkitModel):
+class CLIP(TokenizerMixin, VitkitModel):
     """Image tower + text tower + learned temperature; ``forward`` gives both directions' logits."""
+
+    default_task = "clip"  # the task a checkpoint without a recorded one (converted) is used with
 
     head_prefixes = ()  # both projections are part of the model: a checkpoint must fit exactly
 
@@ -212,35 +213,14 @@ class CLIP(VitkitModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": OPENAI_CLIP_MEAN[:in_chans],
                                "std": OPENAI_CLIP_STD[:in_chans], "interpolation": "bicubic"}
-        self._tokenizer: Any = None
-        if tokenizer is not None:
-            self._tokenizer = self._checked_tokenizer(tokenizer_json(tokenizer))
+        self._init_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> Any:
-        """The ``tokenizers.Tokenizer`` this model was trained with (None when it carries none, e.g. converted
-        checkpoints, whose ``tokenizer.json`` lies beside them: ``vitkit.convert.load_tokenizer``)."""
-        return self._tokenizer
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
-        data = tokenizer_json(tokenizer)
-        self._tokenizer = self._checked_tokenizer(data)
-        self.model_args["tokenizer"] = data
-
-    def _checked_tokenizer(self, data: dict[str, Any]) -> Any:
-        """Parse a tokenizer and refuse one that does not fit: ids beyond the vocabulary, or texts whose last
-        token is not where :func:`eot_index` reads them (the text tower would pool another token)."""
+    def _check_tokenizer(self, tok: Any) -> None:
+        """Refuse a tokenizer whose texts do not end where :func:`eot_index` reads them (the text tower would pool
+        another token)."""
         from tokenizers import Tokenizer
 
-        try:
-            tok = Tokenizer.from_str(json.dumps(data))
-        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise ValueError(f"tokenizer: not a readable tokenizers JSON ({e})") from None
-        if tok.get_vocab_size() > self.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model's vocab_size is "
-                             f"{self.vocab_size}")
         probe = Tokenizer.from_str(tok.to_str())
         probe.no_padding()
         probe.no_truncation()
@@ -251,7 +231,6 @@ class CLIP(VitkitModel):
                 raise ValueError(f"the tokenizer does not end texts with the end-of-text token the model pools at "
                                  f"(eos_token_id={self.eos_token_id}): {text!r} -> {ids[0].tolist()} is read at "
                                  f"position {at}; build the model with the id of the tokenizer's last token")
-        return tok
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:

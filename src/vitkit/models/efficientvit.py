@@ -37,6 +37,7 @@ from ..layers.drop import DropPath
 from ..layers.lite_mla import LiteMLA
 from ..layers.mbconv import ConvNormAct, DSConv, MBConv, build_act
 from ..layers.patch_embed import check_image_batch
+from ..layers.weight_init import trunc_normal_linears_
 from ..utils import to_2tuple
 from ._base import VitkitModel, check_model_args, select_blocks
 from ._registry import register_config
@@ -185,11 +186,7 @@ class EfficientViT(VitkitModel):
 
     def _init_weights(self) -> None:
         """Truncated-normal (std 0.02) Linears with zero biases; convolutions and norms keep PyTorch's init."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     # ------------------------------------------------------------------ forward
     def _call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

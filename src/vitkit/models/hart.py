@@ -52,7 +52,7 @@ from ..data.constants import FMNIST_CLASSES
 from ..errors import InputShapeError
 from ..layers.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, DiffusionHead
 from ._registry import register_config
-from .var import VAR, VAR_FMNIST_TINY, KVCache, sample_top_k_top_p
+from .var import VAR, VAR_FMNIST_TINY
 from .vqvae import OFFICIAL_PATCH_NUMS, MultiScaleVQVAE, VQVAEOutput
 
 
@@ -103,6 +103,8 @@ class HART(VAR):
     ``residual_diffusion=False`` builds no diffusion head: the model is then VAR (same state, same logits and
     samples). The ``diff_*`` arguments configure the head (:class:`~vitkit.layers.diffusion.DiffusionHead`).
     """
+
+    default_task = "hart"  # the task a checkpoint without a recorded one (converted) is used with
 
     def __init__(
         self,
@@ -210,18 +212,6 @@ class HART(VAR):
         return ce, diff
 
     # ------------------------------------------------------------------ sampling
-    def _labels(self, B: int, labels: int | torch.Tensor | None, rng: torch.Generator | None,
-                device: torch.device) -> torch.Tensor:
-        if labels is None:
-            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
-            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
-        if isinstance(labels, int):
-            return torch.full((B,), self.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
-        labels = torch.as_tensor(labels, device=device, dtype=torch.long)
-        if labels.shape != (B,):
-            raise InputShapeError(f"HART.sample expects {B} labels, got shape {tuple(labels.shape)}")
-        return labels
-
     @torch.no_grad()
     def sample(
         self,
@@ -247,39 +237,14 @@ class HART(VAR):
         so a seeded generator reproduces the samples. ``vae`` defaults to the attached one. ``return_parts``
         also returns the sampled indices [(B, pn²)] and the residual (B, c_vae, h, w).
         """
-        if vae is None:
-            if not self.vae_proxy:
-                raise ValueError("sampling needs the VQ-VAE: pass vae= or call attach_vae(vae) first")
-            vae = self.vae_proxy[0]
-        self._check_vae(vae)
-        device = self.pos_1LC.device
-        label_B = self._labels(B, labels, generator, device)
-        quant = vae.quantize
-        cond = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0))
-        cond_or_gss = self.shared_ada_lin(cond)
-        tokens = self.start_tokens(cond)
-        caches = [KVCache() for _ in self.blocks]
-        pn_last = self.patch_nums[-1]
-        f_hat = cond.new_zeros(B, self.c_vae, pn_last, pn_last)
-        last = len(self.patch_nums) - 1
-        sampled: list[torch.Tensor] = []
-        for si, pn in enumerate(self.patch_nums):
-            for block, cache in zip(self.blocks, caches):
-                tokens = block(tokens, cond_or_gss, None, cache)
-            logits = self.get_logits(tokens, cond)
-            t = cfg * si / last
-            logits = (1 + t) * logits[:B] - t * logits[B:]
-            idx = sample_top_k_top_p(logits, top_k=top_k, top_p=top_p, rng=generator, num_samples=1)[:, :, 0]
-            sampled.append(idx)
-            h = quant.embedding(idx).transpose(1, 2).reshape(B, self.c_vae, pn, pn)
-            f_hat, next_map = quant.next_autoregressive_input(si, f_hat, h)
-            if si != last:
-                tokens = self.scale_tokens(si + 1, next_map.view(B, self.c_vae, -1).transpose(1, 2)).repeat(2, 1, 1)
+        vae = self.sampling_vae(vae)
+        label_B = self.sampling_labels(B, labels, generator, self.pos_1LC.device)
+        f_hat, sampled, hidden = self.sample_scales(vae, label_B, cfg, top_k, top_p, generator)
         residual = torch.zeros_like(f_hat)
         if self.residual_diffusion and diffusion_steps != 0:
             steps = self.diffloss.sampling_steps if diffusion_steps is None else diffusion_steps
             idx_last = sampled[-1].repeat(2, 1)  # the same sampled tokens condition both halves, as officially
-            z = self.diffusion_condition(tokens, idx_last).reshape(2, B * self.last_l, self.embed_dim)
+            z = self.diffusion_condition(hidden, idx_last).reshape(2, B * self.last_l, self.embed_dim)
             r = self.diffloss.sample(z[0], steps=steps, temperature=temperature, cfg=cfg, uncond=z[1],
                                      generator=generator, sampler=sampler, eta=eta)
             residual = r.view(B, self.last_l, self.c_vae).transpose(1, 2).reshape_as(f_hat)

@@ -46,6 +46,8 @@ class MAEOutput(NamedTuple):
 class MaskedAutoencoderViT(EncoderWrapper):
     """MAE pretraining model: ``model(images) -> MAEOutput(loss, pred, mask)``; ``encode(images)`` -> features."""
 
+    default_task = "mae"  # the task a checkpoint without a recorded one (converted) is used with
+
     head_prefixes = ()  # no classifier head
 
     def __init__(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.constants import FMNIST_MEAN, FMNIST_STD
+from ..layers.weight_init import trunc_normal_linears_
 from ._base import EncoderWrapper
 from ._registry import create_model, register_config
 
@@ -36,6 +37,8 @@ class ContrastiveViT(EncoderWrapper):
     ``forward_intermediates``, ``attention_maps``), the projector playing the part of the head, so feature
     probes and inspection tools treat it like any vitkit model.
     """
+
+    default_task = "contrastive"  # the task a checkpoint without a recorded one (converted) is used with
 
     head_prefixes = ()  # the projector is part of the model: a checkpoint must fit it exactly
 
@@ -71,11 +74,7 @@ class ContrastiveViT(EncoderWrapper):
             width = proj_hidden_dim
         layers.append(nn.Linear(width, proj_dim))
         self.projector = nn.Sequential(*layers)
-        for m in self.projector.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self.projector)
         cfg = dict(self.encoder.pretrained_cfg)
         cfg.pop("class_names", None)
         self.pretrained_cfg = cfg

@@ -4,7 +4,7 @@ image -> 4×4 patches (Conv2d) -> LayerNorm -> [stage: blocks alternating regula
 patch merging (2×2 -> one token of twice the width)] × 4 -> LayerNorm -> global average pool -> head.
 
 Attention inside M×M windows costs O(N·M²) instead of O(N²), so the cost is linear in the number of tokens
-(the note on efficient ViTs); the shifted windows of every other block let information cross window borders,
+(Liu et al., 2021, Sec. 3.2); the shifted windows of every other block let information cross window borders,
 and merging builds the pyramid of feature maps (strides 4, 8, 16, 32) that dense tasks need.
 
 Layout choices (the references': Microsoft's code and Hugging Face ``SwinModel``, whose weights load through
@@ -19,13 +19,13 @@ Layout choices (the references': Microsoft's code and Hugging Face ``SwinModel``
 * a stage whose map is not larger than the window runs one unshifted window over the whole map (the window
   shrinks to the map at run time, reading the central offsets of the bias table).
 
-``shift_windows=False`` is the ablation of the note's claim: every block uses the same window grid, so no
-information crosses a window border before the next merging.
+``shift_windows=False`` is the paper's shifted-window ablation (Liu et al., 2021, Sec. 4.4): every block uses the
+same window grid, so no information crosses a window border before the next merging.
 
 Window pruning (SparseViT): ``window_keep_ratios`` (per stage, changeable at run time with
 :meth:`SwinTransformer.set_keep_ratios`) runs each stage's blocks on its most important windows only (L2 norm of
 the window's activations), the others pass through; ``keep_ratio_choices`` trains with a ratio drawn per stage
-and step (sparsity-aware adaptation). The latency-constrained search is :mod:`vitkit.engine.sparsevit`.
+and step (sparsity-aware adaptation). The latency-constrained search is :mod:`vitkit.tools.search`.
 
 Sparse token sets: ``sparse_stages`` swaps the window blocks of those stages for
 :class:`~vitkit.layers.sparse_window.SparseWindowBlock` (equal-size groups of ``group_size`` tokens, sort axis and
@@ -49,6 +49,7 @@ from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, IMAGENET_M
 from ..errors import InputShapeError
 from ..layers.patch_embed import check_image_batch
 from ..layers.sparse_window import SparseWindowBlock, alternating_schedule
+from ..layers.weight_init import trunc_normal_linears_
 from ..layers.window_attention import PatchMerging, SwinBlock, window_partition, window_reverse
 from ..utils import to_2tuple
 from ._base import VitkitModel, check_model_args, select_blocks
@@ -233,11 +234,7 @@ class SwinTransformer(VitkitModel):
         """Truncated-normal (std 0.02) Linears, bias tables and absolute positions; zero biases (as the paper)."""
         if self.absolute_pos_embed is not None:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     # ------------------------------------------------------------------ forward
     def embed(self, x: torch.Tensor) -> torch.Tensor:

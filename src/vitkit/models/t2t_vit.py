@@ -33,6 +33,7 @@ from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, IMAGENET_M
 from ..errors import InputShapeError
 from ..layers import Block, check_image_batch
 from ..layers.t2t import TokensToToken, sinusoid_table
+from ..layers.weight_init import trunc_normal_linears_
 from ..utils import to_2tuple
 from ._base import TokenClassifier, check_model_args, check_pool
 from ._registry import register_config
@@ -118,11 +119,7 @@ class T2TViT(TokenClassifier):
         """Truncated-normal Linears and CLS token (std 0.02), zero biases; the performer's ``w`` stays as drawn."""
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
         return sinusoid_table(self.num_prefix_tokens + grid[0] * grid[1], self.embed_dim)[None]

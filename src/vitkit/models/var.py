@@ -41,6 +41,8 @@ from ..errors import InputShapeError
 from ..layers.attention import AttentionMapSource
 from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
+from ..layers.sampling import KVCache, gumbel_softmax_with_rng, sample_top_k_top_p
+from ..layers.weight_init import trunc_normal_linears_
 from ._base import VitkitModel
 from ._registry import register_config
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE_FMNIST_TINY, MultiScaleVQVAE
@@ -48,45 +50,6 @@ from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE_FMNIST_TINY, MultiScaleVQVAE
 MAX_SCALE_MUL = math.log(100.0)  # clamp of the learned per-head logit scale (log space)
 # parameter-name fragments the official trainer keeps out of weight decay
 NO_WEIGHT_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
-
-
-class KVCache:
-    """Keys and values (B, heads, tokens, head_dim) of the tokens seen so far, for one attention layer.
-
-    The tokens live in a buffer that doubles when full, so appending one token per step (raster AR: 49 steps)
-    costs amortised O(1) copies instead of re-concatenating the whole cache each step; ``k`` / ``v`` are views of
-    the filled part."""
-
-    def __init__(self) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self.length = 0
-
-    @property
-    def k(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, :self.length]
-
-    @property
-    def v(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, :self.length]
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append these tokens' keys/values; return all of them."""
-        n, end = k.shape[2], self.length + k.shape[2]
-        if self._k is None or end > self._k.shape[2] or self._k.shape[:2] != k.shape[:2]:
-            if self._k is not None and self._k.shape[:2] != k.shape[:2]:
-                raise ValueError(f"KVCache holds batch/heads {tuple(self._k.shape[:2])}, got {tuple(k.shape[:2])}")
-            capacity = max(end, 2 * (self._k.shape[2] if self._k is not None else n))
-            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if self.length:
-                grown_k[:, :, :self.length] = self._k[:, :, :self.length]
-                grown_v[:, :, :self.length] = self._v[:, :, :self.length]
-            self._k, self._v = grown_k, grown_v
-        self._k[:, :, self.length:end] = k
-        self._v[:, :, self.length:end] = v
-        self.length = end
-        return self.k, self.v
 
 
 class VARSelfAttention(AttentionMapSource, nn.Module):
@@ -179,39 +142,6 @@ class _SharedAdaLin(nn.Linear):
         return super().forward(cond).view(-1, 1, 6, self.out_features // 6)
 
 
-# ---------------------------------------------------------------------- sampling helpers
-def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       rng: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
-    """(B, l, V) logits -> (B, l, num_samples) indices, sampled from the softmax restricted to the ``top_k``
-    largest logits and then to the smallest set holding ``top_p`` of the mass (0 = no restriction)."""
-    B, length, V = logits.shape
-    logits = logits.clone()
-    if top_k > 0:
-        kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False  # always keep the most likely token
-        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=abs(num_samples), replacement=num_samples >= 0,
-                             generator=rng).view(B, length, abs(num_samples))
-
-
-def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1,
-                            rng: torch.Generator | None = None) -> torch.Tensor:
-    """``F.gumbel_softmax`` drawing its noise from ``rng`` (reproducible sampling)."""
-    if rng is None:
-        return F.gumbel_softmax(logits, tau=tau, hard=hard, dim=dim)
-    gumbels = -torch.empty_like(logits).exponential_(generator=rng).log()
-    y_soft = ((logits + gumbels) / tau).softmax(dim)
-    if not hard:
-        return y_soft
-    y_hard = torch.zeros_like(logits).scatter_(dim, y_soft.argmax(dim, keepdim=True), 1.0)
-    return y_hard - y_soft.detach() + y_soft
-
-
 def level_layout(patch_nums: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(level of each token (1, L) int64, block-causal additive mask (1, 1, L, L): 0 where level(key) <=
     level(query), -inf elsewhere)."""
@@ -223,6 +153,8 @@ def level_layout(patch_nums: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------------- the model
 class VAR(VitkitModel):
     """Next-scale prediction transformer: ``forward(label_B, x_BLCv_wo_first_l) -> logits (B, L, vocab_size)``."""
+
+    default_task = "var"  # the task a checkpoint without a recorded one (converted) is used with
 
     head_prefixes = ()  # the head predicts VQ codes: its size is fixed by the tokenizer, never swapped
 
@@ -304,11 +236,7 @@ class VAR(VitkitModel):
         near the identity, head ×0.02."""
         if init_std < 0:
             init_std = (1 / self.embed_dim / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=init_std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self, init_std, embeddings=True)
         if init_head >= 0:
             self.head.weight.data.mul_(init_head)
             self.head.bias.data.zero_()
@@ -362,10 +290,14 @@ class VAR(VitkitModel):
     def forward_step(self, tokens: torch.Tensor, cond: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One scale of sampling: its tokens (B, pn², C) attend to themselves and to the earlier scales held in
         ``caches`` (one per block, extended in place); returns its logits (B, pn², vocab_size)."""
-        cond_or_gss = self.shared_ada_lin(cond)
+        return self.get_logits(self.cached_hidden(tokens, self.shared_ada_lin(cond), caches), cond)
+
+    def cached_hidden(self, tokens: torch.Tensor, cond_or_gss: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """:meth:`forward_step` up to the last block: the hidden states (B, pn², C) of one scale's tokens, given
+        ``shared_ada_lin(cond)``."""
         for block, cache in zip(self.blocks, caches):
             tokens = block(tokens, cond_or_gss, None, cache)
-        return self.get_logits(tokens, cond)
+        return tokens
 
     # ------------------------------------------------------------------ training
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
@@ -423,22 +355,48 @@ class VAR(VitkitModel):
         ``vae`` defaults to the one given to :meth:`attach_vae`. ``return_idx`` also returns the sampled
         indices (B, pn²) per scale.
         """
+        vae = self.sampling_vae(vae)
+        device = self.pos_1LC.device
+        rng = None if g_seed is None else torch.Generator(device=device).manual_seed(g_seed)
+        label_B = self.sampling_labels(B, label_B, rng, device)
+        f_hat, sampled, _ = self.sample_scales(vae, label_B, cfg, top_k, top_p, rng, more_smooth)
+        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        return (img, sampled) if return_idx else img
+
+    def sampling_vae(self, vae: MultiScaleVQVAE | None) -> MultiScaleVQVAE:
+        """``vae``, or the one given to :meth:`attach_vae`, checked to fit."""
         if vae is None:
             if not self.vae_proxy:
                 raise ValueError("sampling needs the VQ-VAE: pass vae= or call attach_vae(vae) first")
             vae = self.vae_proxy[0]
         self._check_vae(vae)
-        device = self.pos_1LC.device
-        rng = None if g_seed is None else torch.Generator(device=device).manual_seed(g_seed)
-        if label_B is None:
-            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
-            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
-        elif isinstance(label_B, int):
-            label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
-        label_B = label_B.to(device=device, dtype=torch.long)
+        return vae
 
+    def sampling_labels(self, B: int, labels: int | torch.Tensor | None, rng: torch.Generator | None,
+                        device: torch.device) -> torch.Tensor:
+        """(B,) class ids: None = uniformly random classes, an int = that class (negative = the null class)."""
+        if labels is None:
+            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
+            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        if isinstance(labels, int):
+            return torch.full((B,), self.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
+        labels = torch.as_tensor(labels, device=device, dtype=torch.long)
+        if labels.shape != (B,):
+            raise InputShapeError(f"{type(self).__name__} sampling expects {B} labels, got shape "
+                                  f"{tuple(labels.shape)}")
+        return labels
+
+    @torch.no_grad()
+    def sample_scales(self, vae: MultiScaleVQVAE, label_B: torch.Tensor, cfg: float, top_k: int, top_p: float,
+                      rng: torch.Generator | None, more_smooth: bool = False
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The next-scale loop of :meth:`autoregressive_infer_cfg` for class ids ``label_B`` (B,): (f̂ (B, c_vae,
+        h, w), the sampled indices (B, pn²) per scale, the last scale's hidden states (2B, pn_K², C), conditional
+        rows first)."""
+        B = label_B.shape[0]
         quant = vae.quantize
         cond = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0))
+        cond_or_gss = self.shared_ada_lin(cond)
         tokens = self.start_tokens(cond)
         caches = [KVCache() for _ in self.blocks]
         f_hat = cond.new_zeros(B, self.c_vae, self.patch_nums[-1], self.patch_nums[-1])
@@ -446,7 +404,8 @@ class VAR(VitkitModel):
         sampled = []
         for si, pn in enumerate(self.patch_nums):
             ratio = si / last
-            logits = self.forward_step(tokens, cond, caches)
+            tokens = self.cached_hidden(tokens, cond_or_gss, caches)
+            logits = self.get_logits(tokens, cond)
             t = cfg * ratio
             logits = (1 + t) * logits[:B] - t * logits[B:]
             idx = sample_top_k_top_p(logits, top_k=top_k, top_p=top_p, rng=rng, num_samples=1)[:, :, 0]
@@ -461,8 +420,7 @@ class VAR(VitkitModel):
             f_hat, next_map = quant.next_autoregressive_input(si, f_hat, h)
             if si != last:
                 tokens = self.scale_tokens(si + 1, next_map.view(B, self.c_vae, -1).transpose(1, 2)).repeat(2, 1, 1)
-        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
-        return (img, sampled) if return_idx else img
+        return f_hat, sampled, tokens
 
     # ------------------------------------------------------------------ optimiser metadata
     def no_weight_decay(self) -> set[str]:

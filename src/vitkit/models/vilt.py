@@ -36,7 +36,6 @@ embedding table.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -49,9 +48,8 @@ from ..errors import CheckpointError, InputShapeError
 from ..layers import Block, PatchEmbed, check_image_batch, get_act_layer
 from ..layers.ot import optimal_transport_dist, transport_plan
 from ..layers.pos_embed import infer_grid
-from ..layers.text import tokenizer_json
 from ..utils import to_2tuple
-from ._base import VitkitModel, check_model_args
+from ._base import TokenizerMixin, VitkitModel, check_model_args
 from ._registry import register_config
 
 
@@ -106,7 +104,7 @@ class ViltMLMHead(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
-class ViLT(VitkitModel):
+class ViLT(TokenizerMixin, VitkitModel):
     """Vision-and-Language Transformer; see the module docstring for the layout and the HF correspondences.
 
     ``forward`` returns a dict: ``text_feats`` (B, T, D), ``image_feats`` (B, 1 + L, D) (image [CLS] first),
@@ -114,6 +112,8 @@ class ViLT(VitkitModel):
     ``patch_index`` (B, L, 2) (row, column of every image token after the image [CLS]), ``itm_score`` (B,) and
     ``mlm_logits`` (B, T, vocab) for the heads the model has, and ``hidden_states`` on request.
     """
+
+    default_task = "vilt"  # the task a checkpoint without a recorded one (converted) is used with
 
     head_prefixes = ("rank_output.", "mlm_head.")
 
@@ -187,35 +187,7 @@ class ViLT(VitkitModel):
         self._init_weights()
         self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": (0.5,) * in_chans,
                                "std": (0.5,) * in_chans, "interpolation": "bicubic", "max_text_len": max_text_len}
-        self._tokenizer: Any = None
-        if tokenizer is not None:
-            self._tokenizer = self._checked_tokenizer(tokenizer_json(tokenizer))
-
-    # ------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> Any:
-        """The ``tokenizers.Tokenizer`` this model was trained with (None when it carries none, e.g. converted
-        checkpoints, whose ``tokenizer.json`` lies beside them)."""
-        return self._tokenizer
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Carry ``tokenizer`` (a ``tokenizers.Tokenizer`` or its JSON) from now on, also in saved checkpoints."""
-        data = tokenizer_json(tokenizer)
-        self._tokenizer = self._checked_tokenizer(data)
-        self.model_args["tokenizer"] = data
-
-    def _checked_tokenizer(self, data: dict[str, Any]) -> Any:
-        """Parse a tokenizer; refuse one whose ids would fall outside the word-embedding table."""
-        from tokenizers import Tokenizer
-
-        try:
-            tok = Tokenizer.from_str(json.dumps(data))
-        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise ValueError(f"tokenizer: not a readable tokenizers JSON ({e})") from None
-        if tok.get_vocab_size() > self.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model's vocab_size is "
-                             f"{self.vocab_size}")
-        return tok
+        self._init_tokenizer(tokenizer)
 
     def _init_weights(self) -> None:
         """BERT/ViT initialisation: N(0, 0.02) for Linears, embeddings and tables, zero biases, zero pad row."""

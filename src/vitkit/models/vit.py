@@ -33,6 +33,7 @@ from torch import nn
 from ..data.constants import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, INCEPTION_MEAN, INCEPTION_STD
 from ..errors import CheckpointError
 from ..layers import SINCOS_ORDERS, Block, HybridEmbed, PatchEmbed, build_pos_embed, check_image_batch, sincos_2d
+from ..layers.weight_init import trunc_normal_linears_
 from ..utils import to_2tuple
 from ._base import (
     POOL_TYPES,  # noqa: F401  (re-exported: the pool switch values)
@@ -142,11 +143,7 @@ class VisionTransformer(TokenClassifier):
     def _init_weights(self) -> None:
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
         if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal, as for a linear layer on flattened patches
             w = self.patch_embed.proj.weight
             nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))

@@ -1,7 +1,9 @@
-"""The multi-scale residual VQ-VAE of VAR (Tian et al., NeurIPS 2024, "Visual Autoregressive Modeling"): the
-tokenizer that turns an image into K token maps of growing size (1×1, 2×2, ..., h×w) for next-scale prediction.
+"""The VQ tokenizers of the generators: the multi-scale residual VQ-VAE of VAR (Tian et al., NeurIPS 2024, "Visual
+Autoregressive Modeling"), which turns an image into K token maps of growing size (1×1, 2×2, ..., h×w) for
+next-scale prediction, and its one-scale case :class:`SingleScaleVQVAE`, a plain VQ-VAE (one h×w code map) for
+the token generators of :mod:`vitkit.models.ar`.
 
-image -> Encoder (convs, GroupNorm, ResNet blocks, 2× downsamples, attention) -> quant_conv -> f (B, C, h, w)
+image -> Encoder (:mod:`vitkit.layers.conv_codec`) -> quant_conv -> f (B, C, h, w)
 f -> K residual quantisation steps -> f̂ ≈ f -> post_quant_conv -> Decoder -> image
 
 One quantisation step at scale k (``MultiScaleQuantizer``): area-downsample the residual ``f - f̂`` to pn_k × pn_k
@@ -33,169 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputShapeError
-from ..layers.attention import AttentionMapSource
+from ..layers.conv_codec import NORM_GROUPS, Decoder, Encoder
 from ..layers.patch_embed import check_image_batch
 from ._base import VitkitModel
 from ._registry import register_config
 
-NORM_GROUPS = 32  # the official GroupNorm: every width must be a multiple of 32
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
-
-
-# ---------------------------------------------------------------------- encoder / decoder
-class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3×3, twice, plus a 1×1-conv shortcut when the width changes."""
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(AttentionMapSource, nn.Module):
-    """Single-head self-attention over all positions of a feature map (1×1 convs for qkv and output)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        # channels are laid out (q, k, v) × C; tokens are the H·W positions
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
-        out = self._attend(q[:, None], k[:, None], v[:, None], int(C) ** -0.5)  # (B, 1 head, HW, C)
-        return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample2x(nn.Module):
-    """conv3×3 stride 2 after padding one row/column at the bottom/right (the official asymmetric padding)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2x(nn.Module):
-    """Nearest-neighbour 2× upsampling, then conv3×3."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class _Level(nn.Module):
-    """One resolution of the encoder or decoder: ``block`` (ResNet blocks), ``attn`` (one attention block after
-    each ResNet block, at the lowest resolution only, else empty) and an optional resampler."""
-
-    def __init__(self, widths: list[tuple[int, int]], attention: bool, dropout: float) -> None:
-        super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(i, o, dropout) for i, o in widths])
-        self.attn = nn.ModuleList([AttnBlock(o) for _, o in widths] if attention else [])
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        return h
-
-
-class _Mid(nn.Module):
-    def __init__(self, channels: int, attention: bool, dropout: float) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
-
-
-class Encoder(nn.Module):
-    """image (B, in_channels, H, W) -> features (B, z_channels, H / 2^(levels-1), W / 2^(levels-1))."""
-
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, in_channels: int, z_channels: int,
-                 dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        width = ch
-        for i, mult in enumerate(ch_mult):
-            out = ch * mult
-            widths = [(width if j == 0 else out, out) for j in range(num_res_blocks)]
-            level = _Level(widths, attention=using_sa and i == len(ch_mult) - 1, dropout=dropout)
-            if i != len(ch_mult) - 1:
-                level.downsample = Downsample2x(out)
-            self.down.append(level)
-            width = out
-        self.mid = _Mid(width, using_mid_sa, dropout)
-        self.norm_out = _group_norm(width)
-        self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """features (B, z_channels, h, w) -> image (B, out_channels, h·2^(levels-1), w·2^(levels-1)).
-
-    ``up`` is indexed like the encoder's ``down`` (``up.0`` is the full resolution) but runs from the last
-    level; every level has ``num_res_blocks + 1`` ResNet blocks.
-    """
-
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, out_channels: int, z_channels: int,
-                 dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True) -> None:
-        super().__init__()
-        width = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = _Mid(width, using_mid_sa, dropout)
-        levels: list[_Level] = []
-        for i in reversed(range(len(ch_mult))):
-            out = ch * ch_mult[i]
-            widths = [(width if j == 0 else out, out) for j in range(num_res_blocks + 1)]
-            level = _Level(widths, attention=using_sa and i == len(ch_mult) - 1, dropout=dropout)
-            if i != 0:
-                level.upsample = Upsample2x(out)
-            levels.insert(0, level)
-            width = out
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(width)
-        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ---------------------------------------------------------------------- multi-scale residual quantiser
@@ -419,6 +264,8 @@ class MultiScaleVQVAE(VitkitModel):
     returning :class:`VQVAEOutput`.
     """
 
+    default_task = "vq"  # the task a checkpoint without a recorded one (converted) is used with
+
     head_prefixes = ()  # no classifier: the codebook size is part of the architecture
 
     def __init__(
@@ -533,6 +380,47 @@ class MultiScaleVQVAE(VitkitModel):
         return set()
 
 
+class SingleScaleVQVAE(MultiScaleVQVAE):
+    """A plain VQ-VAE (van den Oord et al., 2017) with VAR's encoder and decoder: one quantisation scale, the full
+    h×w latent map, so an image is h·w codes — the tokenizer of raster, random-order and masked generation.
+
+    It is :class:`MultiScaleVQVAE` with ``patch_nums=(h,)`` and a single φ (the identity with the default
+    ``quant_resi=0``: f̂ is the nearest codes themselves, the classic VQ-VAE), with the same parameter names and
+    the same API (``img_to_idx(img)[-1]`` is the (B, h·w) code map, ``idx_to_img([codes], last_one=True)``
+    decodes). It only fixes those defaults and checks that there is exactly one scale.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        z_channels: int = 32,
+        ch: int = 160,
+        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+        beta: float = 0.25,
+        using_znorm: bool = False,
+        quant_conv_ks: int = 3,
+        quant_resi: float = 0.0,
+        patch_nums: tuple[int, ...] = (16,),
+    ) -> None:
+        patch_nums = tuple(patch_nums)
+        if len(patch_nums) != 1:
+            raise ValueError(f"patch_nums={list(patch_nums)}: a single-scale VQ-VAE takes exactly one latent size "
+                             f"(use MultiScaleVQVAE for several scales)")
+        super().__init__(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
+                         num_res_blocks=num_res_blocks, in_channels=in_channels, dropout=dropout, using_sa=using_sa,
+                         using_mid_sa=using_mid_sa, beta=beta, using_znorm=using_znorm, quant_conv_ks=quant_conv_ks,
+                         quant_resi=quant_resi, share_quant_resi=1, patch_nums=patch_nums)
+
+    @property
+    def grid_size(self) -> int:
+        return self.patch_nums[0]
+
+
 # ---------------------------------------------------------------------- registered configurations
 # The official tokenizer (vae_ch160v4096z32.pth: 256×256 RGB, 16×16×32 latent, 4096 codes, 10 scales).
 register_config("vqvae_var", MultiScaleVQVAE, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
@@ -543,3 +431,8 @@ VQVAE_FMNIST_TINY: dict[str, Any] = dict(
     patch_nums=(1, 2, 3, 4, 5, 7),
 )
 register_config("vqvae_fmnist_tiny", MultiScaleVQVAE, {"mean": (0.5,), "std": (0.5,)}, **VQVAE_FMNIST_TINY)
+# Fashion-MNIST (28×28 gray): the encoder/decoder of vqvae_fmnist_tiny (three levels, 28 -> 14 -> 7) with one
+# quantisation scale, so an image is a 7×7 map of 49 codes out of 256 (plain VQ: f̂ = the nearest codes); the
+# tokenizer of the ar_fmnist_tiny* generators.
+VQ_FMNIST_TINY: dict[str, Any] = dict(VQVAE_FMNIST_TINY, patch_nums=(7,))
+register_config("vq_fmnist_tiny", SingleScaleVQVAE, {"mean": (0.5,), "std": (0.5,)}, **VQ_FMNIST_TINY)

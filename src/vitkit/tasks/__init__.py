@@ -5,7 +5,7 @@ Importing a task module registers it; ``build_task(name, args, ctx)`` makes one 
 ``task: {name: ..., args: {...}}``.
 """
 
-from . import classify, clip, contrastive, generation, mae, multilabel, vilt  # noqa: F401  (importing a task module registers it)
+from . import ar, classify, clip, contrastive, mae, multilabel, var, vilt, vq  # noqa: F401  (importing a task module registers it)
 from .base import (
     TASKS,
     NoArgs,
@@ -21,8 +21,12 @@ from .base import (
     to_device,
 )
 from .classify import ClassificationTask
+from .generative import class_index, save_image_grid, to_unit
+
+DEFAULT_TASK = ClassificationTask.name  # a recipe without a task, or a checkpoint that records none, classifies
 
 __all__ = [
     "TASKS", "NoArgs", "StepLoop", "Task", "TaskContext", "batch_images", "build_task", "parse_task_args",
-    "register_task", "replace_images", "scalar_metrics", "to_device", "ClassificationTask",
+    "register_task", "replace_images", "scalar_metrics", "to_device", "ClassificationTask", "DEFAULT_TASK",
+    "class_index", "save_image_grid", "to_unit",
 ]

@@ -17,7 +17,7 @@ key, so a task never needs trainer changes to log something new.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,10 @@ class TaskContext:
     ``all_gather`` concatenates a tensor's first dimension over processes **keeping the gradient** of the
     local part (InfoNCE and CLIP take their negatives from every process); ``all_reduce_sum`` sums a
     tensor over processes (evaluation counts). Both are identities in one process.
+
+    ``progress`` shows a progress bar (tqdm, on stderr, rank 0 only) for every pass of :meth:`iterate`; other long
+    loops of a task (fitting a probe, sampling) wrap their iterable in :meth:`track`. The trainer sets it from
+    ``train.progress``, ``vitkit eval`` turns it on; off by default, so library calls and tests stay quiet.
     """
 
     augment: Any = None  # vitkit.data.transforms.AugmentConfig
@@ -94,19 +98,33 @@ class TaskContext:
     eval_set: Any = None
     eval_batch_size: int = 512
     collate: Callable[[Any], Any] | None = None
+    progress: bool = False  # a progress bar for evaluation passes (iterate) and other long loops (track)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def iterate(self, dataset: Any, batch_size: int | None = None, shard: bool = True) -> Iterator[Batch]:
+    def track(self, iterable: Iterable[Any], desc: str, total: int | None = None, unit: str = "batch"
+              ) -> Iterable[Any]:
+        """``iterable`` itself, shown as a progress bar on stderr while it is consumed when ``progress`` is on (on
+        rank 0 only, like the trainer's epoch bar); the bar goes away when the loop ends."""
+        if not (self.progress and self.is_main):
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False)
+
+    def iterate(self, dataset: Any, batch_size: int | None = None, shard: bool = True, desc: str = "eval"
+                ) -> Iterator[Batch]:
         """Batches of ``dataset`` in order, on the device; with ``shard`` each process takes every
-        ``world_size``-th sample (reduce the results with ``all_reduce_sum``)."""
+        ``world_size``-th sample (reduce the results with ``all_reduce_sum``). With ``progress`` the pass shows
+        a bar named ``desc``."""
         from torch.utils.data import BatchSampler, DataLoader
 
         idx = list(range(self.rank, len(dataset), self.world_size)) if shard else list(range(len(dataset)))
         sampler = BatchSampler(idx, batch_size or self.eval_batch_size, drop_last=False)
-        for batch in DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate):
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate)
+        for batch in self.track(loader, desc, total=len(sampler)):
             yield to_device(batch, self.device)
 
 
@@ -147,6 +165,11 @@ class Task:
     primary_metric: ClassVar[str]
     mode: ClassVar[Literal["max", "min"]]
     Args: ClassVar[type] = NoArgs
+    # what the tools may ask of this task besides evaluate/predict: "zero_shot" (:meth:`zero_shot`),
+    # "retrieve" (:meth:`retrieval_scores`) and "sample" (:meth:`configure_sampling`, :meth:`sample_images`)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # evaluation needs the training set too (k-NN and linear probes of pretraining tasks)
+    eval_needs_train_set: ClassVar[bool] = False
 
     def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
         self.args = args if args is not None else self.Args()
@@ -229,6 +252,40 @@ class Task:
         """Per-image results for ``vitkit predict`` (``images``: prepared float batch)."""
         raise ConfigError(f"the {self.name!r} task has no predict; use a checkpoint of a task that does "
                           f"(e.g. classify)")
+
+    # ------------------------------------------------------------------ what tools ask of a trained model
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def _cannot(self, what: str) -> ConfigError:
+        return ConfigError(f"a model trained with the {self.name!r} task cannot do {what}")
+
+    def check_eval_data(self, model: nn.Module, dataset: Any, where: str, ignore_class_names: bool = False) -> None:
+        """Refuse an evaluation set this model cannot be scored on (``where`` names it in the error), before any
+        work; e.g. a classifier of other classes. Nothing to check by default."""
+
+    def zero_shot(self, model: nn.Module, images: torch.Tensor, class_names: Sequence[str],
+                  templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, C) probabilities of prepared images over free-text ``class_names`` (capability ``"zero_shot"``)."""
+        raise self._cannot("zero-shot classification")
+
+    def retrieval_scores(self, model: nn.Module, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """(images, texts) matching scores of prepared images against captions (capability ``"retrieve"``)."""
+        raise self._cannot("image-text retrieval")
+
+    def configure_sampling(self, model: nn.Module, steps: int | None = None, cfg: float | None = None,
+                           top_k: int | None = None, seed: int = 0, **settings: Any) -> None:
+        """Override the run's sampling settings before :meth:`sample_images` (capability ``"sample"``)."""
+        raise self._cannot("sampling")
+
+    def sample_images(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """Images (normalised like the training data) of the classes ``labels`` (capability ``"sample"``)."""
+        raise self._cannot("sampling")
+
+    def output_names(self, model: nn.Module) -> list[str]:
+        """The names of what the model outputs or is conditioned on (its classes), for tools and pages."""
+        names = model.pretrained_cfg.get("class_names")
+        return [str(n) for n in names] if names else [str(i) for i in range(int(getattr(model, "num_classes", 0)))]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:

@@ -24,6 +24,11 @@ def _images_labels(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
                     f"{type(batch).__name__}")
 
 
+def _placeholder_names(names: list[str]) -> bool:
+    """Names that say nothing about the classes (HF's LABEL_0, plain indices): no reason to compare them."""
+    return all(n in (f"LABEL_{i}", str(i), f"class_{i}") for i, n in enumerate(names))
+
+
 @register_task
 class ClassificationTask(Task):
     name = "classify"
@@ -55,6 +60,24 @@ class ClassificationTask(Task):
             cfg["class_names"] = list(train_set.classes)
         model.pretrained_cfg = cfg
         return model
+
+    def check_eval_data(self, model: nn.Module, dataset: Any, where: str, ignore_class_names: bool = False) -> None:
+        """The model must predict the set's classes: a digits model scored on Fashion-MNIST would count "0" as
+        "T-shirt/top". ``ignore_class_names`` scores a model with other names by class index anyway."""
+        classes = [str(c) for c in getattr(dataset, "classes", None) or []]
+        if not classes:
+            raise DataError(f"{where} has no class labels; the {self.name} task scores labelled data")
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes != len(classes):
+            raise DataError(f"the model predicts {num_classes} classes, {where} has {len(classes)}")
+        names = [str(n) for n in model.pretrained_cfg.get("class_names") or []]
+        if names and not ignore_class_names and not _placeholder_names(names) and names != classes:
+            diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, classes)) if a != b]
+            raise DataError(f"the model was trained on other classes than {where} ({len(diff)} of {len(names)} "
+                            f"names differ, e.g. {'; '.join(diff[:3])}); pass --ignore-class-names to score it by "
+                            f"class index anyway")
+        if not names:
+            model.pretrained_cfg = {**model.pretrained_cfg, "class_names": classes}
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = _images_labels(batch)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +53,10 @@ from torch import nn
 
 from ..data.captions import CAPTION_WORDS, swapped_caption
 from ..data.constants import FMNIST_CLASSES
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..models import create_model
 from ..models.clip import CLIP, clip_loss, logit_scale_multiplier
+from ._text import check_same_tokenizer, checkpoint_tokenizer, warn_unknown_words
 from .base import Batch, Task, TaskContext, checkpoint_folder, register_task
 
 DEFAULT_TEMPLATES = ("a photo of a {}", "a {}")
@@ -103,30 +103,12 @@ def tokenize(tokenizer: Any, texts: Sequence[str], device: torch.device | str | 
     return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
-def saved_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer of a checkpoint folder: the one its model carries, else a ``tokenizer.json`` beside it
-    (converted Hugging Face checkpoints)."""
-    from ..convert.hf_clip import load_tokenizer
-    from ..models._pretrained import read_config
-
-    folder = Path(folder)
-    data = (read_config(folder).get("model_args") or {}).get("tokenizer")
-    if data is not None:
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
-    return load_tokenizer(folder, truncate=False)
-
-
 def model_tokenizer(model: nn.Module, folder: str | Path | None = None) -> Any:
-    """The tokenizer ``model`` carries, else the one saved beside its checkpoint ``folder``; a ConfigError
+    """The tokenizer ``model`` carries, else the one saved with its checkpoint ``folder``; a ConfigError
     saying how to get one otherwise."""
     tok = getattr(model, "tokenizer", None)
     if tok is None and folder is not None:
-        try:
-            tok = saved_tokenizer(folder)
-        except CheckpointError:
-            tok = None
+        tok = checkpoint_tokenizer(folder)
     if tok is None:
         raise ConfigError(f"this {type(model).__name__} carries no tokenizer and none lies beside it: train it with "
                           f"the clip task (which stores one), or give it one with model.set_tokenizer(...)")
@@ -221,6 +203,7 @@ class CLIPTask(Task):
     primary_metric = "zeroshot_top1"  # "recall@1" for an evaluation set without class labels (see __init__)
     mode = "max"
     Args = CLIPArgs
+    capabilities = frozenset({"zero_shot", "retrieve"})
 
     def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
         super().__init__(args, ctx)
@@ -266,7 +249,7 @@ class CLIPTask(Task):
                 raise DataError("task clip trains on captioned images (data.name: fmnist_captions or "
                                 "caption_folder); this training set has no captions")
             tok = caption_tokenizer(captions, self.args.vocab_size)
-            self._check_same_everywhere(tok)
+            check_same_tokenizer(self.ctx, tok)
             eos = tok.token_to_id("[SEP]")
             if args.get("eos_token_id", eos) != eos:
                 raise ConfigError(f"model.args.eos_token_id={args['eos_token_id']} but the captions' tokenizer ends "
@@ -288,15 +271,6 @@ class CLIPTask(Task):
         if self.class_names:
             model.pretrained_cfg = {**model.pretrained_cfg, "class_names": list(self.class_names)}
         return model
-
-    def _check_same_everywhere(self, tokenizer: Any) -> None:
-        """Every process built its own tokenizer from the same captions: make sure they are identical."""
-        if self.ctx.world_size == 1:
-            return
-        crc = float(zlib.crc32(tokenizer.to_str().encode()))
-        total = self.ctx.all_reduce_sum(torch.tensor([crc], dtype=torch.float64, device=self.ctx.device))
-        if float(total.item()) != crc * self.ctx.world_size:
-            raise ConfigError("the processes built different caption tokenizers (do they read the same data?)")
 
     def setup(self, model: nn.Module) -> None:
         """Image transforms (base class) and the model's tokenizer, truncating to the context length."""
@@ -469,7 +443,28 @@ class CLIPTask(Task):
         if not names:
             raise ConfigError("no zero-shot classes for this CLIP: set task.args.class_names in its recipe, or use "
                               "vitkit zeroshot RUN --classes a,b,c IMAGE...")
-        probs = zero_shot_classify(model, self.tokenizer, images, names, self.args.templates)
+        probs = self.zero_shot(model, images, names)
         top = probs.topk(min(topk, probs.shape[1]), dim=1)
         return [{"top": [(names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]}
                 for vals, idx in zip(top.values, top.indices)]
+
+    # ------------------------------------------------------------------ tools
+    @torch.no_grad()
+    def zero_shot(self, model: nn.Module, images: torch.Tensor, class_names: Sequence[str],
+                  templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, C) probabilities over ``class_names`` with the run's templates (or ``templates``); names with words
+        outside the vocabulary are named in a warning."""
+        names = [str(c).strip() for c in class_names if str(c).strip()]
+        if len(names) < 2:
+            raise ConfigError(f"zero-shot classification needs at least two class names, got {names}")
+        warn_unknown_words(self.tokenizer, names, "zero-shot class names")
+        return zero_shot_classify(model, self.tokenizer, images, names, list(templates or self.args.templates))
+
+    @torch.no_grad()
+    def retrieval_scores(self, model: nn.Module, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of the normalised embeddings, times the learned scale (images x texts)."""
+        warn_unknown_words(self.tokenizer, texts, "retrieval texts")
+        ids, mask = tokenize(self.tokenizer, texts, images.device)
+        img = model.encode_image(images, normalize=True).float()
+        txt = model.encode_text(ids, mask, normalize=True).float()
+        return logit_scale_multiplier(model.logit_scale.detach()).float() * img @ txt.T

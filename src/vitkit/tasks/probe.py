@@ -181,8 +181,9 @@ def evaluate_probes(model: nn.Module, ctx: TaskContext, prepare: Callable[[Batch
     encode = encoder_fn(model)
     try:
         with ctx.autocast():
-            train_x, train_y = extract_features(encode, (prepare(b) for b in ctx.iterate(train_set, shard=False)))
-            test_x, test_y = extract_features(encode, (prepare(b) for b in ctx.iterate(ctx.eval_set, shard=False)))
+            batches = lambda ds, which: (prepare(b) for b in ctx.iterate(ds, shard=False, desc=f"probe: {which}"))
+            train_x, train_y = extract_features(encode, batches(train_set, "train features"))
+            test_x, test_y = extract_features(encode, batches(ctx.eval_set, "eval features"))
     finally:
         model.train(was_training)
     if int(max(train_y.max(), test_y.max())) >= num_classes:

@@ -14,22 +14,17 @@ Per step, as the official ``vilt/modules/objectives.py`` (``compute_itm_wpa``, `
 * **MLM** on clean pairs only. By default (``joint_pass=False``, the official layout) the masked captions go
   with their own images as extra rows of the same forward call (one call per step, which DDP needs); with
   ``joint_pass`` the ITM rows carry the masked text and only the matching rows have MLM targets (half the
-  compute, but ITM then trains on masked text). Masking is **whole-word**: a word is a whitespace-delimited run
-  of tokens (WordPiece ``##`` pieces and punctuation glued to it, so "t-shirt" is one word, whose pieces would
-  otherwise give each other away); per caption ``max(1, ⌊mlm_prob · words + u⌋)`` words (u uniform: on
-  average ``mlm_prob`` of the words, at least one) are chosen, and every token of them gets BERT's 80/10/10
-  ([MASK] / random token / unchanged). [CLS], [SEP] and padding are never chosen.
+  compute, but ITM then trains on masked text). Masking is BERT's whole-word masking
+  (:func:`~vitkit.data.text_batches.whole_word_mask`: "t-shirt" is one word, whose pieces would otherwise give
+  each other away).
 * **WPA.** The IPOT transport distance between the ITM rows' word and patch features
   (:func:`~vitkit.models.vilt.wpa_distance`: text [CLS]/[SEP] and image [CLS] excluded, float32, no autocast)
   is pulled down for matching pairs and pushed up for image-swapped negatives:
   ``(Σ d_pos - Σ d_neg) / (n_pos + n_neg)``, weighted by ``wpa_weight`` (0.1). Hard (swapped-caption) negatives
   take no part: they have exactly the words and patches of a positive, and WPA is blind to order.
 
-**Tokenizer.** It travels inside the model, as :class:`~vitkit.models.clip.CLIP`'s does: the ViLT's ``tokenizer``
-constructor argument (:meth:`~vitkit.models.vilt.ViLT.set_tokenizer`), so ``config.json`` holds it with the other
-arguments, written in the same atomic checkpoint swap as the weights, and ``from_pretrained`` rebuilds it for
-``vitkit eval`` / ``predict`` / a server. (``pretrained_cfg`` would be the natural home, but loading keeps only
-the normalisation, class names and task from it.) A model without one gets
+**Tokenizer.** It travels inside the model (the ``tokenizer`` constructor argument, so ``config.json`` holds it
+and ``from_pretrained`` rebuilds it for ``vitkit eval`` / ``predict`` / a server). A model without one gets
 :func:`~vitkit.data.captions.train_tokenizer` on the training captions, which is deterministic, so every DDP rank
 (checked) and a resumed run build the same one; a ``model.pretrained`` checkpoint's tokenizer (or a converted HF
 folder's ``tokenizer.json``) is kept.
@@ -44,13 +39,10 @@ numbers); the hard-negative and retrieval numbers are reported next to it.
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,129 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.captions import SPECIAL_TOKENS, swapped_caption
+from ..data.text_batches import Encoded, draw_itm_pairs, encode_captions, may_match, whole_word_mask  # noqa: F401
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import create_model
+from ._text import check_same_tokenizer, checkpoint_tokenizer, warn_unknown_words
 from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
-
-
-# ---------------------------------------------------------------------------- tokenizer
-def stored_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer of a checkpoint folder (a ``model.pretrained`` that ``create_model`` loads weights from): the
-    one its model carries in ``config.json``, else a ``tokenizer.json`` beside it (a converted HF ViLT); or None."""
-    from tokenizers import Tokenizer
-
-    from ..models._pretrained import read_config
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    if (folder / "config.json").is_file():
-        data = (read_config(folder).get("model_args") or {}).get("tokenizer")
-        if data:
-            return Tokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
-    path = folder / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
-
-
-@dataclass
-class Encoded:
-    """Token ids (B, T), attention mask (B, T) and word index per token (B, T; -1 = special or padding)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    word_ids: torch.Tensor
-
-
-def encode_captions(tokenizer, texts: Sequence[str], max_len: int, pad_id: int = 0) -> Encoded:
-    """Tokenize (truncated to ``max_len`` with [CLS]/[SEP] kept), pad to the longest, and number the words.
-
-    A new word starts at a token separated from the previous one by whitespace in the original text (offsets),
-    so ``##`` pieces and punctuation inside "t-shirt" belong to one word.
-    """
-    if tokenizer.truncation is None or tokenizer.truncation.get("max_length") != max_len:
-        tokenizer.enable_truncation(max_length=max_len)
-    if tokenizer.padding is not None:
-        tokenizer.no_padding()
-    encs = tokenizer.encode_batch(list(texts))
-    width = max((len(e.ids) for e in encs), default=1)
-    ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(encs), width), dtype=torch.long)
-    words = torch.full((len(encs), width), -1, dtype=torch.long)
-    for b, e in enumerate(encs):
-        n = len(e.ids)
-        ids[b, :n] = torch.tensor(e.ids, dtype=torch.long)
-        att[b, :n] = 1
-        word, prev_end = -1, None
-        for t, (special, (start, end)) in enumerate(zip(e.special_tokens_mask, e.offsets)):
-            if special:
-                prev_end = None
-                continue
-            if prev_end is None or start != prev_end:
-                word += 1
-            words[b, t] = word
-            prev_end = end
-    return Encoded(ids, att, words)
-
-
-# ---------------------------------------------------------------------------- masking and negatives
-def whole_word_mask(input_ids: torch.Tensor, word_ids: torch.Tensor, prob: float, mask_id: int,
-                    random_ids: torch.Tensor, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT whole-word masking: (masked ids, labels with -100 where not predicted); CPU tensors.
-
-    Per caption ``max(1, ⌊prob · W + u⌋)`` of its ``W`` words (u ~ U(0, 1): ``prob`` of the words on average, at
-    least one when it has any) are chosen uniformly; every token of a chosen word is predicted and replaced by
-    [MASK] with probability 0.8, by a token of ``random_ids`` with 0.1, and kept with 0.1 (decided per token, as
-    BERT's whole-word masking). Tokens with ``word_ids`` -1 ([CLS], [SEP], padding) are never chosen.
-    """
-    B, T = input_ids.shape
-    n_words = (word_ids.max(dim=1).values + 1).clamp(min=0) if T else torch.zeros(B, dtype=torch.long)
-    W = int(n_words.max()) if B else 0
-    labels = torch.full_like(input_ids, -100)
-    if W == 0:
-        return input_ids.clone(), labels
-    u = torch.rand(B, generator=generator)
-    k = torch.floor(prob * n_words + u).long().clamp(min=1)
-    k = torch.minimum(k, n_words)
-    scores = torch.rand(B, W, generator=generator)
-    scores = scores.masked_fill(torch.arange(W)[None, :] >= n_words[:, None], 2.0)  # absent words sort last
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    chosen_words = rank < k[:, None]
-    chosen = chosen_words.gather(1, word_ids.clamp(min=0)) & (word_ids >= 0)
-    labels[chosen] = input_ids[chosen]
-    r = torch.rand(B, T, generator=generator)
-    replace = torch.randint(len(random_ids), (B, T), generator=generator)
-    out = input_ids.clone()
-    out = torch.where(chosen & (r < 0.8), torch.full_like(out, mask_id), out)
-    out = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids[replace], out)
-    return out, labels
-
-
-def may_match(caption_labels: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
-    """(N, M) bool: caption ``i`` (the items of canvas ``i``, class per half, -1 = empty) may describe image ``j``:
-    every item it names is in ``j`` at the same place. Only pairs that are False are sure negatives."""
-    c, m = caption_labels[:, None, :], image_labels[None, :, :]
-    return ((c < 0) | (c == m)).all(dim=-1)
-
-
-def draw_itm_pairs(n: int, swap_prob: float, labels: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(matching (n,) bool, partner (n,) long): ``round(swap_prob * n)`` rows (none if n < 2) are negatives whose
-    image is that of ``partner``, another row; with ``labels`` a row the caption may describe is never the partner
-    (unless every other row is one). Positives have themselves as partner. CPU tensors."""
-    n_neg = int(round(swap_prob * n)) if n >= 2 else 0
-    neg = torch.zeros(n, dtype=torch.bool)
-    neg[torch.randperm(n, generator=generator)[:n_neg]] = True
-    partner = torch.arange(n)
-    if n_neg:
-        others = ~torch.eye(n, dtype=torch.bool)
-        allowed = others
-        if labels is not None:
-            allowed = others & ~may_match(labels.cpu(), labels.cpu())
-            allowed = torch.where(allowed.any(dim=1, keepdim=True), allowed, others)
-        drawn = torch.multinomial(allowed.float(), 1, generator=generator)[:, 0]
-        partner = torch.where(neg, drawn, partner)
-    return ~neg, partner
 
 
 def _batch_labels(batch: Batch) -> torch.Tensor | None:
@@ -255,6 +129,7 @@ class ViLTTask(Task):
     primary_metric = "itm_acc"
     mode = "max"
     Args = ViLTArgs
+    capabilities = frozenset({"retrieve"})
 
     def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
         super().__init__(args, ctx)
@@ -275,7 +150,7 @@ class ViLTTask(Task):
             raise ConfigError(f"task vilt needs a ViLT with its ranking (ITM) and MLM heads; {model_cfg.name!r} is a "
                               f"{type(model).__name__}" + (" without them" if hasattr(model, "rank_output") else ""))
         train_set = self.ctx.train_set
-        tok = getattr(model, "tokenizer", None) or (stored_tokenizer(folder) if folder is not None else None)
+        tok = getattr(model, "tokenizer", None) or (checkpoint_tokenizer(folder) if folder is not None else None)
         if tok is None:
             from ..data.captions import train_tokenizer
 
@@ -286,7 +161,7 @@ class ViLTTask(Task):
                 tok = train_tokenizer(list(train_set.captions), self.args.vocab_size or model.vocab_size)
             except DataError as e:
                 raise ConfigError(f"task vilt: {e} (task.args.vocab_size)") from None
-            self._check_same_everywhere(tok)
+            check_same_tokenizer(self.ctx, tok)
         try:
             model.set_tokenizer(tok)
         except ValueError as e:
@@ -296,15 +171,6 @@ class ViLTTask(Task):
                                     "std": tuple(train_set.std)}
         self._load_tokenizer(model)
         return model
-
-    def _check_same_everywhere(self, tokenizer: Any) -> None:
-        """Every process built its own tokenizer from the same captions: make sure they are identical."""
-        if self.ctx.world_size <= 1:
-            return
-        crc = float(zlib.crc32(tokenizer.to_str().encode()))  # < 2**32: exact in float64
-        every = self.ctx.all_gather(torch.tensor([crc], dtype=torch.float64, device=self.ctx.device))
-        if not bool((every == crc).all()):
-            raise ConfigError("the processes built different caption tokenizers (do they read the same data?)")
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
@@ -623,3 +489,12 @@ class ViLTTask(Task):
             results.append({"captions": [{"caption": c, "score": v, "prob": 1 / (1 + math.exp(-v))}
                                          for c, v in ranked], "best": ranked[0][0] if ranked else None})
         return results
+
+    # ------------------------------------------------------------------ tools
+    @torch.no_grad()
+    def retrieval_scores(self, model: nn.Module, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """The ITM logit of every (image, text) pair, one joint pass each (images x texts)."""
+        self._load_tokenizer(model)
+        warn_unknown_words(self.tokenizer, texts, "retrieval texts")
+        return torch.stack([self._scores(model, images[i:i + 1].expand(len(texts), -1, -1, -1), list(texts))
+                            for i in range(len(images))])

@@ -1,6 +1,6 @@
 """Attention pictures: attention rollout (tensor maths on recorded attention maps) and heat-map overlays.
 
-Which model and which tokens to explain, and the ``vitkit explain`` command, are in :mod:`vitkit.engine.explain`
+Which model and which tokens to explain, and the ``vitkit explain`` command, are in :mod:`vitkit.tools.explain`
 (they load checkpoints and know the model classes, which this low layer must not import).
 """
 

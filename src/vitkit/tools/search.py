@@ -1,5 +1,9 @@
 """SparseViT's latency-constrained search for per-stage window keep ratios (``vitkit sparsevit search``).
 
+It searches a model that offers per-stage window keep ratios (:func:`can_prune_windows`), ideally adapted to them:
+the run of ``vitkit train --config configs/scenes/swin_adapt.yaml`` (which starts from
+``configs/scenes/swin_dense.yaml``'s run).
+
 A candidate is one keep ratio per stage (from a discrete set). Its latency comes from a lookup table measured
 once on this CPU, end to end: the whole model timed dense, then with one stage at a time pruned to each ratio
 (the others dense); a stage's entry is what its ratio changes against dense, and the changes add up, so the
@@ -20,7 +24,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,20 +33,38 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .timing import Candidate as Timed
+from .timing import time_alternating
 
 DEFAULT_CHOICES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# the run the search needs: a windowed model adapted to window pruning (ratios drawn per stage and step)
+TRAIN_HINT = "`vitkit train --config configs/scenes/swin_adapt.yaml`"
 Ratios = tuple[float, ...]
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+def can_prune_windows(model: nn.Module) -> bool:
+    """Whether ``model`` offers what the search sets: per-stage window keep ratios (``num_stages``, the
+    ``keep_ratios`` it runs with and ``set_keep_ratios``), whatever its family."""
+    return (isinstance(getattr(model, "num_stages", None), int) and hasattr(model, "keep_ratios")
+            and callable(getattr(model, "set_keep_ratios", None)))
+
+
+def _time_ratios(model: nn.Module, images: torch.Tensor, configs: dict[Any, Ratios], repeats: int,
+                 warmup: int = 1) -> dict[Any, float]:
+    """Median ms per batch of ``model`` at each configuration of keep ratios, timed in alternating rounds
+    (:func:`~vitkit.tools.timing.time_alternating`, one call per sample, ``repeats`` samples each): a slow spell of
+    the machine (another process, a frequency change) spreads over all of them instead of inflating whichever one
+    it happens to hit. The keep ratios are switched outside the timed region; the model's own are restored."""
+    saved = model.keep_ratios
+    timed = [Timed(name=str(key), library="vitkit", precision=str(images.dtype), is_peer=False,
+                   fn=lambda: model(images), prepare=lambda ratios=ratios: model.set_keep_ratios(ratios))
+             for key, ratios in configs.items()]
+    try:
+        # every sample is kept (max_contention=1): the search's figures are medians of plain alternating rounds
+        time_alternating(timed, samples=repeats, min_sample_s=0.0, max_contention=1.0, warmup=warmup)
+    finally:
+        model.set_keep_ratios(saved)
+    return {key: 1000 * statistics.median(c.samples) for key, c in zip(configs, timed)}
 
 
 @dataclass
@@ -78,32 +99,18 @@ def measure_latency_table(model: nn.Module, images: torch.Tensor, choices: Seque
                           repeats: int = 15) -> LatencyTable:
     """Time the whole model on ``images`` (a prepared batch) dense and with each stage alone at each ratio.
 
-    The configurations are timed round-robin (one call of each per round, ``repeats`` rounds, median per
-    configuration), so a slow spell of the machine (another process, a frequency change) spreads over all of them
-    instead of inflating whichever one it happens to hit."""
+    The configurations are timed in alternating rounds (one call of each per round, ``repeats`` rounds, median per
+    configuration; see :func:`_time_ratios`)."""
     model.eval()
     settle(model, images)
-    saved = model.keep_ratios
     dense = (1.0,) * model.num_stages
-
-    try:
-        configs = {(i, float(r)): dense[:i] + (float(r),) + dense[i + 1:]
-                   for i in range(model.num_stages) for r in choices if float(r) != 1.0}
-        configs[(-1, 1.0)] = dense
-        times: dict[tuple[int, float], list[float]] = {key: [] for key in configs}
-        for rnd in range(repeats + 1):  # round 0 warms up
-            for key, ratios in configs.items():
-                model.set_keep_ratios(ratios)
-                t = time.perf_counter()
-                model(images)
-                if rnd:
-                    times[key].append(1000 * (time.perf_counter() - t))
-        median = {key: statistics.median(v) for key, v in times.items()}
-        fixed = median[(-1, 1.0)]
-        stage_ms = [{float(r): (median[(i, float(r))] - fixed if float(r) != 1.0 else 0.0) for r in choices}
-                    for i in range(model.num_stages)]
-    finally:
-        model.set_keep_ratios(saved)
+    configs = {(i, float(r)): dense[:i] + (float(r),) + dense[i + 1:]
+               for i in range(model.num_stages) for r in choices if float(r) != 1.0}
+    configs[(-1, 1.0)] = dense
+    median = _time_ratios(model, images, configs, repeats)
+    fixed = median[(-1, 1.0)]
+    stage_ms = [{float(r): (median[(i, float(r))] - fixed if float(r) != 1.0 else 0.0) for r in choices}
+                for i in range(model.num_stages)]
     return LatencyTable(tuple(float(c) for c in choices), stage_ms, fixed, int(images.shape[0]),
                         torch.get_num_threads())
 
@@ -111,12 +118,7 @@ def measure_latency_table(model: nn.Module, images: torch.Tensor, choices: Seque
 @torch.inference_mode()
 def measure_latency(model: nn.Module, images: torch.Tensor, ratios: Ratios, repeats: int = 15) -> float:
     """Direct timing (median ms per batch) of the model at ``ratios``."""
-    saved = model.keep_ratios
-    try:
-        model.set_keep_ratios(ratios)
-        return _median_ms(lambda: model(images), repeats)
-    finally:
-        model.set_keep_ratios(saved)
+    return _time_ratios(model, images, {"direct": tuple(ratios)}, repeats, warmup=2)["direct"]
 
 
 @dataclass
@@ -225,7 +227,7 @@ def run_data_args(folder: str | Path, data: str) -> dict[str, Any]:
     saved = Path(folder) / "train_config.yaml"
     if not saved.is_file():
         return {}
-    from .config import load_config
+    from ..engine.config import load_config
 
     cfg = load_config(saved)
     return dict(cfg.data.args or {}) if cfg.data.name == data else {}
@@ -256,13 +258,13 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     them. ``table`` reuses a latency table measured before (several runs of one architecture priced alike). A
     budget nothing fits is reported (``best`` None) without stopping the others. Writes ``search.json`` and
     ``pareto.png``."""
-    from ..models.swin import SwinTransformer
     from .evaluate import load_model, resolve_model_dir, task_for_model
 
     model = load_model(checkpoint)
-    if not isinstance(model, SwinTransformer):
-        raise ConfigError(f"{checkpoint}: window pruning needs a windowed model (SwinTransformer), got "
-                          f"{type(model).__name__}")
+    if not can_prune_windows(model):
+        raise ConfigError(f"{checkpoint}: the search needs a model with per-stage window keep ratios (num_stages, "
+                          f"keep_ratios, set_keep_ratios), e.g. a run of {TRAIN_HINT}; {type(model).__name__} has "
+                          f"none")
     if not budgets_ms and not speedups:
         raise ConfigError("search: give latency budgets (--budget-ms) or speed-up targets (--speedup)")
     if any(b <= 0 for b in budgets_ms) or any(s <= 0 for s in speedups):
@@ -327,22 +329,51 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
 
 
 def add_sparsevit_args(p) -> None:
+    """Arguments of ``vitkit sparsevit search``. The run it searches is a windowed model adapted to window pruning:
+    ``vitkit train --config configs/scenes/swin_dense.yaml``, then ``vitkit train --config
+    configs/scenes/swin_adapt.yaml`` (which starts from the dense run and writes ``runs/scenes_swin_adapt``)."""
     sub = p.add_subparsers(dest="action", required=True)
-    s = sub.add_parser("search", help="latency-constrained evolutionary search of per-stage window keep ratios")
-    s.add_argument("run", help="a trained windowed model (run folder or checkpoint), ideally sparsity-adapted")
+    s = sub.add_parser(
+        "search", help="latency-constrained evolutionary search of per-stage window keep ratios",
+        description="Search per-stage window keep ratios of a trained windowed model under latency budgets measured "
+                    "on this CPU. The run comes from `vitkit train --config configs/scenes/swin_adapt.yaml` (after "
+                    "configs/scenes/swin_dense.yaml, which it starts from); e.g. `vitkit sparsevit search "
+                    "runs/scenes_swin_adapt --speedup 1.25 1.5 2`.")
+    s.add_argument("run", help="a trained windowed model (run folder or checkpoint), ideally sparsity-adapted: "
+                               "runs/scenes_swin_adapt from `vitkit train --config configs/scenes/swin_adapt.yaml`")
     s.add_argument("--budget-ms", type=float, nargs="+", default=[],
                    help="latency budgets, ms per --latency-batch images on this CPU")
     s.add_argument("--speedup", type=float, nargs="+", default=[],
                    help="or budgets as speed-up targets over the dense model, e.g. 1.25 1.5 2")
     s.add_argument("--out", default="sparsevit_search", help="folder for search.json and pareto.png")
-    s.add_argument("--data", default="fmnist_scenes")
+    s.add_argument("--data", default="fmnist_scenes",
+                   help="dataset the candidates are scored on, with the run's own settings (default: %(default)s)")
     s.add_argument("--split", default="val", help="the split candidates are scored on (not test)")
     s.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset setting, e.g. num_scenes=2000 (repeatable)")
-    s.add_argument("--eval-images", type=int, default=1000)
-    s.add_argument("--latency-batch", type=int, default=8)
-    s.add_argument("--choices", type=float, nargs="+", default=list(DEFAULT_CHOICES))
-    s.add_argument("--population", type=int, default=12)
-    s.add_argument("--generations", type=int, default=5)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-images", type=int, default=1000,
+                   help="images of --split each candidate is scored on (default: %(default)s)")
+    s.add_argument("--latency-batch", type=int, default=8,
+                   help="batch size the latencies are measured and budgeted at (default: %(default)s)")
+    s.add_argument("--choices", type=float, nargs="+", default=list(DEFAULT_CHOICES),
+                   help="keep ratios a stage may take, in (0, 1] (default: %(default)s)")
+    s.add_argument("--population", type=int, default=12,
+                   help="candidates evaluated per generation, and the first random ones (default: %(default)s)")
+    s.add_argument("--generations", type=int, default=5,
+                   help="rounds of crossover and mutation after the random start (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the search (same seed, same candidates)")
 
+
+def run_sparsevit_args(args) -> int:
+    """``vitkit sparsevit search``: checks the flags, runs :func:`run_search`, names what it wrote."""
+    from .commands import parse_key_values
+
+    if args.eval_images < 1 or args.latency_batch < 1:
+        raise ConfigError("--eval-images and --latency-batch must be >= 1")
+    if not args.budget_ms and not args.speedup:
+        raise ConfigError("sparsevit search: give --budget-ms MS [MS ...] or --speedup X [X ...]")
+    run_search(args.run, args.budget_ms, args.out, args.data, args.split, parse_key_values(args.data_arg),
+               args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed,
+               speedups=args.speedup)
+    print(f"wrote {Path(args.out) / 'search.json'} and {Path(args.out) / 'pareto.png'}")
+    return 0

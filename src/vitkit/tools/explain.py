@@ -20,7 +20,7 @@ Which output token is explained follows the model's pooling, because that is the
 Refused with a :class:`~vitkit.errors.ConfigError` (one line, saying why): models that are not a
 :class:`~vitkit.models.TokenClassifier` (Swin attends inside windows, so there is no image-wide attention),
 ``pool='none'`` (a prediction per token, no single token to explain), and ``grad`` on a model without a
-classifier head. MAE and contrastive models (:class:`~vitkit.models._base.EncoderWrapper`) are explained
+classifier head. MAE and contrastive models (:class:`~vitkit.models.EncoderWrapper`) are explained
 through their ``.encoder``, which has no head: ``rollout`` and ``last`` work, ``grad`` is refused.
 
 :func:`explain` returns maps on the patch grid, scaled to [0, 1] per image; :func:`render_overlay` draws one over
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.attention import capture_attention
-from ..models._base import EncoderWrapper, TokenClassifier
+from ..models import EncoderWrapper, TokenClassifier
 from ..utils import atomic_write
 from ..viz.attention import attention_rollout, display_size, panel_figure
 

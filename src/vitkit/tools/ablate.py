@@ -1,6 +1,7 @@
 """``vitkit ablate``: train the variants of a base recipe under one protocol and tabulate the outcome.
 
-Each study answers one of the ViT paper's design claims (see ``STUDIES``). Every variant is the base recipe
+Each study answers one design claim of a paper; the studies are data (``studies.yaml`` beside this module, or
+a file of your own with the same form). Every variant is the base recipe
 plus a few dotted overrides, trained by the same engine with the same data, augmentation, budget and seeds.
 Runs are keyed by their full resolved configuration, so a variant shared by two studies (the baseline,
 for one) is trained once, and a second invocation skips every run already in ``results.jsonl``; a run that
@@ -22,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.config import config_to_dict, load_config
+from ..engine.trainer import train
 from ..errors import ConfigError
 from ..utils import atomic_write_text
-from .config import config_to_dict, load_config
-from .trainer import train
 
 
 @dataclass(frozen=True)
@@ -53,74 +54,43 @@ class Study:
         return any("{pretrained." in o for v in self.variants for o in v.overrides)
 
 
-M = "model.args."
-STUDIES: dict[str, Study] = {s.name: s for s in (
-    Study("pos_embed", "No position embedding is worse; learned 1D, 2D and relative barely differ.", (
-        Variant("none", (f"{M}pos_embed=none",)),
-        Variant("learned_1d", (f"{M}pos_embed=learned_1d",)),
-        Variant("learned_2d", (f"{M}pos_embed=learned_2d",)),
-        Variant("relative", (f"{M}pos_embed=relative", f"{M}pos_placement=every_layer")),
-    )),
-    Study("pos_placement", "Adding the embedding at the input, at every layer, or at every layer with one "
-          "shared table barely differs (shared may be slightly better).", (
-        Variant("input", (f"{M}pos_placement=input",)),
-        Variant("every_layer", (f"{M}pos_placement=every_layer",)),
-        Variant("every_layer_shared", (f"{M}pos_placement=every_layer_shared",)),
-    )),
-    Study("pooling", "CLS token and global average pooling reach the same accuracy once the learning rate is "
-          "tuned for each.", (
-        Variant("cls", (f"{M}pool=cls",)),
-        Variant("gap", (f"{M}pool=gap", f"{M}class_token=false")),
-    ), lr_multipliers=(0.5, 1.0, 2.0, 4.0)),
-    Study("overlap", "Overlapping patches barely differ from non-overlapping ones.", (
-        Variant("non_overlapping", ()),
-        # twice the base patch size at the base stride: each patch shares half its width with a neighbour,
-        # and the token grid (hence the compute of the blocks) stays the same
-        Variant("overlapping", (f"{M}patch_size={{2 * patch}}", f"{M}patch_stride={{patch}}")),
-    )),
-    Study("hybrid", "A hybrid CNN stem helps when data is small.", (
-        Variant("pure", ()),
-        Variant("hybrid", ("model.name=vit_fmnist_hybrid_tiny",)),
-    )),
-    Study("data_size", "Without a convolution's inductive bias, ViT trained on small data falls behind: the "
-          "hybrid's lead grows as the training set shrinks.", tuple(
-        Variant(f"{kind}_{int(frac * 100)}pct", (*over, f"data.train_fraction={frac}"))
-        for kind, over in (("pure", ()), ("hybrid", ("model.name=vit_fmnist_hybrid_tiny",)))
-        for frac in (0.1, 0.3, 1.0)
-    ), steps_matched_fraction=True),
-    Study("t2t", "Tokens-to-Token (T2T-ViT) learns richer local structure than patch embedding and beats a ViT "
-          "of the same size on mid-size data (the T2T note).", (
-        Variant("vit", ()),
-        Variant("t2t_performer", ("model.name=t2t_vit_fmnist_tiny",)),
-        Variant("t2t_transformer", ("model.name=t2t_vit_t_fmnist_tiny",)),
-    )),
-    Study("window", "Window attention (Swin) makes attention cost linear in the number of tokens, and shifting the "
-          "windows every other block lets information cross window borders; a hierarchical Swin of the same "
-          "size competes with a ViT (the efficient-ViT note).", (
-        Variant("vit", ()),
-        Variant("swin", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=40", f"{M}depths=[2,2]",
-                         f"{M}num_heads=[2,4]")),
-        Variant("swin_noshift", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=40",
-                                 f"{M}depths=[2,2]", f"{M}num_heads=[2,4]", f"{M}shift_windows=false")),
-        # one stage of 2x2 windows and no merging: without shifts the four windows meet only in the final pooling
-        Variant("swin_1stage", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=64", f"{M}depths=[4]",
-                                f"{M}num_heads=[2]")),
-        Variant("swin_1stage_noshift", ("~model.args", "model.name=swin_fmnist_tiny", f"{M}embed_dim=64",
-                                        f"{M}depths=[4]", f"{M}num_heads=[2]", f"{M}shift_windows=false")),
-    )),
-    Study("ssl", "Self-supervised pretraining (MAE; contrastive) on the unlabelled training images helps when "
-          "labels are few: fine-tuning from a pretrained encoder beats the same ViT trained from scratch on 1% "
-          "and 10% of the labels (the self-supervised part of the efficient-ML note).", tuple(
-        Variant(f"{init}_{int(frac * 100)}pct", (*over, f"data.train_fraction={frac}"))
-        for frac in (0.01, 0.1)
-        for init, over in (
-            ("scratch", ()),
-            ("mae", ("model.pretrained={pretrained.mae}", "optim.layer_decay=0.75")),
-            ("contrastive", ("model.pretrained={pretrained.contrastive}", "optim.layer_decay=0.75")),
-        )
-    ), steps_matched_fraction=True, reference_fraction=0.1, evals_per_run=5, scale_warmup=True,
-        compare_within_suffix=True),
-)}
+STUDIES_FILE = Path(__file__).with_name("studies.yaml")
+_STUDY_OPTIONS = {"lr_multipliers", "steps_matched_fraction", "reference_fraction", "evals_per_run", "scale_warmup",
+                  "compare_within_suffix"}
+
+
+def load_studies(path: str | Path = STUDIES_FILE) -> dict[str, Study]:
+    """The studies of a YAML file (``studies: {name: {claim, options..., variants: {label: [overrides]}}}``);
+    vitkit's own are in ``studies.yaml`` beside this module. A malformed entry is a ConfigError naming it."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the studies: {e}") from None
+    studies = {}
+    for name, spec in (data.get("studies") or {}).items() if isinstance(data, dict) else ():
+        where = f"{path}: study {name!r}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("claim"), str) or \
+                not isinstance(spec.get("variants"), dict) or not spec["variants"]:
+            raise ConfigError(f"{where} needs a 'claim' (text) and 'variants' ({{label: [overrides]}})")
+        unknown = sorted(set(spec) - _STUDY_OPTIONS - {"claim", "variants"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; options are {sorted(_STUDY_OPTIONS)}")
+        variants = []
+        for label, overrides in spec["variants"].items():
+            if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+                raise ConfigError(f"{where}, variant {label!r}: overrides must be a list of 'key=value' strings")
+            variants.append(Variant(str(label), tuple(overrides)))
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k in _STUDY_OPTIONS}
+        studies[str(name)] = Study(str(name), " ".join(spec["claim"].split()), tuple(variants), **options)
+    if not studies:
+        raise ConfigError(f"{path} defines no studies (expected a top-level 'studies:' mapping)")
+    return studies
+
+
+STUDIES: dict[str, Study] = load_studies()
 
 
 def _base_patch(base_cfg) -> int:
@@ -231,16 +201,18 @@ def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, 
 
 def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir: str | Path,
                  overrides: list[str] | None = None, variants: list[str] | None = None,
-                 jobs: int = 1, pretrained: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                 jobs: int = 1, pretrained: dict[str, str] | None = None,
+                 catalogue: dict[str, Study] | None = None) -> list[dict[str, Any]]:
     """Train every (study, variant, lr, seed) not yet done; write results, tables and plots; return rows.
 
     ``jobs`` trainings run side by side (separate processes); results are appended as each one ends, so an
     interrupted ablation resumes with what is left. ``pretrained`` names the checkpoints that variants
-    refer to as ``{pretrained.NAME}`` (the ssl study: ``mae`` and ``contrastive``).
+    refer to as ``{pretrained.NAME}``. ``catalogue``: the studies to choose from (default :data:`STUDIES`).
     """
-    unknown = [s for s in studies if s not in STUDIES]
+    catalogue = STUDIES if catalogue is None else catalogue
+    unknown = [s for s in studies if s not in catalogue]
     if unknown:
-        raise ConfigError(f"unknown study {unknown}; choose from {sorted(STUDIES)} or 'all'")
+        raise ConfigError(f"unknown study {unknown}; choose from {sorted(catalogue)} or 'all'")
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
     if seeds < 1:
@@ -254,7 +226,7 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
     planned: list[tuple[str, dict[str, Any]]] = []  # (key, row without results), in table order
     pending: dict[str, tuple[list[str], int, str]] = {}  # runs to train, each key once
     for study_name in studies:
-        study = STUDIES[study_name]
+        study = catalogue[study_name]
         chosen = [v for v in study.variants if variants is None or v.label in variants]
         if not chosen:
             raise ConfigError(f"study {study_name}: none of {variants} is a variant; "
@@ -280,13 +252,13 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
     rows = [{**done[key], **row} for key, row in planned]
     for study_name in studies:
         study_rows = [r for r in rows if r["study"] == study_name]
-        atomic_write_text(out / f"ablation_{study_name}.md", format_table(STUDIES[study_name], study_rows))
+        atomic_write_text(out / f"ablation_{study_name}.md", format_table(catalogue[study_name], study_rows))
         from ..viz.plots import plot_ablation
 
-        plot_ablation(summarize(STUDIES[study_name], study_rows), f"{study_name}: {STUDIES[study_name].claim}",
+        plot_ablation(summarize(catalogue[study_name], study_rows), f"{study_name}: {catalogue[study_name].claim}",
                       out / f"ablation_{study_name}.png")
     atomic_write_text(out / "ablations.md", "\n\n".join(
-        format_table(STUDIES[s], [r for r in rows if r["study"] == s]) for s in studies) + "\n")
+        format_table(catalogue[s], [r for r in rows if r["study"] == s]) for s in studies) + "\n")
     return rows
 
 
@@ -344,3 +316,41 @@ def format_table(study: Study, rows: list[dict[str, Any]]) -> str:
                 "learning rate; the best learning rate is chosen on the test set, as the claim's protocol has "
                 "no separate validation split here."]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- command line
+def add_ablate_args(p: Any) -> None:
+    from .commands import positive_int
+
+    p.add_argument("--recipe", "--config", dest="recipe", required=True, help="the base YAML recipe")
+    p.add_argument("--study", action="append", required=True, metavar="STUDY",
+                   help=f"which claim to test (repeatable, or 'all'); vitkit's studies: {', '.join(STUDIES)}")
+    p.add_argument("--studies-file", help="a YAML file of studies of your own (same form as vitkit's studies.yaml)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per variant")
+    p.add_argument("--output-dir", default="runs/ablate", help="results.jsonl, tables, plots and run folders")
+    p.add_argument("--variants", help="comma-separated subset of the study's variants")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="trainings side by side, each in its own process with cores/jobs threads (2 on 2 cores "
+                        "is faster than 1 run on both)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to the base recipe for every variant")
+    p.add_argument("--pretrained", action="append", default=[], metavar="NAME=PATH",
+                   help="a pretrained checkpoint that variants name as {pretrained.NAME}, e.g. "
+                        "--pretrained mae=runs/fmnist_mae_tiny (see the study's variants)")
+
+
+def run_ablate_args(args: Any) -> int:
+    from .commands import parse_key_values
+
+    catalogue = load_studies(args.studies_file) if args.studies_file else STUDIES
+    pretrained = {k: str(v) for k, v in parse_key_values(args.pretrained).items()}
+    # 'all': every study whose pretrained checkpoints were given
+    studies = ([s for s in catalogue if not catalogue[s].needs_pretrained or pretrained] if "all" in args.study
+               else list(dict.fromkeys(args.study)))
+    variants = args.variants.split(",") if args.variants else None
+    run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs, pretrained,
+                 catalogue)
+    for s in studies:
+        print(Path(args.output_dir, f"ablation_{s}.md").read_text())
+    print(f"results: {args.output_dir}/results.jsonl, plots: {args.output_dir}/ablation_<study>.png")
+    return 0

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import ctypes
 import ctypes.util
-import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from torch import nn
 from ..layers.attention import Attention, AttentionMapSource
 from ..layers.block import Block
 from ..layers.mlp import Mlp
+from ..utils import amx_supported, cpu_flags, native_bf16_supported  # noqa: F401  (hardware facts, re-exported)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 QUANTIZE_MODES = (None, "int8")
@@ -57,36 +57,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- hardware
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS or Windows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def native_bf16_supported() -> bool:
-    """True when bf16 GEMMs run natively (AVX512-BF16 or AMX-BF16), i.e. when bf16 is actually faster.
-
-    ``torch.backends.cpu.get_cpu_capability()`` only says "AVX512", and oneDNN reports bf16 as supported on any
-    AVX512-BW CPU, where it is emulated and slower than fp32, so the CPU flags decide.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return False
-    flags = cpu_flags()
-    if flags:
-        return bool({"amx_bf16", "avx512_bf16"} & flags)
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def amx_supported() -> bool:
-    """AMX tiles present (bf16 and int8 matrix units of Sapphire Rapids and later)."""
-    return "amx_tile" in cpu_flags()
 
 
 def resolve_precision(precision: str) -> torch.dtype:

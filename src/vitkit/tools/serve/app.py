@@ -30,10 +30,11 @@ import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
-from .._version import __version__
-from ..data.image_io import BadImageError, decode_pil
-from ..engine.evaluate import load_model, resolve_model_dir, task_for_model
-from ..errors import ConfigError, VitkitError
+from ..._version import __version__
+from ...data.image_io import BadImageError, decode_pil
+from ...errors import ConfigError, VitkitError
+from ...utils import format_bytes
+from ..evaluate import load_model, resolve_model_dir, task_for_model
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 8 * 1024 * 1024
@@ -42,8 +43,8 @@ DEFAULT_MAX_UPLOAD = 8 * 1024 * 1024
 class BodyLimit:
     """ASGI middleware: 413 for request bodies over ``limit`` bytes, checked before the body is buffered."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int | None = None) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -83,7 +84,9 @@ class BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send) -> None:
-        body = json.dumps({"detail": f"upload larger than {self.limit} bytes"}).encode()
+        # the limit the user set (``limit`` adds room for the multipart envelope), in human units and exactly
+        size = format_bytes(self.upload_limit or self.limit)
+        body = json.dumps({"detail": f"upload larger than {size}"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -104,9 +107,7 @@ class ModelService:
         self.task.setup(self.model)
         channels, h, w = self.model.pretrained_cfg.get("input_size", (1, 1, 1))  # generators take no image
         self.channels, self.size = int(channels), (int(h), int(w))
-        from ..tasks.generation import GENERATOR_TASKS
-
-        self.generator = self.task.name in GENERATOR_TASKS
+        self.generator = self.task.can("sample")
         self.explain_method = None if self.generator else explain_method
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_pending)
@@ -120,6 +121,7 @@ class ModelService:
             "parameters": sum(p.numel() for p in model.parameters()), "task": self.task.name,
             "input_size": list(cfg.get("input_size", [])), "class_names": list(cfg.get("class_names") or []),
             "vitkit_version": __version__, "explain": self.explain_method, "generator": self.generator,
+            "capabilities": sorted(self.task.capabilities),
         }
         for where in (self.run, self.run.parent, self.folder.parent.parent):  # run folder, or checkpoint's run
             summary = where / "summary.json"
@@ -142,9 +144,9 @@ class ModelService:
 
     def predict(self, data: bytes, topk: int = 5, explain: bool = True, classes: list[str] | None = None
                 ) -> dict[str, Any]:
-        """Top-k of one uploaded image; ``classes`` are the zero-shot classes of a CLIP model."""
-        if classes is not None and self.task.name != "clip":
-            raise ConfigError(f"class names are for zero-shot (CLIP) models; this one is a {self.task.name} model")
+        """Top-k of one uploaded image; ``classes`` are zero-shot classes (tasks that can do zero-shot)."""
+        if classes is not None and not self.task.can("zero_shot"):
+            raise ConfigError(f"class names are for zero-shot models; this one is a {self.task.name} model")
         if classes is not None and len(classes) < 2:
             raise ConfigError("zero-shot needs at least two class names, separated by commas")
         if not self._slots.acquire(blocking=False):
@@ -169,14 +171,14 @@ class ModelService:
             self._slots.release()
 
     def sample(self, class_name: str, n: int, seed: int) -> dict[str, Any]:
-        """A PNG grid of ``n`` samples of one class from a generator run (ar, var, hart), as a data URL."""
+        """A PNG grid of ``n`` samples of one class from a generator run, as a data URL."""
         if not self.generator:
             raise ConfigError(f"sampling is for generator runs; this one is a {self.task.name} model")
         if not self._slots.acquire(blocking=False):
             raise Busy("too many requests are waiting; try again")
         import tempfile
 
-        from ..engine.evaluate import sample_run
+        from ..predict import sample_run
 
         try:
             with self._lock, tempfile.TemporaryDirectory() as tmp:
@@ -189,8 +191,8 @@ class ModelService:
 
     def _overlay(self, batch: torch.Tensor, image) -> dict[str, Any]:
         """The attention overlay as a PNG data URL, or why this model has none."""
-        from ..engine.explain import explain
-        from ..viz.attention import render_overlay
+        from ...viz.attention import render_overlay
+        from ..explain import explain
 
         try:
             heat = explain(self.model, batch, self.explain_method)[0]
@@ -239,12 +241,12 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
     @app.post("/predict")
     def predict(file: Annotated[UploadFile, File(description="an image (PNG, JPEG, WebP, ...)")],
                 topk: Annotated[int, Query(ge=1, le=1000)] = 5, explain: bool = True,
-                classes: Annotated[str | None, Form(description="CLIP models: zero-shot class names, comma-separated")]
+                classes: Annotated[str | None, Form(description="zero-shot models: class names, comma-separated")]
                 = None) -> dict[str, Any]:
         """Top-k classes with probabilities, and the attention overlay (a PNG data URL) when the model has one."""
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+            raise HTTPException(413, f"upload larger than {format_bytes(max_upload_bytes)}")
         if not data:
             raise HTTPException(400, "empty upload: send an image file in the 'file' field")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
@@ -268,7 +270,8 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
             raise HTTPException(503, str(e)) from None
 
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + 64 * 1024)  # room for the multipart envelope
+    # room for the multipart envelope; the message names the user's limit
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + 64 * 1024, upload_limit=max_upload_bytes)
     return app
 
 

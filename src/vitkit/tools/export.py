@@ -60,6 +60,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import ConfigError, VitkitError
+from ..tasks import DEFAULT_TASK
 from ..utils import atomic_path
 
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
@@ -267,7 +268,7 @@ def _metadata(model: nn.Module, input_size: tuple[int, int, int], dynamic_axes: 
         "std": [float(v) for v in cfg["std"]] if cfg.get("std") is not None else None,
         "interpolation": cfg.get("interpolation"),
         "class_names": [str(n) for n in names] if names is not None else None,
-        "task": cfg.get("task", "classify"),
+        "task": cfg.get("task") or getattr(model, "default_task", DEFAULT_TASK),
         "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
         "preprocessing": PREPROCESSING,
     }

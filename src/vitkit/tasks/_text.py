@@ -1,0 +1,80 @@
+"""Tokenizer helpers shared by the text tasks (clip, vilt): where a checkpoint's tokenizer lies, and a warning
+for words the tokenizer cannot represent (they would all read as one unknown token)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def checkpoint_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer of a checkpoint folder: the one its model carries in ``config.json``, else a
+    ``tokenizer.json`` beside it (converted Hugging Face checkpoints); None when it has neither."""
+    from tokenizers import Tokenizer
+
+    from ..models import read_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if (folder / "config.json").is_file():
+        data = (read_config(folder).get("model_args") or {}).get("tokenizer")
+        if data:
+            return Tokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for unreadable files
+        raise CheckpointError(f"{path} is not a readable tokenizers file: {e}") from None
+
+
+def unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    """The words of ``texts`` that ``tokenizer`` maps (wholly or partly) to its unknown token, in order, once."""
+    unk = None
+    model = json.loads(tokenizer.to_str()).get("model") or {}
+    if model.get("unk_token") is not None:
+        unk = tokenizer.token_to_id(str(model["unk_token"]))
+    if unk is None:
+        return []
+    found: dict[str, None] = {}
+    for text, enc in zip(texts, tokenizer.encode_batch([str(t) for t in texts])):
+        for token_id, word, (start, end) in zip(enc.ids, enc.word_ids, enc.offsets):
+            if token_id == unk and word is not None:
+                spans = [o for o, w in zip(enc.offsets, enc.word_ids) if w == word]
+                found[str(text)[spans[0][0]:spans[-1][1]] or str(text)[start:end]] = None
+    return list(found)
+
+
+def warn_unknown_words(tokenizer: Any, texts: Sequence[str], what: str) -> list[str]:
+    """Warn once, naming them, when ``texts`` hold words outside the tokenizer's vocabulary: a class name or
+    caption made of them scores like any other unknown word, which is rarely what the user meant."""
+    words = unknown_words(tokenizer, texts)
+    if words:
+        shown = ", ".join(repr(w) for w in words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+        warnings.warn(f"{what}: {len(words)} word(s) outside the tokenizer's vocabulary, read as its unknown token: "
+                      f"{shown}", stacklevel=3)
+    return words
+
+
+def check_same_tokenizer(ctx: Any, tokenizer: Any) -> None:
+    """Every process built its own tokenizer from the same captions: make sure they are identical (a CRC of its
+    JSON, gathered from every process)."""
+    if ctx.world_size <= 1:
+        return
+    import zlib
+
+    import torch
+
+    crc = float(zlib.crc32(tokenizer.to_str().encode()))  # < 2**32: exact in float64
+    every = ctx.all_gather(torch.tensor([crc], dtype=torch.float64, device=ctx.device))
+    if not bool((every == crc).all()):
+        raise ConfigError("the processes built different caption tokenizers (do they read the same data?)")

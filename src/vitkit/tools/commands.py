@@ -1,0 +1,86 @@
+"""Command-line glue for the commands whose work lives below the tools: ``models`` (the registry), ``convert``
+(:mod:`vitkit.convert`) and ``train`` (:mod:`vitkit.engine`). Every command module offers
+``add_<command>_args(parser)`` and ``run_<command>_args(args) -> exit code``; :mod:`vitkit.cli` is their table."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one usage line and exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def parse_key_values(items: list[str]) -> dict:
+    """``["num_heads=2", "dynamic_img_size=true"]`` -> ``{"num_heads": 2, "dynamic_img_size": True}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r} must look like key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+# ---------------------------------------------------------------------------- models
+def add_models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vit_*_patch16_*'")
+    p.add_argument("--family", help="only this family (file), e.g. vit or t2t_vit")
+
+
+def run_models_args(args: argparse.Namespace) -> int:
+    from ..models import list_models
+
+    for name in list_models(args.pattern, family=args.family):
+        print(name)
+    return 0
+
+
+# ---------------------------------------------------------------------------- convert
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    from ..convert import CONVERTERS
+
+    p.add_argument("kind", choices=sorted(CONVERTERS), help="the checkpoint's origin")
+    p.add_argument("src", help="the foreign checkpoint (folder or file)")
+    p.add_argument("dst", help="the vitkit checkpoint folder to write")
+    p.add_argument("--arg", dest="args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model constructor argument the weights cannot tell, e.g. --arg num_heads=2 (repeatable)")
+
+
+def run_convert_args(args: argparse.Namespace) -> int:
+    from ..convert import convert
+
+    model = convert(args.kind, args.src, args.dst, **parse_key_values(args.args))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst} ({type(model).__name__}, {n / 1e6:.2f}M parameters)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- train
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "--recipe", dest="config", help="YAML recipe, e.g. configs/fmnist/vit_tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set optim.lr=1e-3 --set train.epochs=5")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly where it stopped")
+    p.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+
+
+def run_train_args(args: argparse.Namespace) -> int:
+    from ..engine import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    summary = train(args.config, overrides, resume=args.resume)
+    return 0 if summary["finished"] or summary["steps"] else 1
