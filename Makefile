@@ -39,7 +39,7 @@ browser-test: install browser-deps
 	$(PY) -m pytest -q -ra tests/test_browser.py
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 # Fashion-MNIST: Debian's package when we are root, otherwise the loader downloads it (SHA-256 checked).
 data: install
