@@ -67,7 +67,7 @@ def _package_of(path: Path) -> str:
 def _imported(path: Path) -> list[tuple[str, int]]:
     """Absolute dotted names (inside vitkit, without the ``vitkit.`` prefix) a module imports, with line numbers."""
     rel = path.relative_to(SRC).with_suffix("")
-    here = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    here = list(rel.parts[:-1])  # the package a relative import starts from (also for an __init__)
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..layers.text import TOKENIZER_FILE, read_tokenizer_file
 from ..models._pretrained import read_config
 from ..models.clip import CLIP
 from ._common import check_consumed, config_value, load_hf_model, save_converted, take
 from .hf_vit import HF_ACTIVATIONS
 
-TOKENIZER_FILE = "tokenizer.json"
 _VISION, _TEXT = "vision_model.", "text_model."
 # Older transformers saved these buffers; they are arange(n) and carry nothing.
 _IGNORED = (f"{_VISION}embeddings.position_ids", f"{_TEXT}embeddings.position_ids")
@@ -175,17 +175,13 @@ def load_tokenizer(folder: str | os.PathLike, truncate: bool = True):
     ``context_length`` (the tokenizer keeps its special tokens, so the end-of-text token survives) unless the
     tokenizer already truncates.
     """
-    from tokenizers import Tokenizer
 
     folder = Path(folder)
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (convert_hf_clip copies it from the HF folder "
                               f"when that has one)")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for unreadable files
-        raise CheckpointError(f"{path} is not a readable tokenizers file: {e}") from None
+    tokenizer = read_tokenizer_file(path)
     if truncate and tokenizer.truncation is None and (folder / "config.json").is_file():
         context = read_config(folder).get("model_args", {}).get("context_length")
         if isinstance(context, int) and context > 0:

@@ -8,13 +8,14 @@ for image-text models whose text side is built differently (ViLT adds its own to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..errors import InputShapeError
+from ..errors import CheckpointError, InputShapeError
 from .block import Block
 from .weight_init import trunc_normal_linears_
 
@@ -28,6 +29,19 @@ def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     if callable(getattr(tokenizer, "to_str", None)):
         return json.loads(tokenizer.to_str())
     raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON, got {type(tokenizer).__name__}")
+
+
+TOKENIZER_FILE = "tokenizer.json"  # where a tokenizer lies beside a checkpoint (Hugging Face's name)
+
+
+def read_tokenizer_file(path: str | Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file; an unreadable one is a CheckpointError naming it."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for unreadable files
+        raise CheckpointError(f"{path} is not a readable tokenizers file: {e}") from None
 
 
 def check_token_batch(input_ids: torch.Tensor, context_length: int, what: str = "text encoder") -> None:

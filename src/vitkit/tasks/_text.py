@@ -9,9 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
-
-TOKENIZER_FILE = "tokenizer.json"
+from ..errors import ConfigError
 
 
 def checkpoint_tokenizer(folder: str | Path) -> Any:
@@ -19,6 +17,7 @@ def checkpoint_tokenizer(folder: str | Path) -> Any:
     ``tokenizer.json`` beside it (converted Hugging Face checkpoints); None when it has neither."""
     from tokenizers import Tokenizer
 
+    from ..layers.text import TOKENIZER_FILE, read_tokenizer_file, tokenizer_json
     from ..models import read_config
 
     folder = Path(folder)
@@ -27,30 +26,24 @@ def checkpoint_tokenizer(folder: str | Path) -> Any:
     if (folder / "config.json").is_file():
         data = (read_config(folder).get("model_args") or {}).get("tokenizer")
         if data:
-            return Tokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
+            return Tokenizer.from_str(json.dumps(tokenizer_json(data)))
     path = folder / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for unreadable files
-        raise CheckpointError(f"{path} is not a readable tokenizers file: {e}") from None
+    return read_tokenizer_file(path) if path.is_file() else None
 
 
 def unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[str]:
     """The words of ``texts`` that ``tokenizer`` maps (wholly or partly) to its unknown token, in order, once."""
-    unk = None
-    model = json.loads(tokenizer.to_str()).get("model") or {}
-    if model.get("unk_token") is not None:
-        unk = tokenizer.token_to_id(str(model["unk_token"]))
+    from ..layers.text import tokenizer_json
+
+    unk_token = (tokenizer_json(tokenizer).get("model") or {}).get("unk_token")
+    unk = tokenizer.token_to_id(str(unk_token)) if unk_token is not None else None
     if unk is None:
         return []
     found: dict[str, None] = {}
     for text, enc in zip(texts, tokenizer.encode_batch([str(t) for t in texts])):
-        for token_id, word, (start, end) in zip(enc.ids, enc.word_ids, enc.offsets):
-            if token_id == unk and word is not None:
-                spans = [o for o, w in zip(enc.offsets, enc.word_ids) if w == word]
-                found[str(text)[spans[0][0]:spans[-1][1]] or str(text)[start:end]] = None
+        for word in sorted({w for i, w in zip(enc.ids, enc.word_ids) if i == unk and w is not None}):
+            spans = [o for o, w in zip(enc.offsets, enc.word_ids) if w == word]
+            found[str(text)[spans[0][0]:spans[-1][1]]] = None
     return list(found)
 
 

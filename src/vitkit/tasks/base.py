@@ -283,9 +283,8 @@ class Task:
         raise self._cannot("sampling")
 
     def output_names(self, model: nn.Module) -> list[str]:
-        """The names of what the model outputs or is conditioned on (its classes), for tools and pages."""
-        names = model.pretrained_cfg.get("class_names")
-        return [str(n) for n in names] if names else [str(i) for i in range(int(getattr(model, "num_classes", 0)))]
+        """The classes a generator is conditioned on, by name (capability ``"sample"``)."""
+        raise self._cannot("sampling")
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:

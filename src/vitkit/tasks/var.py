@@ -193,7 +193,7 @@ class VARTask(GeneratorTask):
         inner = unwrap_model(model)
         device = device_of(inner)
         labels = labels.to(device=device, dtype=torch.long)
-        labels = torch.where(labels < 0, inner.num_classes, labels)
+        labels = torch.where(labels < 0, self.null_class(inner), labels)
         was_training = inner.training
         inner.eval()
         try:

@@ -50,24 +50,6 @@ def _input_spec(model) -> tuple[int, tuple[int, int]]:
     return int(channels), (int(h), int(w))
 
 
-def task_spec(model: torch.nn.Module, folder: str | Path | None = None) -> tuple[str, dict[str, Any] | None]:
-    """(name, settings) of the task a checkpoint was trained for: the run's ``train_config.yaml`` when the folder
-    has one, else ``pretrained_cfg["task"]``, else the model class's ``default_task`` (converted checkpoints)."""
-    saved = Path(folder) / "train_config.yaml" if folder is not None else None
-    if saved is not None and saved.is_file():
-        from ..engine.config import load_config
-
-        cfg = load_config(saved)
-        return cfg.task.name, cfg.task.args
-    return model.pretrained_cfg.get("task") or getattr(model, "default_task", DEFAULT_TASK), None
-
-
-def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx: TaskContext | None = None
-                   ) -> Task:
-    """The task a checkpoint was trained for (see :func:`task_spec`), built with ``ctx``."""
-    return build_task(*task_spec(model, folder), ctx)
-
-
 def run_config(folder: str | Path) -> Any:
     """The recipe a checkpoint was trained with (``train_config.yaml`` beside its weights), or None (converted)."""
     saved = Path(folder) / "train_config.yaml"
@@ -76,6 +58,21 @@ def run_config(folder: str | Path) -> Any:
     from ..engine.config import load_config
 
     return load_config(saved)
+
+
+def task_spec(model: torch.nn.Module, folder: str | Path | None = None) -> tuple[str, dict[str, Any] | None]:
+    """(name, settings) of the task a checkpoint was trained for: the run's ``train_config.yaml`` when the folder
+    has one, else ``pretrained_cfg["task"]``, else the model class's ``default_task`` (converted checkpoints)."""
+    cfg = run_config(folder) if folder is not None else None
+    if cfg is not None:
+        return cfg.task.name, cfg.task.args
+    return model.pretrained_cfg.get("task") or getattr(model, "default_task", DEFAULT_TASK), None
+
+
+def task_for_model(model: torch.nn.Module, folder: str | Path | None = None, ctx: TaskContext | None = None
+                   ) -> Task:
+    """The task a checkpoint was trained for (see :func:`task_spec`), built with ``ctx``."""
+    return build_task(*task_spec(model, folder), ctx)
 
 
 def eval_data_settings(folder: str | Path, data: str | None = None, split: str | None = None,
@@ -90,8 +87,6 @@ def eval_data_settings(folder: str | Path, data: str | None = None, split: str |
     kw: dict[str, Any] = {"data_dir": data_dir or cfg.data.data_dir, **(cfg.data.args or {})}
     if cfg.data.root and not data_dir:
         kw["root"] = cfg.data.root
-    if cfg.data.image_size:
-        kw["image_size"] = cfg.data.image_size
     return cfg.data.name, split or cfg.data.eval_split, kw
 
 
@@ -112,8 +107,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str | 
     channels, size = _input_spec(model)
     data, split, settings = eval_data_settings(folder, data, split, data_dir)
     settings = {**settings, **data_kw}
-    settings.setdefault("image_size", size)
-    build = lambda s: build_dataset(data, s, num_channels=channels, download=download, **settings)
+    build = lambda s: build_dataset(data, s, image_size=size, num_channels=channels, download=download, **settings)
     dataset = build(split)
     name, args = task_spec(model, folder)
     train_set = build("train") if getattr(TASKS.get(name), "eval_needs_train_set", False) else dataset

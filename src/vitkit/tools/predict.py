@@ -126,8 +126,7 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
     model, task, names = load_generator(run, steps=steps, cfg=cfg, top_k=top_k, seed=seed)
     label = class_index(class_name, names)
     start = time.perf_counter()
-    null = model.num_classes  # every generator's null class (the unconditional row of its class table)
-    images = task.sample_images(model, torch.full((n,), null if label < 0 else label, dtype=torch.long))
+    images = task.sample_images(model, torch.full((n,), label, dtype=torch.long))  # -1: unconditional
     seconds = (time.perf_counter() - start) / n
     shown = "unconditional" if label < 0 else str(names[label])
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in shown)
@@ -185,7 +184,10 @@ def run_zeroshot_args(args: Any) -> int:
 
     for r in zero_shot_files(args.run, args.images, args.classes.split(","), args.templates):
         r["top"] = r["top"][:args.topk]
-        print(json.dumps(r)) if args.json else _print_ranked(r["path"], r["top"], percent=True)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            _print_ranked(r["path"], r["top"], percent=True)
     return 0
 
 
@@ -209,7 +211,10 @@ def run_retrieve_args(args: Any) -> int:
     if args.texts_file:
         texts += Path(args.texts_file).read_text(encoding="utf-8").splitlines()
     for r in retrieve_files(args.run, args.images, texts, to_text=args.to_text, topk=args.topk):
-        print(json.dumps(r)) if args.json else _print_ranked(r["query"], r["matches"], percent=False)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            _print_ranked(r["query"], r["matches"], percent=False)
     return 0
 
 

@@ -224,13 +224,10 @@ def write_search_report(path: str | Path, table: LatencyTable, results: dict[str
 def run_data_args(folder: str | Path, data: str) -> dict[str, Any]:
     """The dataset settings a run was trained with (its ``train_config.yaml``), when it used ``data``: a search
     must score candidates on scenes like those the model learned (canvas, items per scene)."""
-    saved = Path(folder) / "train_config.yaml"
-    if not saved.is_file():
-        return {}
-    from ..engine.config import load_config
+    from .evaluate import run_config
 
-    cfg = load_config(saved)
-    return dict(cfg.data.args or {}) if cfg.data.name == data else {}
+    cfg = run_config(folder)
+    return dict(cfg.data.args or {}) if cfg is not None and cfg.data.name == data else {}
 
 
 def eval_batches(folder: str | Path, task: Any, data: str, split: str, data_args: dict[str, Any] | None = None,
@@ -336,11 +333,10 @@ def add_sparsevit_args(p) -> None:
     s = sub.add_parser(
         "search", help="latency-constrained evolutionary search of per-stage window keep ratios",
         description="Search per-stage window keep ratios of a trained windowed model under latency budgets measured "
-                    "on this CPU. The run comes from `vitkit train --config configs/scenes/swin_adapt.yaml` (after "
-                    "configs/scenes/swin_dense.yaml, which it starts from); e.g. `vitkit sparsevit search "
-                    "runs/scenes_swin_adapt --speedup 1.25 1.5 2`.")
+                    f"on this CPU. The run comes from {TRAIN_HINT} (after configs/scenes/swin_dense.yaml, which it "
+                    "starts from); e.g. `vitkit sparsevit search runs/scenes_swin_adapt --speedup 1.25 1.5 2`.")
     s.add_argument("run", help="a trained windowed model (run folder or checkpoint), ideally sparsity-adapted: "
-                               "runs/scenes_swin_adapt from `vitkit train --config configs/scenes/swin_adapt.yaml`")
+                               f"runs/scenes_swin_adapt from {TRAIN_HINT}")
     s.add_argument("--budget-ms", type=float, nargs="+", default=[],
                    help="latency budgets, ms per --latency-batch images on this CPU")
     s.add_argument("--speedup", type=float, nargs="+", default=[],
