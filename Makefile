@@ -70,3 +70,12 @@ readme: install
 
 readme-check: install
 	$(PY) scripts/update_readme.py --check
+
+# The studies' generated tables, verdict lines and plots, rebuilt from their committed results files
+# (docs/method.md); `make report-check` only checks (tests/test_report.py does the same).
+.PHONY: report report-check
+report: install
+	$(VENV)/bin/vitkit report
+
+report-check: install
+	$(VENV)/bin/vitkit report --check

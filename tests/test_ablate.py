@@ -24,7 +24,7 @@ def test_tiny_ablation_table_plot_and_resume(tmp_path, monkeypatch, capsys):
             "--variants", "none,learned_1d", "--output-dir", str(out), *[a for o in TINY for a in ("--set", o)]]
     assert cli_main(args) == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(0 <= r["top1"] <= 1 for r in rows)
+    assert len(rows) == 2 and all(0 <= r["final"]["top1"] <= 1 for r in rows)
     table = (out / "ablation_pos_embed.md").read_text()
     assert "| none |" in table and "| learned_1d |" in table and "± " in table
     assert (out / "ablation_pos_embed.png").stat().st_size > 1000
@@ -86,7 +86,7 @@ def test_parallel_jobs_train_each_run_once_in_worker_processes(tmp_path):
         assert f"threads: {threads}" in (Path(r["run_dir"]) / "config.yaml").read_text()
     again = ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY,
                                 variants=["none", "learned_1d"], jobs=2)
-    assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+    assert [r["final"] for r in again] == [r["final"] for r in rows]
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ConfigError, match="jobs"):
         ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pos_embed"], 1, out, TINY, jobs=0)
@@ -173,4 +173,44 @@ def test_studies_are_data_and_a_file_of_ones_own_works(tmp_path):
         ablate.load_studies(mine)
     mine.write_text("studies:\n  depth:\n    claim: x\n    seeds: 3\n    variants: {d1: []}\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['seeds'\]"):
+        ablate.load_studies(mine)
+
+
+def test_lr_pick_on_validation_and_one_row_per_study_membership(tmp_path, monkeypatch):
+    """With a held-out split the sweep's pick follows validation (not test); a run shared by two studies is
+    trained once and written as a row of each; the table carries the verdicts of the study's checks."""
+    def fake_train(recipe, overrides, resume=None):
+        lr = float(next((o.split("=")[1] for o in overrides if o.startswith("optim.lr=")), 2e-3))
+        seed = int(next(o.split("=")[1] for o in overrides if o.startswith("train.seed=")))
+        gap = any("pool=gap" in o for o in overrides)
+        val = 0.80 + (0.05 if lr < 2e-3 else 0.0) + 0.001 * seed  # validation favours the smallest lr
+        test = 0.80 + (0.05 if lr > 5e-3 else 0.0) + 0.002 * seed + (0.001 if gap else 0.0)  # test the largest
+        return {"primary_metric": "top1", "eval_split": "val", "final": {"top1": val, "epoch": 1},
+                "best": {"top1": val, "epoch": 1}, "test": {"top1": test}, "params": 10, "train_img_s": 1.0,
+                "train_wall_clock_s": 1.0}
+
+    monkeypatch.setattr(ablate, "train", fake_train)
+    results = tmp_path / "kept" / "results.jsonl"
+    ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["pooling", "overlap"], 2, tmp_path / "out", TINY,
+                        results=results)
+    rows = ablate.read_results(results)
+    base = [r for r in rows if r["variant"] in ("cls", "non_overlapping") and r["lr_mult"] == 1.0]
+    assert {r["study"] for r in base} == {"pooling", "overlap"} and len({r["key"] for r in base}) == 2  # 2 seeds
+    assert all(r["machine"]["cores"] and r["test"]["top1"] for r in rows)
+    table = (tmp_path / "out" / "ablation_pooling.md").read_text()
+    best = [line for line in table.splitlines() if "(best lr)" in line]
+    assert len(best) == 2 and all("| 0.001 |" in line for line in best)  # the smallest lr: picked on val
+    assert "picked on the validation split" in table and "val top-1" in table
+    assert "GAP and CLS at their own best lr barely differ" in table and "**holds**" in table
+
+
+def test_checks_are_validated(tmp_path):
+    mine = tmp_path / "studies.yaml"
+    mine.write_text("studies:\n  depth:\n    claim: x\n    variants: {d1: [], d2: []}\n"
+                    "    checks: [{says: deeper, contrast: {d2: 1, d3: -1}, expect: above}]\n")
+    with pytest.raises(ConfigError, match=r"names \['d3'\], not variants"):
+        ablate.load_studies(mine)
+    mine.write_text("studies:\n  depth:\n    claim: x\n    variants: {d1: [], d2: []}\n"
+                    "    checks: [{says: same, contrast: {d2: 1, d1: -1}, expect: within}]\n")
+    with pytest.raises(ConfigError, match="needs a 'margin'"):
         ablate.load_studies(mine)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                     "peak"),
     "ablate": ("vitkit.tools.ablate", "train the variants of a design-choice study and tabulate mean ± std "
                                       "accuracy"),
+    "report": ("vitkit.tools.report", "rebuild the docs' generated tables, verdicts and plots from their committed "
+                                      "results files (--check: fail if they differ)"),
     "sparsevit": ("vitkit.tools.search", "SparseViT: search per-stage window keep ratios under latency budgets "
                                          "measured on this CPU"),
     "serve": ("vitkit.tools.serve", "serve a trained model: a web page (upload an image) and a JSON API, on "

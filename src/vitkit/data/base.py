@@ -252,6 +252,19 @@ class InMemoryImageDataset(Dataset):
             name=f"{self.name}[{fraction:g}]",
         )
 
+    def split_off(self, fraction: float, seed: int = 0) -> tuple[InMemoryImageDataset, InMemoryImageDataset]:
+        """(rest, held_out): a class-stratified, seeded ``fraction`` held out, e.g. a validation split carved
+        from the training set so that choices (learning rate, epoch, pick) never look at the test set."""
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"{self.name}: a held-out fraction must be in (0, 1), got {fraction}")
+        held = stratified_indices(self.labels, fraction, seed)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        rest = torch.nonzero(keep).flatten()
+        make = lambda idx, tag: InMemoryImageDataset(  # noqa: E731
+            self.images[idx], self.labels[idx], self.classes, self._mean, self._std, name=f"{self.name}[{tag}]")
+        return make(rest, f"train-{fraction:g}"), make(held, f"val {fraction:g}")
+
     def __repr__(self) -> str:
         return (
             f"{self.name}(n={len(self)}, channels={self.num_channels}, size={self.image_size}, "

@@ -38,6 +38,11 @@ class DataConfig:
     root: str | None = None  # image_folder: a folder with train/ and val/ (or test/) subfolders
     eval_split: str = "test"
     train_fraction: float = 1.0  # data-size studies: a stratified, seeded subset of the training set
+    # A validation split carved from the training images (stratified, seeded by val_seed, the same for every
+    # training seed): evaluations during training and the best checkpoint use it; eval_split (the test set) is
+    # read once, by the final model, after the last epoch. train_fraction then subsets what is left.
+    val_fraction: float = 0.0
+    val_seed: int = 0
     image_size: int | None = None  # resize (None: the dataset's own size)
     download: bool = True
     max_bad_images: int = 0  # unreadable images dropped (and reported) at start or skipped during training
@@ -145,6 +150,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_dir": (lambda x: bool(str(x).strip()), "a folder path"),
     "model.name": (lambda x: bool(str(x).strip()), "a registered model name (vitkit models)"),
     "data.train_fraction": (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]"),
+    "data.val_fraction": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (0: no validation split)"),
     "data.image_size": (_optional(lambda x: x >= 1), "an integer >= 1, or null for the dataset's own size"),
     "data.max_bad_images": (lambda x: x >= 0, "an integer >= 0"),
     "data.num_workers": (lambda x: x >= 0, "an integer >= 0 (0 loads in the main process)"),

@@ -125,7 +125,7 @@ class Trainer:
                               f"train.grad_accum ({t.grad_accum})")
         self.micro_batch = t.batch_size // (world * t.grad_accum)
 
-        source_train, source_eval = self._build_data()
+        source_train, source_eval, source_test = self._build_data()
         info = self.dist
         ctx = TaskContext(augment=cfg.augment, device=info.device, rank=info.rank, world_size=info.world_size,
                           all_gather=lambda t: all_gather_with_grad(t, info),
@@ -135,6 +135,9 @@ class Trainer:
         self.task: Task = build_task(cfg.task.name, cfg.task.args, ctx)
         self.train_set = self.task.train_dataset(source_train)
         self.eval_set = self.task.eval_dataset(source_eval)
+        # with a validation split: the test set, read once after the last epoch
+        self.test_set = self.task.eval_dataset(source_test) if source_test is not None else None
+        self.test_metrics: dict[str, Any] | None = None
         self.model = self.task.build_model(cfg.model).to(self.dist.device)
         self.model.pretrained_cfg = {**self.model.pretrained_cfg, "task": self.task.name}
         self.task.setup(self.model)
@@ -191,9 +194,15 @@ class Trainer:
         barrier(self.dist)
         train = build_dataset(cfg.data.name, "train", download=download, **common, **extra)
         evals = build_dataset(cfg.data.name, cfg.data.eval_split, download=download, **common, **extra)
+        test = None
+        if cfg.data.val_fraction > 0:
+            if not hasattr(train, "split_off"):
+                raise ConfigError(f"data.val_fraction: the {cfg.data.name!r} dataset cannot hold out a validation "
+                                  "split (labelled images in memory are needed); leave data.val_fraction at 0")
+            test, (train, evals) = evals, train.split_off(cfg.data.val_fraction, seed=cfg.data.val_seed)
         if cfg.data.train_fraction < 1:
             train = train.subset(cfg.data.train_fraction, seed=cfg.train.seed)
-        return train, evals
+        return train, evals, test
 
     @property
     def bf16(self) -> bool:
@@ -327,17 +336,19 @@ class Trainer:
         hint = hints[0] if len(hints) == 1 else f"{', '.join(hints[:-1])} or {hints[-1]}"
         raise TrainingError(f"{what}; the run stopped and {kept}; try {hint}")
 
-    def _eval_batches(self):
-        desc = f"eval {self.epoch}/{self.cfg.train.epochs}"
-        for batch in self.task.ctx.iterate(self.eval_set, self.cfg.train.eval_batch_size, desc=desc):
+    def _eval_batches(self, dataset, desc: str):
+        for batch in self.task.ctx.iterate(dataset, self.cfg.train.eval_batch_size, desc=desc):
             yield self.task.prepare_batch(batch, train=False)
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, dataset=None, desc: str | None = None) -> dict[str, Any]:
+        """The task's evaluation of the current (EMA) model on ``dataset`` (default: the evaluation split)."""
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
+        desc = desc or f"eval {self.epoch}/{self.cfg.train.epochs}"
         with self._autocast():
-            metrics = self.task.evaluate(model, self._eval_batches())
+            metrics = self.task.evaluate(model, self._eval_batches(self.eval_set if dataset is None else dataset,
+                                                                   desc))
         model.train(was_training)
         return metrics
 
@@ -350,14 +361,22 @@ class Trainer:
             # they would be written again), and a fresh run does not append to an older run's file.
             atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
             n_params = sum(p.numel() for p in self.model.parameters())
-            self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / eval "
-                      f"{len(self.eval_set)} images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
+            held = f"val {len(self.eval_set)} / test {len(self.test_set)} (read once, at the end)" \
+                if self.test_set is not None else f"eval {len(self.eval_set)}"
+            self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / {held} "
+                      f"images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
                       f"batch {t.batch_size} on {self.dist.world_size} process(es) | {'bf16' if self.bf16 else 'fp32'}"
                       + (" (train.bf16=auto)" if t.bf16 == "auto" else ""))
         self.model.train()
         stopped = False
         while self.epoch < t.epochs and not stopped:
             stopped = self._run_epoch()
+        if self.test_set is not None and not stopped and self.epoch >= t.epochs:
+            # the one reading of the test set: the final model, after every choice was made on validation
+            split = self.cfg.data.eval_split
+            self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})"))
+            self._log(f"test ({split}, final model): " +
+                      " ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "count"))
         summary = self.summary(stopped)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
@@ -470,6 +489,8 @@ class Trainer:
             "finished": not stopped and self.epoch >= self.cfg.train.epochs,
             "epochs_done": self.epoch, "steps": self.step,
             "best": dict(self.best), "final": final,
+            "eval_split": "val" if self.test_set is not None else self.cfg.data.eval_split,
+            **({"test": dict(self.test_metrics)} if self.test_metrics is not None else {}),
             "train_wall_clock_s": self.wall_clock,
             "train_img_s": float(np.median(speeds)) if speeds else None,
             "params": sum(p.numel() for p in self.model.parameters()),
@@ -496,6 +517,8 @@ class Trainer:
             f"best eval {key} {show(s['best'])} ({'higher' if s['mode'] == 'max' else 'lower'} is better), "
             f"final {show(s['final'])}",
             *([f"final eval: {others}"] if others else []),
+            *([f"test set, read once by the final model: {key} {show(s['test'])} (choices above were made on "
+               "the validation split)"] if "test" in s else []),
             f"training wall-clock {s['train_wall_clock_s']:.1f} s, " + (
                 "train images/s n/a (no full epoch)" if s["train_img_s"] is None
                 else f"{s['train_img_s']:.0f} train images/s (median epoch)"),

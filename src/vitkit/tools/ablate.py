@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -36,6 +35,16 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One testable reading of a claim: ``sum weight * variant`` is ``above`` 0, ``below`` 0 or ``within``
+    ±margin (points of the metric, in %), judged by :func:`vitkit.tools.verdict.decide`."""
+    says: str
+    contrast: tuple[tuple[str, float], ...]
+    expect: str
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     claim: str
@@ -48,6 +57,7 @@ class Study:
     scale_warmup: bool = False  # with steps_matched_fraction: warm-up epochs scaled too (same warm-up steps)
     # Δ against the first variant with the same label suffix ("..._10pct" vs "scratch_10pct"), not the first row
     compare_within_suffix: bool = False
+    checks: tuple[Check, ...] = ()  # the claim, as contrasts judged by the verdict rule (tools/verdict.py)
 
     @property
     def needs_pretrained(self) -> bool:
@@ -56,7 +66,23 @@ class Study:
 
 STUDIES_FILE = Path(__file__).with_name("studies.yaml")
 _STUDY_OPTIONS = {"lr_multipliers", "steps_matched_fraction", "reference_fraction", "evals_per_run", "scale_warmup",
-                  "compare_within_suffix"}
+                  "compare_within_suffix", "checks"}
+
+
+def _parse_check(item: Any, where: str, labels: set[str]) -> Check:
+    from .verdict import EXPECTATIONS
+
+    if not isinstance(item, dict) or not isinstance(item.get("says"), str) or \
+            not isinstance(item.get("contrast"), dict) or item.get("expect") not in EXPECTATIONS:
+        raise ConfigError(f"{where}: a check needs 'says' (text), 'contrast' ({{variant: weight}}) and 'expect' "
+                          f"(one of {list(EXPECTATIONS)})")
+    unknown = sorted(set(item["contrast"]) - labels)
+    if unknown:
+        raise ConfigError(f"{where}: check {item['says']!r} names {unknown}, not variants of the study")
+    if item["expect"] == "within" and not isinstance(item.get("margin"), (int, float)):
+        raise ConfigError(f"{where}: check {item['says']!r} expects 'within' and needs a 'margin' (points)")
+    return Check(item["says"], tuple((str(k), float(v)) for k, v in item["contrast"].items()), item["expect"],
+                 item.get("margin"))
 
 
 def load_studies(path: str | Path = STUDIES_FILE) -> dict[str, Study]:
@@ -83,7 +109,10 @@ def load_studies(path: str | Path = STUDIES_FILE) -> dict[str, Study]:
             if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
                 raise ConfigError(f"{where}, variant {label!r}: overrides must be a list of 'key=value' strings")
             variants.append(Variant(str(label), tuple(overrides)))
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k in _STUDY_OPTIONS}
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()
+                   if k in _STUDY_OPTIONS and k != "checks"}
+        labels = {v.label for v in variants}
+        options["checks"] = tuple(_parse_check(c, where, labels) for c in spec.get("checks") or ())
         studies[str(name)] = Study(str(name), " ".join(spec["claim"].split()), tuple(variants), **options)
     if not studies:
         raise ConfigError(f"{path} defines no studies (expected a top-level 'studies:' mapping)")
@@ -147,19 +176,56 @@ def run_key(cfg) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a results file (JSON lines); a bad line is a ConfigError naming the file and line."""
+    path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}, line {number}: not a JSON record ({e.msg})") from None
+    return records
+
+
+def machine_facts() -> dict[str, Any]:
+    """What a timing or a training speed depends on: CPU, cores, bf16/AMX support, torch."""
+    import platform
+
+    import torch
+
+    from ..utils import amx_supported, native_bf16_supported
+    from .timing import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": native_bf16_supported(),
+            "amx": amx_supported(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _load_1m() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int, model: str) -> dict[str, Any]:
-    """Train one variant (resuming its folder if a checkpoint is there) and keep what the tables need."""
+    """Train one variant (resuming its folder if a checkpoint is there) and keep every metric it reported."""
+    import time
+
     resume = run_dir if (run_dir / "checkpoints" / "last").is_dir() else None
+    load_before, started = _load_1m(), time.time()
     summary = train(recipe, [*over, f"output_dir={run_dir}", "train.progress=false"], resume=resume)
-    return {"top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"], "params": summary["params"],
-            "train_img_s": summary["train_img_s"], "wall_clock_s": summary["train_wall_clock_s"],
-            "epochs": epochs, "model": model, "run_dir": str(run_dir)}
+    return {"metric": summary.get("primary_metric", "top1"), "eval_split": summary.get("eval_split", "test"),
+            "final": summary["final"], "best": summary["best"], **({"test": summary["test"]} if "test" in summary
+                                                                    else {}),
+            "params": summary["params"], "train_img_s": summary["train_img_s"],
+            "wall_clock_s": summary["train_wall_clock_s"], "epochs": epochs, "model": model,
+            "machine": machine_facts(), "load_1m": [load_before, _load_1m()],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "elapsed_s": round(time.time() - started, 1), "run_dir": str(run_dir)}
 
 
 def die_with_parent() -> None:
@@ -202,12 +268,14 @@ def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, 
 def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir: str | Path,
                  overrides: list[str] | None = None, variants: list[str] | None = None,
                  jobs: int = 1, pretrained: dict[str, str] | None = None,
-                 catalogue: dict[str, Study] | None = None) -> list[dict[str, Any]]:
+                 catalogue: dict[str, Study] | None = None, results: str | Path | None = None) -> list[dict[str, Any]]:
     """Train every (study, variant, lr, seed) not yet done; write results, tables and plots; return rows.
 
     ``jobs`` trainings run side by side (separate processes); results are appended as each one ends, so an
     interrupted ablation resumes with what is left. ``pretrained`` names the checkpoints that variants
     refer to as ``{pretrained.NAME}``. ``catalogue``: the studies to choose from (default :data:`STUDIES`).
+    ``results``: the results file (default ``output_dir/results.jsonl``), one line per table row (study,
+    variant, lr, seed) with every metric of its run; a run shared by several rows is trained once.
     """
     catalogue = STUDIES if catalogue is None else catalogue
     unknown = [s for s in studies if s not in catalogue]
@@ -219,8 +287,11 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    done = {r["key"]: r for r in _read_results(results_path)}
+    results_path = Path(results) if results is not None else out / "results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    existing = read_results(results_path)
+    done = {r["key"]: r for r in existing}
+    have_rows = {_row_id(r) for r in existing}
     base_over = list(overrides or [])
     base_cfg = load_config(recipe, base_over)
     planned: list[tuple[str, dict[str, Any]]] = []  # (key, row without results), in table order
@@ -243,11 +314,25 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
                     planned.append((key, {"study": study_name, "variant": variant.label, "seed": seed,
                                           "lr": cfg.optim.lr, "lr_mult": lr_mult, "overrides": over}))
 
+    run_fields = ("study", "variant", "seed", "lr", "lr_mult", "overrides")
+
+    def append_rows(key: str) -> None:
+        """Write the table rows this run answers (every planned row with its key not yet in the file)."""
+        result = {k: v for k, v in done[key].items() if k not in run_fields}
+        lines = []
+        for k, row in planned:
+            if k == key and _row_id({**row, "key": key}) not in have_rows:
+                have_rows.add(_row_id({**row, "key": key}))
+                lines.append(json.dumps({**row, **result}) + "\n")
+        with open(results_path, "a", encoding="utf-8") as f:
+            f.writelines(lines)
+
     def record(key: str, result: dict[str, Any]) -> None:
         done[key] = {"key": key, **result}
-        with open(results_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(done[key]) + "\n")
+        append_rows(key)
 
+    for key in {k for k, _ in planned if k in done}:  # rows of runs trained for another study
+        append_rows(key)
     _train_pending(recipe, pending, out, jobs, record, threads_fixed=base_cfg.train.threads is not None)
     rows = [{**done[key], **row} for key, row in planned]
     for study_name in studies:
@@ -262,59 +347,129 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
     return rows
 
 
+def _row_id(r: dict[str, Any]) -> tuple:
+    return r.get("key"), r.get("study"), r.get("variant"), r.get("lr_mult", 1.0), r.get("seed")
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _scores(r: dict[str, Any]) -> tuple[float, float | None]:
+    """(test, validation) value of a row's primary metric, in % (validation: None without a held-out split)."""
+    if "metric" not in r:  # a record of an older vitkit: the final evaluation on test, as "top1"
+        return 100 * r["top1"], None
+    metric = r["metric"]
+    if "test" in r:
+        return 100 * r["test"][metric], 100 * r["final"][metric]
+    return 100 * r["final"][metric], None
+
+
 def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (variant, lr): mean/std over seeds; with an LR sweep, each variant's best LR is marked."""
+    """One line per (variant, lr): mean/std over seeds; with an LR sweep, each variant's best LR is marked,
+    picked on the validation split when the runs held one out (else on test, and the table says so)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["lr"]), []).append(r)
     lines = []
     for (variant, lr), rs in groups.items():
-        mean, std = _mean_std([100 * r["top1"] for r in rs])
-        lines.append({"variant": variant, "lr": lr, "mean": mean, "std": std, "n": len(rs),
+        tests, vals = zip(*(_scores(r) for r in rs))
+        mean, std = _mean_std(list(tests))
+        has_val = all(v is not None for v in vals)
+        val_mean, val_std = _mean_std(list(vals)) if has_val else (None, None)
+        lines.append({"variant": variant, "lr": lr, "mean": mean, "std": std, "n": len(rs), "values": list(tests),
+                      "val_mean": val_mean, "val_std": val_std,
                       "params": rs[0]["params"], "img_s": statistics.fmean(r["train_img_s"] for r in rs),
                       "wall_clock": statistics.fmean(r["wall_clock_s"] for r in rs),
                       "epochs": rs[0]["epochs"], "best_lr": False})
     if len(study.lr_multipliers) > 1:
-        for variant in {ln["variant"] for ln in lines}:
-            best = max((ln for ln in lines if ln["variant"] == variant), key=lambda ln: ln["mean"])
+        on_val = all(ln["val_mean"] is not None for ln in lines)
+        for variant in dict.fromkeys(ln["variant"] for ln in lines):
+            best = max((ln for ln in lines if ln["variant"] == variant),
+                       key=lambda ln: ln["val_mean"] if on_val else ln["mean"])
             best["best_lr"] = True
     return lines
 
 
+def chosen_lines(study: Study, lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each variant's line that the claim is judged on: its best learning rate in a sweep, else its only line."""
+    sweep = len(study.lr_multipliers) > 1
+    return {ln["variant"]: ln for ln in lines if ln["best_lr"] or not sweep}
+
+
+def judge(study: Study, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The verdict of every check of the study, on the test values of the chosen lines."""
+    from .verdict import contrast_interval, decide
+
+    chosen = chosen_lines(study, lines)
+    out = []
+    for check in study.checks:
+        weights = dict(check.contrast)
+        if any(v not in chosen for v in weights):
+            continue  # a variant left out of this invocation (--variants)
+        interval = contrast_interval({v: chosen[v]["values"] for v in weights}, weights)
+        seeds = min(chosen[v]["n"] for v in weights)
+        out.append({"check": check, "interval": interval,
+                    "verdict": decide(interval, check.expect, check.margin, seeds)})
+    return out
+
+
+def format_verdicts(study: Study, lines: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for j in judge(study, lines):
+        check, interval = j["check"], j["interval"]
+        terms = " ".join(f"{'+' if w > 0 else '−'} {'' if abs(w) == 1 else f'{abs(w):g}×'}{v}"
+                         for v, w in check.contrast).lstrip("+ ")
+        expect = {"above": "> 0", "below": "< 0"}.get(check.expect) or f"within ±{check.margin:g}"
+        shown = "no interval" if interval is None else f"{interval.show()} points"
+        out.append(f"- {check.says} ({terms} {expect}): {shown} → **{j['verdict']}**")
+    return out
+
+
 def format_table(study: Study, rows: list[dict[str, Any]]) -> str:
+    """The study's table (mean ± std over seeds, Δ against the reference with its 95 % Welch interval) and
+    the verdict of each of its checks; the same text in the run folder and in the docs."""
+    from .verdict import contrast_interval
+
     lines = summarize(study, rows)
     sweep = len(study.lr_multipliers) > 1
+    has_val = all(ln["val_mean"] is not None for ln in lines)
     ref = next((ln for ln in lines if ln["best_lr"] or not sweep), None)
-    suffix = lambda ln: ln["variant"].rsplit("_", 1)[-1]
-    refs = {}
+    suffix = lambda ln: ln["variant"].rsplit("_", 1)[-1]  # noqa: E731
+    refs: dict[str, dict[str, Any]] = {}
     if study.compare_within_suffix:
         for ln in lines:
             refs.setdefault(suffix(ln), ln)
     out = [f"### {study.name}", "", f"Claim: {study.claim}", "",
-           "| variant | " + ("lr | " if sweep else "") + "test top-1 (mean ± std) | seeds | "
-           + ("Δ vs first of its group (±2 SE) | " if refs else "Δ vs first (±2 SE) | ") +
+           "| variant | " + ("lr | " if sweep else "") + ("val top-1 | " if has_val else "") +
+           "test top-1 (mean ± std) | seeds | " + ("Δ vs first of its group [95% CI] | " if refs else
+                                                  "Δ vs first [95% CI] | ") +
            "params | train img/s | wall-clock (s) | epochs |",
-           "|---|" + ("---|" if sweep else "") + "---|---|---|---|---|---|---|"]
+           "|---|" + ("---|" if sweep else "") + ("---|" if has_val else "") + "---|---|---|---|---|---|---|"]
     for ln in lines:
-        ref = refs.get(suffix(ln), ref) if refs else ref
-        if ref is None or ln is ref:
+        base = refs.get(suffix(ln), ref) if refs else ref
+        if base is None or ln is base:
             delta = "—"
         else:
-            se = math.sqrt(ln["std"] ** 2 / max(1, ln["n"]) + ref["std"] ** 2 / max(1, ref["n"]))
-            delta = f"{ln['mean'] - ref['mean']:+.2f} (±{2 * se:.2f})"
+            interval = contrast_interval({"a": ln["values"], "b": base["values"]}, {"a": 1.0, "b": -1.0})
+            delta = (f"{ln['mean'] - base['mean']:+.2f}" if interval is None
+                     else f"{interval.estimate:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]")
         mark = " (best lr)" if ln["best_lr"] else ""
         out.append(f"| {ln['variant']}{mark} | " + (f"{ln['lr']:.2g} | " if sweep else "") +
+                   (f"{ln['val_mean']:.2f} ± {ln['val_std']:.2f} | " if has_val else "") +
                    f"{ln['mean']:.2f} ± {ln['std']:.2f} | {ln['n']} | {delta} | {ln['params'] / 1e6:.3f}M | "
                    f"{ln['img_s']:.0f} | {ln['wall_clock']:.0f} | {ln['epochs']} |")
     if sweep:
-        out += ["", "With a learning-rate sweep, Δ compares each row with the first variant at its best "
-                "learning rate; the best learning rate is chosen on the test set, as the claim's protocol has "
-                "no separate validation split here."]
+        out += ["", "With a learning-rate sweep, each variant's best learning rate is " +
+                ("picked on the validation split (val top-1); the test set is read once, by the final models."
+                 if has_val else "picked on the test set: these runs held out no validation split "
+                 "(data.val_fraction), so the pick flatters every variant."),
+                "Δ compares each row with the first variant at its best learning rate."]
+    verdicts = format_verdicts(study, lines)
+    if verdicts:
+        out += ["", "Verdicts (95% Welch interval of the difference in test top-1 points, rule of "
+                "[method.md](method.md)):", "", *verdicts]
     return "\n".join(out)
 
 
@@ -328,6 +483,8 @@ def add_ablate_args(p: Any) -> None:
     p.add_argument("--studies-file", help="a YAML file of studies of your own (same form as vitkit's studies.yaml)")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds per variant")
     p.add_argument("--output-dir", default="runs/ablate", help="results.jsonl, tables, plots and run folders")
+    p.add_argument("--results", help="the results file to append to and read (default: OUTPUT_DIR/results.jsonl), "
+                                     "e.g. the committed docs/ablations/results.jsonl")
     p.add_argument("--variants", help="comma-separated subset of the study's variants")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="trainings side by side, each in its own process with cores/jobs threads (2 on 2 cores "
@@ -349,8 +506,9 @@ def run_ablate_args(args: Any) -> int:
                else list(dict.fromkeys(args.study)))
     variants = args.variants.split(",") if args.variants else None
     run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs, pretrained,
-                 catalogue)
+                 catalogue, args.results)
     for s in studies:
         print(Path(args.output_dir, f"ablation_{s}.md").read_text())
-    print(f"results: {args.output_dir}/results.jsonl, plots: {args.output_dir}/ablation_<study>.png")
+    print(f"results: {args.results or Path(args.output_dir, 'results.jsonl')}, "
+          f"plots: {args.output_dir}/ablation_<study>.png")
     return 0

@@ -101,6 +101,7 @@ class Candidate:
     compile_s: float | None = None
     note: str = ""
     samples: list[float] = field(default_factory=list)
+    contention: list[float] = field(default_factory=list)  # other processes' CPU share during each kept sample
     discarded: int = 0
     prepare: Callable[[], Any] | None = None
     flops: float | None = None  # what one call computes, where the caller counts it (it may differ by candidate)
@@ -155,6 +156,7 @@ def time_alternating(cands: list[Candidate], samples: int = 5, min_sample_s: flo
                     dt = (time.perf_counter() - t0) / reps[i]
                 if m["contention"] <= max_contention:
                     c.samples.append(dt)
+                    c.contention.append(m["contention"])
                 else:
                     c.discarded += 1
                     disturbed[i].append(dt)
@@ -162,6 +164,7 @@ def time_alternating(cands: list[Candidate], samples: int = 5, min_sample_s: flo
         clean = [len(c.samples) for c in cands]
         for c, spoiled in zip(cands, disturbed):  # never quiet enough: an estimate, flagged as such
             if not c.samples:
+                c.contention.append(math.nan)  # not measured clean: the note says so
                 if spoiled:
                     c.samples.append(statistics.median(spoiled))
                 else:
