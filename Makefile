@@ -53,8 +53,10 @@ data: install
 		$(PY) -m vitkit.data.fashion_mnist --download data/fashion-mnist; \
 	fi
 
+# Idempotent: a demo run already in $(DEMO_DIR) is resumed (a finished one just prints its report again), never
+# wiped; `rm -r $(DEMO_DIR)` to train it afresh.
 demo: data
-	$(VENV)/bin/vitkit train --config configs/fmnist/demo.yaml --set output_dir=$(DEMO_DIR)
+	$(VENV)/bin/vitkit train --config configs/fmnist/demo.yaml --set output_dir=$(DEMO_DIR) --if-exists resume
 
 bench: install
 	$(PY) benchmarks/bench_inference.py

@@ -63,6 +63,7 @@ from vitkit.errors import ConfigError
 from vitkit.layers.attention import Attention
 from vitkit.layers.linear_attention import ReLULinearAttention
 from vitkit.layers.sparse_window import SparseWindowAttention, build_groups, grid_coords
+from vitkit.tools.ablate import read_results
 from vitkit.tools.inference import native_bf16_supported
 from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.utils import amx_supported
@@ -321,17 +322,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 # ---------------------------------------------------------------------------- from the results file: the renderer
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
+    """The records of a results file (a missing file is an error here: the tables need a run)."""
+    if not Path(path).is_file():
         raise ConfigError(f"{path}: results file not found")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}, line {number}: not a JSON record ({e.msg})") from None
-    return records
+    return read_results(path)
 
 
 def select_run(records: list[dict[str, Any]], run: str = "latest"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 from vitkit.errors import ConfigError
 from vitkit.tools import report
+from vitkit.tools.report import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_attention_scaling.py"
@@ -21,12 +20,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_attention_scaling.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_test_bench_attention_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script(SCRIPT)
 
 
 def _meta(run_id: str, quick: bool = False, max_contention: float = 0.1) -> dict:

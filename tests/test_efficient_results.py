@@ -3,13 +3,13 @@ and the EfficientViT benchmark's records (no training, no timing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from vitkit.tools.ablate import read_results
+from vitkit.tools.report import load_script
 from vitkit.tools.timing import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,10 +18,7 @@ RESULTS = ROOT / "docs" / "efficient" / "results.jsonl"
 
 def _script(name: str):
     path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path)
 
 
 @pytest.fixture(scope="module")

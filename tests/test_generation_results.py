@@ -5,15 +5,15 @@ same schema (a quality set already recorded is not measured again; speed ratios 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from vitkit.tools.report import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "generation" / "results.jsonl"
@@ -22,10 +22,7 @@ RESULTS = ROOT / "docs" / "generation" / "results.jsonl"
 @pytest.fixture(scope="module")
 def bench():
     path = ROOT / "benchmarks" / "bench_generation.py"
-    spec = importlib.util.spec_from_file_location("_bench_generation_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(path)
     return module
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
+
+from vitkit.tools.report import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "vision_language" / "results.jsonl"
@@ -18,10 +18,7 @@ RESULTS = ROOT / "docs" / "vision_language" / "results.jsonl"
 @pytest.fixture(scope="module")
 def vl_study():
     path = ROOT / "benchmarks" / "vl_study.py"
-    spec = importlib.util.spec_from_file_location("_test_vl_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(path)
     return module
 
 

@@ -6,9 +6,11 @@ one clear line (exit code 2), not as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import VitkitError
 from .tools.commands import parse_key_values  # noqa: F401  (re-exported: vitkit.cli.parse_key_values)
@@ -68,11 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """While a command runs, a warning is one line, ``vitkit <command>: warning: <message>`` (the category is
+    named unless it is vitkit's own or a plain UserWarning), instead of Python's ``file:line: Category: message``
+    followed by the source line that warned (``return ImageFolder(``), and is written above a progress bar
+    (``tqdm.write``) rather than into it. Only the format changes: which warnings show, and their capture by
+    ``warnings.catch_warnings(record=True)`` / ``pytest.warns``, stay as they were."""
+    previous = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:  # warnings.formatwarning signature
+        own = category is UserWarning or category.__module__.split(".")[0] == "vitkit"
+        text = f"vitkit {command}: warning: {'' if own else category.__name__ + ': '}{' '.join(str(message).split())}"
+        from tqdm.auto import tqdm  # the class the progress bars use (its bars are in tqdm._instances)
+
+        if getattr(tqdm, "_instances", None):  # a progress bar is on the line: print above it
+            tqdm.write(text, file=sys.stderr)
+            return ""
+        return text + "\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args._run(args) or 0)
     except VitkitError as e:
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2

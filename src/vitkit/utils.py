@@ -1,4 +1,4 @@
-"""Small helpers shared by every layer of the package (no vitkit imports here)."""
+"""Small helpers shared by every layer of the package (no vitkit imports here but :mod:`vitkit.errors`)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,133 @@ import functools
 import json
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
+
+class OutputPathError(ConfigError):
+    """A destination vitkit will not write: a device, FIFO, socket or folder, a missing or unwritable parent
+    folder, or a file name with the wrong extension. The message names the path the user gave."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_output_path(path: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None,
+                      create_parent: bool = False, what: str = "output") -> Path:
+    """Check a destination before any work and return the file that will really be replaced.
+
+    Refused, each with one :class:`OutputPathError` line naming ``path`` as given: an empty name or one ending in
+    a separator; a name whose extension is not one of ``suffixes`` (case-insensitive); a destination that exists
+    and is not a regular file (a device such as ``/dev/null`` or ``/dev/full``, a FIFO, a socket, a folder):
+    vitkit replaces files by renaming a finished temporary copy over them, which would swap a device node or a
+    pipe for a plain file; a parent folder that is missing (unless ``create_parent``: then the nearest existing
+    folder above it must be a writable folder, and the write creates the missing ones), not a folder, or not
+    writable.
+
+    Symbolic links are written through: a link to a regular file keeps pointing at it and the file it names is
+    replaced (its folder must be writable); a link to anything else, a dangling link whose target folder is
+    missing, and a loop are refused like the target itself.
+    """
+    given = os.fspath(path)
+    if isinstance(given, bytes):
+        given = os.fsdecode(given)
+    if not given or given.endswith(("/", os.sep)) or Path(given).name in ("", ".", ".."):
+        raise OutputPathError(f"{given or repr(given)}: the {what} must name a file, not a folder")
+    if suffixes and not given.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise OutputPathError(f"{given}: the {what} must end in {' or '.join(suffixes)}")
+    target = Path(given)
+    link = target.is_symlink()
+    if link:
+        target = Path(os.path.realpath(given))
+        if target.is_symlink():
+            raise OutputPathError(f"{given}: the {what} is a symbolic link that does not resolve (a loop)")
+    _refuse_special(target, given, what, link)
+    parent = target.parent
+    if not parent.exists():
+        if not create_parent or link:
+            raise OutputPathError(f"{given}: the folder {parent} does not exist; create it first")
+        parent = parent.parent
+        while not parent.exists() and parent != parent.parent:  # the nearest existing folder will hold the new ones
+            parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{given}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{given}: the folder {parent} is not writable")
+    return target
+
+
+def _refuse_special(target: Path, given: str, what: str = "output", link: bool = False) -> None:
+    """Refuse ``target`` when it exists and is not a regular file; the message names ``given``."""
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # not there (a file above it is refused as the folder)
+        return
+    except OSError as e:
+        raise OutputPathError(f"{given}: cannot check the {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        via = f" (the symbolic link points at {target})" if link else ""
+        raise OutputPathError(f"{given}: the {what} exists and is {_kind(mode)}{via}; vitkit writes only regular "
+                              f"files, choose another path")
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, *, create_parent: bool = True):
     """Yield a temporary path in the target's folder; on success fsync it and rename it over ``path``.
 
     A crash in the middle leaves the old file untouched, never a half-written one. The file gets the usual
     mode of a new file (``0666`` less the umask, e.g. ``0644``), not ``tempfile``'s private ``0600``.
+
+    The destination is checked first (:func:`check_output_path`): one that exists and is not a regular file
+    (a device, FIFO, socket or folder) is refused before anything is written, and checked again just before the
+    rename. A symbolic link is written through: the file it names is replaced and the link is kept. A missing
+    parent folder is created when ``create_parent`` (the default, for the files of a run or checkpoint folder),
+    else refused. Errors name ``path``, never the temporary file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_unique(path.parent, f".{path.name}.", ".tmp")
+    given = os.fspath(path)
+    target = check_output_path(path, create_parent=create_parent)
+    if create_parent:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
+        tmp = _create_unique(target.parent, f".{target.name}.", ".tmp")
         yield Path(tmp)
         os.chmod(tmp, file_mode())  # writers that replace the file (safetensors' save_file) leave it 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        # nothing became a device, a pipe or a folder in the meantime
+        _refuse_special(target, given, link=Path(given).is_symlink())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OutputPathError:
+        _discard(tmp)
         raise
+    except OSError as e:
+        _discard(tmp)
+        if e.filename is None or (tmp is not None and tmp in (e.filename, e.filename2)):
+            # the temporary file is an implementation detail: name the destination the user gave
+            raise type(e)(e.errno, e.strerror or str(e), given) from None
+        raise
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: str | None) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        with suppress(OSError):
+            os.unlink(tmp)
 
 
 _UMASK_LOCK = threading.Lock()

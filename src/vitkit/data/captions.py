@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ from .constants import FMNIST_CLASSES
 CAPTION_WORDS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 SMALL = 18
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# The longest field (caption or file name) a captions file may hold, in characters: 1 MiB, far above any caption
+# (a tokenizer keeps the first few dozen tokens) and 8 times Python's csv default (131,072), which a long caption
+# hit with a bare "_csv.Error: field larger than field limit". A longer field is a DataError naming file and row.
+MAX_FIELD_CHARS = 1 << 20
+_BAD_ROWS_SHOWN = 5  # bad rows quoted in one message; the count covers all of them
 
 
 @dataclass(frozen=True)
@@ -175,9 +181,13 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
                         image_size: int | tuple[int, int] | None = None, max_bad_images: int = 0) -> CaptionDataset:
     """Images of ``root`` with captions from a CSV (columns ``file,caption``) or JSONL (``{"file", "caption"}``).
 
-    A row whose file is missing, outside ``root``, undecodable (or a decompression bomb) or whose caption is empty
-    is left out with a warning, and counts against ``max_bad_images``; more bad rows than that is a DataError
-    naming the first ones. All kept images are decoded now (``image_size`` resizes + centre-crops).
+    A caption must be a non-empty string: a row whose caption is empty, or in JSONL not a string (null, a number,
+    NaN, a list, an object), whose file is not a string, is missing, outside ``root`` or undecodable (or a
+    decompression bomb) is a bad row. Bad rows are left out, counted against ``max_bad_images`` and named in ONE
+    warning line (``<file>: N of M rows skipped (max_bad_images=K): <the first ones>``); more bad rows than
+    ``max_bad_images``, or no good row left, is a DataError naming the first ones. A field longer than
+    ``MAX_FIELD_CHARS`` (1 MiB) is a DataError naming the row. All kept images are decoded now (``image_size``
+    resizes + centre-crops).
     """
     import warnings
 
@@ -189,6 +199,13 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
     resolved_root = root.resolve()
     for line, (file, caption) in rows:
         where = f"{path}:{line}"
+        if not isinstance(caption, str):
+            bad.append(f"{where}: the caption is {_json_kind(caption)}, not text")
+            continue
+        if not isinstance(file, str) or not file.strip():
+            bad.append(f"{where}: the file is {_json_kind(file) if not isinstance(file, str) else 'empty'}, "
+                       f"not a file name")
+            continue
         target = (root / file).resolve()
         if not caption.strip():
             bad.append(f"{where}: empty caption")
@@ -203,40 +220,84 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
                 continue
             except BadImageError as e:
                 bad.append(f"{where}: {e}")
+    shown = "; ".join(" ".join(b.split()) for b in bad[:_BAD_ROWS_SHOWN]) + \
+        (f"; and {len(bad) - _BAD_ROWS_SHOWN} more" if len(bad) > _BAD_ROWS_SHOWN else "")
     if len(bad) > max_bad_images:
-        raise DataError(f"{path}: {len(bad)} bad rows (max_bad_images={max_bad_images}): " + "; ".join(bad[:3]))
-    for b in bad:
-        warnings.warn(f"left out {b}", stacklevel=2)
+        raise DataError(f"{path}: {len(bad)} bad rows of {len(rows)} (max_bad_images={max_bad_images}): {shown}")
     if not images:
-        raise DataError(f"{path}: no usable (image, caption) rows")
+        raise DataError(f"{path}: no usable (image, caption) rows" + (f"; all {len(bad)} skipped: {shown}"
+                                                                       if bad else ""))
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} of {len(rows)} rows skipped (max_bad_images={max_bad_images}): {shown}",
+                      stacklevel=2)
     shapes = {tuple(i.shape) for i in images}
     if len(shapes) > 1:
         raise DataError(f"{path}: images of different sizes {sorted(shapes)[:3]}; pass image_size")
     return CaptionDataset(torch.stack(images), texts, name=f"captions:{path.name}")
 
 
-def _read_rows(path: Path) -> list[tuple[int, tuple[str, str]]]:
+def _json_kind(value: Any) -> str:
+    """How a JSON value that should have been a string reads in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("nan", "NaN").replace("inf", "Infinity")
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _too_long(path: Path, line: int) -> DataError:
+    return DataError(f"{path}:{line}: a field is longer than {MAX_FIELD_CHARS:,} characters "
+                     f"(MAX_FIELD_CHARS, the limit for a caption or file name)")
+
+
+def _read_rows(path: Path) -> list[tuple[int, tuple[Any, Any]]]:
+    """(line, (file, caption)) of every row; values are as read (a JSONL caption may be null, a number, a list:
+    the caller counts those as bad rows). A malformed file is one DataError naming the file and line."""
+    import io
+
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
-    rows: list[tuple[int, tuple[str, str]]] = []
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".jsonl":
-                for line, text in enumerate(f, 1):
-                    if not text.strip():
-                        continue
-                    obj = json.loads(text)
-                    if not isinstance(obj, dict) or not {"file", "caption"} <= set(obj):
-                        raise DataError(f"{path}:{line}: each line must be an object with 'file' and 'caption'")
-                    rows.append((line, (str(obj["file"]), str(obj["caption"]))))
-            else:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-                    raise DataError(f"{path}: the CSV header must name the columns 'file' and 'caption'")
-                for line, row in enumerate(reader, 2):
-                    rows.append((line, (row["file"] or "", row["caption"] or "")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a UTF-8 CSV/JSONL captions file: {e}") from None
+        text = data.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is allowed
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not a UTF-8 CSV/JSONL captions file (byte 0x{data[e.start]:02x} cannot be "
+                        f"decoded: {e.reason})") from None
+    rows: list[tuple[int, tuple[Any, Any]]] = []
+    if path.suffix == ".jsonl":
+        for line, row in enumerate(text.split("\n"), 1):  # not splitlines: JSON text may hold U+2028
+            if not row.strip():
+                continue
+            if len(row) > MAX_FIELD_CHARS:
+                raise _too_long(path, line)
+            try:
+                obj = json.loads(row)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line}: not a JSON object ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or not {"file", "caption"} <= set(obj):
+                raise DataError(f"{path}:{line}: each line must be an object with 'file' and 'caption'")
+            rows.append((line, (obj["file"], obj["caption"])))
+        return rows
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_FIELD_CHARS)  # Python's default (131,072) is below a long caption
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: the CSV header must name the columns 'file' and 'caption'")
+        for line, row in enumerate(reader, 2):
+            rows.append((line, (row["file"] or "", row["caption"] or "")))
+    except csv.Error as e:
+        line = len(rows) + 2  # the row being read (the header is line 1)
+        if "field larger than field limit" in str(e):
+            raise _too_long(path, line) from None
+        raise DataError(f"{path}:{line}: not a valid CSV row ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 

@@ -38,14 +38,14 @@ from vitkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CHECKS = ("header", "decode")
-_LIST_LIMIT = 20  # paths shown in one message; all of them stay in ``bad_images``
+_LIST_LIMIT = 10  # paths shown in one message; all of them stay in ``bad_images``
 
 
-def _format_bad(bad: Sequence[tuple[str, str]]) -> str:
-    lines = [f"  {path}: {reason}" for path, reason in bad[:_LIST_LIMIT]]
-    if len(bad) > _LIST_LIMIT:
-        lines.append(f"  ... and {len(bad) - _LIST_LIMIT} more (see dataset.bad_images)")
-    return "\n".join(lines)
+def _format_bad(bad: Sequence[tuple[str, str]], more: str = "") -> str:
+    """The bad files as one line, ``path: reason; path: reason; ... and N more``: a message (a warning or an
+    error the command line prints) is one line, whatever the reasons Pillow gave."""
+    shown = "; ".join(f"{path}: {' '.join(reason.split())}" for path, reason in bad[:_LIST_LIMIT])
+    return shown + (f"; and {len(bad) - _LIST_LIMIT} more{more}" if len(bad) > _LIST_LIMIT else "")
 
 
 def _check_mode(check: str) -> str:
@@ -157,12 +157,12 @@ class ImageFolder(Dataset):
         if len(self.bad_images) > max_bad_images:
             raise DataError(
                 f"{self.root}: {len(self.bad_images)} unreadable image files, more than max_bad_images="
-                f"{max_bad_images}:\n{_format_bad(self.bad_images)}"
+                f"{max_bad_images}: {_format_bad(self.bad_images)}"
             )
         if self.bad_images:
             warnings.warn(
                 f"{self.root}: left out {len(self.bad_images)} unreadable image files "
-                f"(max_bad_images={max_bad_images}):\n{_format_bad(self.bad_images)}",
+                f"(max_bad_images={max_bad_images}): {_format_bad(self.bad_images, ' (dataset.bad_images lists all)')}",
                 BadImageWarning,
                 stacklevel=2,
             )

@@ -57,6 +57,9 @@ DEFAULT_MAX_ASPECT_RATIO = 50.0
 # out on purpose: they open nested images (or run Ghostscript) past the checks made here. MPO (phone JPEGs
 # with a second picture) comes through the JPEG opener.
 DEFAULT_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
+# What vitkit writes images as (sample grids), by the destination's extension: formats every Pillow build writes
+# for "L" and "RGB" pixels. Checked before the work that makes the image (image_write_format).
+WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 ENV_MAX_PIXELS = "VITKIT_MAX_IMAGE_PIXELS"
 ENV_MAX_ASPECT = "VITKIT_MAX_IMAGE_ASPECT"
 
@@ -388,10 +391,40 @@ def resize_center_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     w, h = im.size
     if (w, h) == (tw, th):
         return im
-    scale = max(th / h, tw / w)
-    crop_w, crop_h = tw / scale, th / scale
-    left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return im.resize((tw, th), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    return im.resize((tw, th), Image.Resampling.BICUBIC, box=center_crop_box((w, h), (th, tw)))
+
+
+def center_crop_box(image_wh: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The (left, top, right, bottom) box of ``image_wh`` = (w, h) with the aspect ratio of ``size`` = (h, w),
+    centred and as large as fits.
+
+    The side that limits the box is chosen by comparing integers (``th * w`` against ``tw * h``) and kept whole,
+    so it is exactly ``0 .. w`` or ``0 .. h``; only the other side is a fraction, and it is clamped into the
+    image. Computed through a float scale (``tw / (tw / w)``), the whole side came out a hair above ``w`` for
+    1.8% of ordinary sizes (196x219 to 32x32, 264x221 to 28x28), its offset a hair below zero, and Pillow
+    refused the box ("box offset can't be negative").
+    """
+    w, h = image_wh
+    th, tw = size
+    if th * w >= tw * h:  # the crop is as tall as the image (its width: h * tw / th <= w)
+        crop_w = min(float(w), h * tw / th)
+        left = max(0.0, (w - crop_w) / 2)
+        return left, 0.0, min(float(w), left + crop_w), float(h)
+    crop_h = min(float(h), w * th / tw)  # as wide as the image
+    top = max(0.0, (h - crop_h) / 2)
+    return 0.0, top, float(w), min(float(h), top + crop_h)
+
+
+def image_write_format(path: str | os.PathLike[str], what: str = "output") -> str:
+    """The Pillow format an image written to ``path`` gets, from its extension (``WRITE_FORMATS``); a ConfigError
+    naming ``what`` for any other extension or a path that is a folder, so a caller can check before its work."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in WRITE_FORMATS:
+        raise ConfigError(f"{what} {os.fspath(path)!r}: the file name must end in one of "
+                          f"{', '.join(WRITE_FORMATS)} (got {ext or 'no extension'})")
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {os.fspath(path)!r} is a folder; give the image file to write")
+    return WRITE_FORMATS[ext]
 
 
 def _stored_size(size: tuple[int, int], orientation: int | None) -> tuple[int, int]:
@@ -501,13 +534,16 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ENV_MAX_ASPECT",
     "ENV_MAX_PIXELS",
+    "WRITE_FORMATS",
     "BadImageError",
     "ImageLimits",
+    "center_crop_box",
     "check_declared_size",
     "check_image_source",
     "decode_image",
     "decode_pil",
     "get_image_limits",
+    "image_write_format",
     "open_image",
     "resize_center_crop",
     "set_image_limits",

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import time
 from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
@@ -494,7 +495,8 @@ class Trainer:
             "train_wall_clock_s": self.wall_clock,
             "train_img_s": float(np.median(speeds)) if speeds else None,
             "params": sum(p.numel() for p in self.model.parameters()),
-            "best_checkpoint": str(self.ckpt_dir / "best"), "last_checkpoint": str(self.ckpt_dir / "last"),
+            "best_checkpoint": str(self.ckpt_dir / "best") if (self.ckpt_dir / "best").is_dir() else None,
+            "last_checkpoint": str(self.ckpt_dir / "last"),
             "output_dir": str(self.out),
         }
         if self.last_eval is not None:
@@ -522,21 +524,35 @@ class Trainer:
             f"training wall-clock {s['train_wall_clock_s']:.1f} s, " + (
                 "train images/s n/a (no full epoch)" if s["train_img_s"] is None
                 else f"{s['train_img_s']:.0f} train images/s (median epoch)"),
-            f"best checkpoint: {s['best_checkpoint']}",
+            f"best checkpoint: {s['best_checkpoint']}" if s["best_checkpoint"] else
+            f"no evaluation yet, so no best checkpoint; last checkpoint: {s['last_checkpoint']}",
             f"metrics.jsonl, curves.png and the task's pictures: {s['output_dir']}",
             "=" * 64,
         ]
         return "\n".join(lines)
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints")  # what makes a folder hold a run
+IF_EXISTS = ("refuse", "resume", "overwrite")
+
+
+def holds_run(folder: str | Path) -> bool:
+    return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
 def train(recipe: str | Path | None = None, overrides: list[str] | None = None, resume: str | Path | None = None,
-          base: dict[str, Any] | None = None) -> dict[str, Any]:
+          base: dict[str, Any] | None = None, if_exists: str = "refuse") -> dict[str, Any]:
     """Train from a YAML recipe plus dotted overrides; returns the run summary (also ``summary.json``).
 
     With ``resume`` (a run folder or checkpoint folder) the run continues where it stopped, in that run folder
     (wherever it is now, unless ``output_dir`` is overridden). The saved ``config.yaml`` of that run is the
-    base, so only new overrides need to be given.
+    base, so only new overrides need to be given. A fresh run never lands silently on another one: an output
+    folder that holds a run is refused (``if_exists="refuse"``), continued from its last checkpoint
+    (``"resume"``; a folder without one starts afresh) or replaced (``"overwrite"``: its checkpoints and metrics
+    are removed first).
     """
+    if if_exists not in IF_EXISTS:
+        raise ConfigError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
     root = run_folder(resume) if resume is not None else None
     if resume is not None and recipe is None:
         saved = root / "config.yaml" if root is not None else None
@@ -548,6 +564,15 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
             # max_steps stopped the earlier session; it is not part of what the run trains
             overrides = ["train.max_steps=null", *(overrides or [])]
     cfg = load_config(recipe, overrides, base)
+    overwrite = False
+    if resume is None and holds_run(cfg.output_dir):
+        out = cfg.output_dir
+        if if_exists == "refuse":
+            raise ConfigError(f"{out} already holds a run; continue it with `vitkit train --resume {out}`, choose "
+                              "another --output-dir, or pass --if-exists resume|overwrite")
+        if if_exists == "resume" and (Path(out) / "checkpoints" / "last").is_dir():
+            return train(recipe, overrides, resume=out, base=base)
+        overwrite = True  # asked for, or a run that stopped before its first checkpoint: nothing to continue
     saved_dir = cfg.output_dir
     # The run continues in the folder it is resumed from, even when that folder was moved or renamed since,
     # unless output_dir is given explicitly (to continue a copy of the run elsewhere).
@@ -555,6 +580,12 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
     if into_root:
         cfg.output_dir = str(root)
     dist = init_distributed()
+    if overwrite:
+        if dist.is_main:
+            shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json"):
+                (Path(cfg.output_dir) / name).unlink(missing_ok=True)
+        barrier(dist)
     if into_root and dist.is_main and Path(saved_dir).resolve() != root.resolve():
         tqdm.write(f"writing to {root}, the run folder resumed from (the saved config says output_dir={saved_dir})")
     try:

@@ -21,12 +21,12 @@ from .base import (
     to_device,
 )
 from .classify import ClassificationTask
-from .generative import class_index, save_image_grid, to_unit
+from .generative import SEED_LIMIT, check_sampling_values, class_index, save_image_grid, to_unit
 
 DEFAULT_TASK = ClassificationTask.name  # a recipe without a task, or a checkpoint that records none, classifies
 
 __all__ = [
     "TASKS", "NoArgs", "StepLoop", "Task", "TaskContext", "batch_images", "build_task", "parse_task_args",
     "register_task", "replace_images", "scalar_metrics", "to_device", "ClassificationTask", "DEFAULT_TASK",
-    "class_index", "save_image_grid", "to_unit",
+    "class_index", "save_image_grid", "to_unit", "SEED_LIMIT", "check_sampling_values",
 ]

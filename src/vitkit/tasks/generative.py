@@ -60,6 +60,19 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# ---------------------------------------------------------------------------- sampling settings
+SEED_LIMIT = 2**63  # sampling seeds are 0 <= seed < 2**63: what torch.Generator.manual_seed takes without overflow
+
+
+def check_sampling_values(cfg: Any = None, seed: Any = 0) -> None:
+    """``cfg`` (classifier-free guidance) a finite number >= 0 or None, ``seed`` an integer 0 <= seed < 2**63;
+    a ConfigError naming the bad one (torch's "Overflow when unpacking long" or a NaN guidance otherwise)."""
+    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg < math.inf):
+        raise ConfigError(f"cfg (classifier-free guidance) must be a finite number >= 0, got {cfg!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be an integer with 0 <= seed < 2**63, got {seed!r}")
+
+
 # ---------------------------------------------------------------------------- the generator tasks' base
 class GeneratorTask(Task):
     """What the generator tasks share: a frozen tokenizer from ``args.tokenizer`` (loaded once, never trained) and
@@ -116,6 +129,7 @@ class GeneratorTask(Task):
         :meth:`_steps_setting` says (MaskGIT steps of a masked-order ar generator, HART's diffusion steps) and is
         a ConfigError for the others; ``settings`` are further task arguments (``temperature``, ``top_p``), a bad
         one a ConfigError. The tokenizer is the run's (``args.tokenizer``, else the path saved in the checkpoint)."""
+        check_sampling_values(cfg=cfg, seed=seed)
         self._use_saved_tokenizer(model)
         overrides: dict[str, Any] = {"sample_seed": seed, **settings}
         if cfg is not None:
@@ -196,9 +210,15 @@ def class_index(class_name: str, names: list[str]) -> int:
 
 def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int = 8, pad: int = 2) -> Path:
     """A PNG of the images (N, C, H, W) in [0, 1], ``nrow`` per row, ``pad`` black pixels between them: the pixels
-    themselves, no axes (a plot would resample them)."""
+    themselves, no axes (a plot would resample them). ``path`` may also end in .jpg/.jpeg/.webp
+    (:data:`~vitkit.data.image_io.WRITE_FORMATS`); another extension is a ConfigError."""
     from PIL import Image
 
+    from ..data.image_io import image_write_format
+    from ..utils import atomic_write, check_output_path
+
+    fmt = image_write_format(path)
+    check_output_path(path, create_parent=True, what="image grid")  # no FIFO or device replaced by a file
     n, c, h, w = images01.shape
     rows = math.ceil(n / nrow)
     cols = min(n, nrow)
@@ -207,10 +227,9 @@ def save_image_grid(images01: torch.Tensor, path: str | Path, nrow: int = 8, pad
         r, k = divmod(i, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
     pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB").save(path)
-    return path
+    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- sample quality

@@ -217,7 +217,9 @@ def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int,
 
     resume = run_dir if (run_dir / "checkpoints" / "last").is_dir() else None
     load_before, started = _load_1m(), time.time()
-    summary = train(recipe, [*over, f"output_dir={run_dir}", "train.progress=false"], resume=resume)
+    # a folder without a checkpoint is this tool's own interrupted start: begin it again
+    summary = train(recipe, [*over, f"output_dir={run_dir}", "train.progress=false"], resume=resume,
+                    if_exists="overwrite")
     return {"metric": summary.get("primary_metric", "top1"), "eval_split": summary.get("eval_split", "test"),
             "final": summary["final"], "best": summary["best"], **({"test": summary["test"]} if "test" in summary
                                                                     else {}),

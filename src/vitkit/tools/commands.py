@@ -74,6 +74,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="dotted override, repeatable: --set optim.lr=1e-3 --set train.epochs=5")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly where it stopped")
     p.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    p.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
+                   help="when the output folder already holds a run: refuse (default), resume it from its last "
+                        "checkpoint, or overwrite it (its checkpoints and metrics are removed first)")
 
 
 def run_train_args(args: argparse.Namespace) -> int:
@@ -82,5 +85,5 @@ def run_train_args(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    summary = train(args.config, overrides, resume=args.resume)
+    summary = train(args.config, overrides, resume=args.resume, if_exists=args.if_exists)
     return 0 if summary["finished"] or summary["steps"] else 1

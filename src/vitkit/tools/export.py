@@ -61,13 +61,14 @@ from torch import nn
 from .._version import __version__
 from ..errors import ConfigError, VitkitError
 from ..tasks import DEFAULT_TASK
-from ..utils import atomic_path
+from ..utils import atomic_path, check_output_path
 
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA has an ONNX translation from opset 14; the tracer's tables end at 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 FORMATS = ("onnx",)
+SUFFIXES = {"onnx": (".onnx",)}  # the extension each format's file must have
 _PROTO_LIMIT = 2 * 1024**3  # protobuf's limit for one file; larger weights would need ONNX external data
 PREPROCESSING = ("RGB (or grayscale when input_size[0] == 1) pixels scaled to [0, 1], resized to input_size[1:] "
                  "with `interpolation`, normalised per channel as (x - mean) / std, laid out NCHW float32")
@@ -327,6 +328,15 @@ def _check_parity(path: Path, model: nn.Module, cases: list[tuple[int, int, int,
     return results
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders above (and including) ``folder`` that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
 # ---------------------------------------------------------------------------- export
 def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 dynamic_size: bool | None = None, check: bool = True, atol: float = 1e-4, seed: int = 0
@@ -345,7 +355,11 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
 
     The report: exporter, opset, input/output names and shapes (free axes by name), dynamic axes, the checks
     with their max abs differences, the file size and the metadata written. The file appears atomically:
-    a failed export or check leaves no file (and an existing one untouched).
+    a failed export or check leaves no file (and an existing one untouched). ``path`` is checked before any work
+    (:func:`vitkit.utils.check_output_path`): it must end in ``.onnx``, may not be a device, FIFO, socket or
+    folder, and the nearest existing folder above it must be writable; missing folders are created (named in the
+    report's ``created_folders`` and printed by the CLI) and removed again when the export fails. A symbolic link
+    is written through to the file it names.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
@@ -353,6 +367,8 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
         raise ConfigError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
     if not atol > 0:
         raise ConfigError(f"atol must be > 0, got {atol!r}")
+    # the destination before any work: an .onnx name in a writable folder, not a device, FIFO or folder
+    target = check_output_path(path, suffixes=SUFFIXES["onnx"], create_parent=True, what="ONNX file")
     from .inference import InferenceModel
 
     if isinstance(model, InferenceModel):
@@ -400,8 +416,11 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
     model.eval()
     start = time.perf_counter()
     path = Path(path)
+    created = _missing_folders(target.parent)
     try:
-        with atomic_path(path) as tmp:
+        for folder in created:  # said in the report; removed again when the export fails
+            folder.mkdir()
+        with atomic_path(path, create_parent=False) as tmp:
             example = torch.randn(2, c, *trace_hw, generator=torch.Generator().manual_seed(seed)).to(device)
             _run_exporter(model, example, tmp, opset, dynamic_axes)
             proto = onnx.load(str(tmp))
@@ -417,6 +436,11 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
             onnx.save(proto, str(tmp))
             checks = _check_parity(tmp, model, cases, atol, seed + 1) if check else []
             size = tmp.stat().st_size
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when still empty
+        raise
     finally:
         model.train(was_training)
 
@@ -437,6 +461,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
         "max_abs_diff": max((r["max_abs_diff"] for r in checks), default=None),
         "atol": atol,
         "file_bytes": size,
+        "created_folders": [str(f) for f in created],
         "metadata": {k: json.loads(v) for k, v in meta.items()},
         "seconds": time.perf_counter() - start,
     }
@@ -447,7 +472,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``vitkit export FORMAT RUN OUT``."""
     p.add_argument("format", choices=list(FORMATS), help="output format")
     p.add_argument("run", help="a training run folder or checkpoint folder")
-    p.add_argument("output", help="the file to write, e.g. model.onnx (written atomically)")
+    p.add_argument("output", help="the .onnx file to write (atomically; missing folders are created and named; a "
+                                  "symbolic link is written through; devices, FIFOs and folders are refused)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}: antialiased Resize for "
                         f"dynamic-size ViTs)")
@@ -467,6 +493,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"input {report['input']['name']} {report['input']['dtype']} {shape(report['input']['shape'])} -> "
         f"output {report['output']['name']} {shape(report['output']['shape'])}",
     ]
+    if report.get("created_folders"):
+        lines.append(f"created the folder {report['created_folders'][-1]} (it did not exist)")
     if report["checks"]:
         each = ", ".join(f"{'x'.join(map(str, r['shape']))}: {r['max_abs_diff']:.1e}" for r in report["checks"])
         lines.append(f"onnxruntime vs PyTorch: max |Δ| {report['max_abs_diff']:.1e} <= atol {report['atol']:g} "
@@ -486,6 +514,8 @@ def run_export_args(args: argparse.Namespace) -> int:
 
     if args.format != "onnx":
         raise ConfigError(f"unknown export format {args.format!r}; choose one of {FORMATS}")
+    # the destination before the checkpoint is loaded (export_onnx checks it again for Python callers)
+    check_output_path(args.output, suffixes=SUFFIXES[args.format], create_parent=True, what="ONNX file")
     model = load_model(args.run)
     report = export_onnx(model, args.output, opset=args.opset, dynamic_size=False if args.static_size else None,
                          check=not args.no_check, atol=args.atol)

@@ -7,6 +7,7 @@ Each goes through the checkpoint's own task (:meth:`~vitkit.tasks.Task.predict`,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +16,15 @@ from typing import Any
 import torch
 
 from ..data.image_folder import load_image
+from ..data.image_io import WRITE_FORMATS, image_write_format
 from ..errors import ConfigError, DataError
-from ..tasks import Task
+from ..tasks import SEED_LIMIT, Task, check_sampling_values
+from ..tasks._text import check_utf8
+from ..utils import check_output_path
 from .evaluate import _input_spec, load_model, resolve_model_dir, task_for_model
+
+# `vitkit sample --n`: one grid of at most this many images (512 rows of 8); checked before the run is loaded
+MAX_SAMPLES = 4096
 
 
 def _images(model: torch.nn.Module, paths: Sequence[str | Path]) -> torch.Tensor:
@@ -41,8 +48,12 @@ def _run_task(run: str | Path, capability: str, what: str) -> tuple[torch.nn.Mod
     return model, task
 
 
-def _clean_texts(texts: Sequence[str]) -> list[str]:
-    return [str(t).strip() for t in texts if str(t).strip()]
+def _clean_texts(texts: Sequence[str], what: str) -> list[str]:
+    """The non-empty texts, stripped; text that is not valid UTF-8 (undecodable bytes of a command-line argument)
+    is a ConfigError naming ``what``."""
+    cleaned = [str(t).strip() for t in texts if str(t).strip()]
+    check_utf8(cleaned, what)
+    return cleaned
 
 
 @torch.no_grad()
@@ -63,7 +74,9 @@ def zero_shot_files(run: str | Path, paths: Sequence[str | Path], class_names: S
                     templates: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``vitkit zeroshot``: every class with its probability, best first, for each image file; ``templates``
     default to those the run was trained with."""
-    names = _clean_texts(class_names)
+    names = _clean_texts(class_names, "class_names")
+    if templates:
+        check_utf8(templates, "templates")
     if len(names) < 2:
         raise ConfigError(f"zero-shot classification needs at least two class names, got {names}")
     model, task = _run_task(run, "zero_shot", "zero-shot classification")
@@ -79,7 +92,7 @@ def zero_shot_files(run: str | Path, paths: Sequence[str | Path], class_names: S
 def retrieval_scores(run: str | Path, paths: Sequence[str | Path], texts: Sequence[str]) -> torch.Tensor:
     """(images, texts) matching scores of image files against captions, by the run's task (a CLIP: scaled cosine
     similarity; a ViLT: the ITM logit of every pair)."""
-    texts = _clean_texts(texts)
+    texts = _clean_texts(texts, "texts")
     if not texts or not paths:
         raise ConfigError("retrieval needs at least one image file and one text")
     model, task = _run_task(run, "retrieve", "image-text retrieval")
@@ -92,7 +105,7 @@ def retrieve_files(run: str | Path, paths: Sequence[str | Path], texts: Sequence
                    topk: int = 5) -> list[dict[str, Any]]:
     """``vitkit retrieve``: for each text the best-matching image files (or with ``to_text`` for each image
     the best-matching texts), best first, with their scores (see :func:`retrieval_scores`)."""
-    texts = _clean_texts(texts)
+    texts = _clean_texts(texts, "texts")
     scores = retrieval_scores(run, paths, texts)
     if to_text:
         queries, keys, table = [str(p) for p in paths], texts, scores
@@ -121,8 +134,10 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
     decoding). ``out`` defaults to ``samples_<class>.png`` in the run folder."""
     from ..tasks import class_index, save_image_grid, to_unit
 
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
+    check_sample_settings(n, cfg, seed)
+    if out is not None:
+        image_write_format(out, "out")
+        check_output_path(out, create_parent=True, what="--out image grid")  # before sampling, not after
     model, task, names = load_generator(run, steps=steps, cfg=cfg, top_k=top_k, seed=seed)
     label = class_index(class_name, names)
     start = time.perf_counter()
@@ -134,7 +149,44 @@ def sample_run(run: str | Path, class_name: str, n: int = 64, steps: int | None 
     return path, seconds
 
 
+def check_sample_settings(n: int, cfg: float | None, seed: int) -> None:
+    """What :func:`sample_run` checks before it loads anything: 1 <= ``n`` <= MAX_SAMPLES, ``cfg`` a finite
+    number >= 0 (or None: the run's), 0 <= ``seed`` < 2**63."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise ConfigError(f"n must be an integer from 1 to {MAX_SAMPLES}, got {n!r}")
+    check_sampling_values(cfg, seed)
+
+
 # ---------------------------------------------------------------------------- command line
+def _arg_type(check: Any, expected: str) -> Any:
+    """An argparse type from ``check(text) -> value`` (raising ValueError when the value is out of range): a bad
+    value is one usage line, ``argument --x: must be <expected>, got <text>``, before any work."""
+    import argparse
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}") from None
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
+
+
+def _in_range(kind: Any, low: float, high: float | None = None) -> Any:
+    def check(text: str) -> Any:
+        value = kind(text)
+        if not (math.isfinite(value) and value >= low and (high is None or value < high)):
+            raise ValueError(text)
+        return value
+    return check
+
+
+def _utf8_arg(text: str, what: str) -> str:
+    check_utf8([text], what)
+    return text
+
+
 def _print_ranked(query: str, rows: Sequence[tuple[str, float]], percent: bool) -> None:
     print(query)
     for name, value in rows:
@@ -182,6 +234,9 @@ def add_zeroshot_args(p: Any) -> None:
 def run_zeroshot_args(args: Any) -> int:
     import json
 
+    _utf8_arg(args.classes, "--classes")
+    for template in args.templates or []:
+        _utf8_arg(template, "--template")
     for r in zero_shot_files(args.run, args.images, args.classes.split(","), args.templates):
         r["top"] = r["top"][:args.topk]
         if args.json:
@@ -207,9 +262,11 @@ def add_retrieve_args(p: Any) -> None:
 def run_retrieve_args(args: Any) -> int:
     import json
 
+    for text in args.texts:
+        _utf8_arg(text, "--text")
     texts = list(args.texts)
     if args.texts_file:
-        texts += Path(args.texts_file).read_text(encoding="utf-8").splitlines()
+        texts += read_texts_file(args.texts_file)
     for r in retrieve_files(args.run, args.images, texts, to_text=args.to_text, topk=args.topk):
         if args.json:
             print(json.dumps(r))
@@ -218,21 +275,40 @@ def run_retrieve_args(args: Any) -> int:
     return 0
 
 
-def add_sample_args(p: Any) -> None:
-    from .commands import positive_int
+def read_texts_file(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is allowed); anything else is a DataError naming the
+    file and the first undecodable byte."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: --texts-file must be UTF-8 text; byte 0x{data[e.start]:02x} on line {line} "
+                        f"(offset {e.start}) is not valid UTF-8") from None
+    return text.splitlines()
 
+
+def add_sample_args(p: Any) -> None:
+    count = _arg_type(_in_range(int, 1, MAX_SAMPLES + 1), f"an integer from 1 to {MAX_SAMPLES}")
     p.add_argument("run", help="a generator run folder or checkpoint folder (task ar, var or hart)")
     p.add_argument("--class", dest="class_name", required=True, metavar="NAME_OR_INDEX",
                    help="the class to sample: its name or index ('none': unconditional)")
-    p.add_argument("--n", type=positive_int, default=64, help="how many images (8 per grid row)")
-    p.add_argument("--steps", type=int, help="masked-order ar: MaskGIT steps; hart: diffusion steps (0 = none)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance (default: the run's task.args.cfg)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: the run's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="the PNG grid to write (default: RUN/samples_<class>.png)")
+    p.add_argument("--n", type=count, default=64, help=f"how many images, 1 to {MAX_SAMPLES} (8 per grid row)")
+    p.add_argument("--steps", type=_arg_type(_in_range(int, 0), "an integer >= 0"),
+                   help="masked-order ar: MaskGIT steps; hart: diffusion steps (0 = none)")
+    p.add_argument("--cfg", type=_arg_type(_in_range(float, 0), "a finite number >= 0"),
+                   help="classifier-free guidance, a finite number >= 0 (default: the run's task.args.cfg)")
+    p.add_argument("--top-k", type=_arg_type(_in_range(int, 0), "an integer >= 0"),
+                   help="sample among the k likeliest tokens, 0 = all (default: the run's)")
+    p.add_argument("--seed", type=_arg_type(_in_range(int, 0, SEED_LIMIT), "an integer with 0 <= seed < 2**63"),
+                   default=0, help="sampling seed, 0 <= seed < 2**63 (same seed, same images)")
+    p.add_argument("--out", help=f"the image grid to write, {'/'.join(WRITE_FORMATS)} (default: "
+                                 "RUN/samples_<class>.png)")
 
 
 def run_sample_args(args: Any) -> int:
+    if args.out is not None:
+        image_write_format(args.out, "--out")
     path, seconds = sample_run(args.run, args.class_name, args.n, args.steps, args.cfg, args.top_k, args.seed,
                                args.out)
     print(f"wrote {path} ({args.n} images, {1000 * seconds:.1f} ms per image)")

@@ -34,6 +34,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import ConfigError
@@ -260,15 +261,25 @@ def verdict_section(doc_dir: Path, results: str, group: str, value: str, contras
     return f"- {says or value} ({terms} {bound}): {shown} → **{verdict}**"
 
 
+def load_script(path: str | Path) -> ModuleType:
+    """A repository script (a benchmark) imported by path, as the ``script`` kind and the tests use it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: script not found")
+    name = f"_vitkit_script_{path.stem}"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 @section("script")
 def script_section(doc_dir: Path, script: str, function: str, plots: bool = True, **args: str) -> str:
     path = repo_root(doc_dir) / script
-    if not path.is_file():
-        raise ConfigError(f"{path}: script not found")
-    spec = importlib.util.spec_from_file_location(f"_vitkit_report_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # type: ignore[union-attr]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_script(path)
     fn = getattr(module, function, None)
     if fn is None:
         raise ConfigError(f"{path} has no function {function!r}")

@@ -22,6 +22,7 @@ directly so the reported latency is measured, not only predicted.
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 from collections.abc import Callable, Sequence
@@ -257,15 +258,18 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     ``pareto.png``."""
     from .evaluate import load_model, resolve_model_dir, task_for_model
 
+    check_search_settings(budgets_ms, speedups, choices, population, generations, eval_images, latency_batch)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"{out_dir}: the search's output must be a folder (for search.json and pareto.png), "
+                          "and this is a file")
+    from ..utils import check_output_path
+
+    check_output_path(Path(out_dir) / "search.json", create_parent=True, what="search report")
     model = load_model(checkpoint)
     if not can_prune_windows(model):
         raise ConfigError(f"{checkpoint}: the search needs a model with per-stage window keep ratios (num_stages, "
                           f"keep_ratios, set_keep_ratios), e.g. a run of {TRAIN_HINT}; {type(model).__name__} has "
                           f"none")
-    if not budgets_ms and not speedups:
-        raise ConfigError("search: give latency budgets (--budget-ms) or speed-up targets (--speedup)")
-    if any(b <= 0 for b in budgets_ms) or any(s <= 0 for s in speedups):
-        raise ConfigError(f"search: budgets and speed-ups must be > 0, got {list(budgets_ms)} / {list(speedups)}")
     folder = resolve_model_dir(checkpoint)
     task = task_for_model(model, folder)
     task.setup(model)
@@ -325,6 +329,50 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     return {"dense_ms": dense_ms, "dense_metric": cache[dense], "budgets": results, "out_dir": str(out_dir)}
 
 
+def _number(value: Any) -> bool:
+    """A real number that fits a float (not a bool, not an int beyond 1e308)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _values(values: Sequence[Any]) -> str:
+    return ", ".join(f"{v:g}" if _number(v) else repr(v) for v in values)
+
+
+def check_search_settings(budgets_ms: Sequence[float], speedups: Sequence[float], choices: Sequence[float],
+                          population: int, generations: int, eval_images: int = 1, latency_batch: int = 1,
+                          flags: bool = False) -> None:
+    """What :func:`run_search` (and ``vitkit sparsevit search``, right after parsing) checks before any work: at
+    least one budget or speed-up, each a finite number > 0; keep ratios in (0, 1]; population >= 2; generations
+    >= 0; eval_images, latency_batch >= 1. One ConfigError names every bad setting (as ``--flags`` with
+    ``flags``)."""
+    def named(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if flags else name
+
+    bad = []
+    if not budgets_ms and not speedups:
+        bad.append("give latency budgets (--budget-ms MS [MS ...]) or speed-up targets (--speedup X [X ...])")
+    for name, values in (("budget_ms", budgets_ms), ("speedup", speedups)):
+        wrong = [v for v in values if not (_number(v) and math.isfinite(v) and v > 0)]
+        if wrong:
+            bad.append(f"{named(name)} must be finite numbers > 0, got {_values(wrong)}")
+    wrong = [c for c in choices if not (_number(c) and 0 < c <= 1)]
+    if wrong or not choices:
+        bad.append(f"{named('choices')} (keep ratios) must be numbers in (0, 1], got "
+                   f"{_values(wrong) or 'none'}")
+    for name, value, low in (("population", population, 2), ("generations", generations, 0),
+                             ("eval_images", eval_images, 1), ("latency_batch", latency_batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            bad.append(f"{named(name)} must be an integer >= {low}, got {value!r}")
+    if bad:
+        raise ConfigError(("" if flags else "search: ") + "; ".join(bad))
+
+
 def add_sparsevit_args(p) -> None:
     """Arguments of ``vitkit sparsevit search``. The run it searches is a windowed model adapted to window pruning:
     ``vitkit train --config configs/scenes/swin_dense.yaml``, then ``vitkit train --config
@@ -338,9 +386,9 @@ def add_sparsevit_args(p) -> None:
     s.add_argument("run", help="a trained windowed model (run folder or checkpoint), ideally sparsity-adapted: "
                                f"runs/scenes_swin_adapt from {TRAIN_HINT}")
     s.add_argument("--budget-ms", type=float, nargs="+", default=[],
-                   help="latency budgets, ms per --latency-batch images on this CPU")
+                   help="latency budgets, ms per --latency-batch images on this CPU (finite, > 0)")
     s.add_argument("--speedup", type=float, nargs="+", default=[],
-                   help="or budgets as speed-up targets over the dense model, e.g. 1.25 1.5 2")
+                   help="or budgets as speed-up targets over the dense model, e.g. 1.25 1.5 2 (finite, > 0)")
     s.add_argument("--out", default="sparsevit_search", help="folder for search.json and pareto.png")
     s.add_argument("--data", default="fmnist_scenes",
                    help="dataset the candidates are scored on, with the run's own settings (default: %(default)s)")
@@ -354,9 +402,10 @@ def add_sparsevit_args(p) -> None:
     s.add_argument("--choices", type=float, nargs="+", default=list(DEFAULT_CHOICES),
                    help="keep ratios a stage may take, in (0, 1] (default: %(default)s)")
     s.add_argument("--population", type=int, default=12,
-                   help="candidates evaluated per generation, and the first random ones (default: %(default)s)")
+                   help="candidates evaluated per generation, and the first random ones, >= 2 (default: "
+                        "%(default)s)")
     s.add_argument("--generations", type=int, default=5,
-                   help="rounds of crossover and mutation after the random start (default: %(default)s)")
+                   help="rounds of crossover and mutation after the random start, >= 0 (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search (same seed, same candidates)")
 
 
@@ -364,10 +413,8 @@ def run_sparsevit_args(args) -> int:
     """``vitkit sparsevit search``: checks the flags, runs :func:`run_search`, names what it wrote."""
     from .commands import parse_key_values
 
-    if args.eval_images < 1 or args.latency_batch < 1:
-        raise ConfigError("--eval-images and --latency-batch must be >= 1")
-    if not args.budget_ms and not args.speedup:
-        raise ConfigError("sparsevit search: give --budget-ms MS [MS ...] or --speedup X [X ...]")
+    check_search_settings(args.budget_ms, args.speedup, args.choices, args.population, args.generations,
+                          args.eval_images, args.latency_batch, flags=True)  # before the model is loaded
     run_search(args.run, args.budget_ms, args.out, args.data, args.split, parse_key_values(args.data_arg),
                args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed,
                speedups=args.speedup)
