@@ -290,8 +290,13 @@ def test_build_dataset_image_folder_splits(tmp_path):
     make_folder(tmp_path / "split" / "val")
     ds = D.build_dataset("image_folder", "val", root=str(tmp_path / "split"), image_size=8, num_channels=1)
     assert isinstance(ds, D.ImageFolder) and ds.num_channels == 1 and len(ds) == 8
+    # "test" is found as val/ when there is no test/ (train/ + val/ is the usual layout); never the reverse
+    test = D.build_dataset("image_folder", "test", root=str(tmp_path / "split"), image_size=8)
+    assert test.samples == ds.samples
+    make_folder(tmp_path / "only" / "train")
+    make_folder(tmp_path / "only" / "test")
     with pytest.raises(DataError, match="split folder not found"):
-        D.build_dataset("image_folder", "test", root=str(tmp_path / "split"), image_size=8)
+        D.build_dataset("image_folder", "val", root=str(tmp_path / "only"), image_size=8)
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR

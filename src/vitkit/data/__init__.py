@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 DATASETS = ("fashion_mnist", "fmnist_scenes", "fmnist_captions", "caption_folder", "cifar10", "cifar100", "digits",
             "image_folder")
-_SPLIT_DIRS = ("train", "val", "test")
+_SPLIT_DIRS = ("train", "val", "validation", "test")
 # Extra keyword arguments each dataset accepts, so a misspelt config key is a clear error.
 _EXTRA_KEYS = {
     "fashion_mnist": set(),
@@ -68,14 +68,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# The evaluation split is found by name: a folder with train/ and val/ (the usual ImageNet-style layout) serves
+# split "test" from val/ when it has no test/. The reverse never happens: choices are not made on test.
+_SPLIT_NAMES = {"test": ("test", "val", "validation"), "val": ("val", "validation")}
+
+
 def _image_folder_root(root: str | Path, split: str) -> Path:
-    """``root/<split>`` when root has split folders; else root itself, for the train split only."""
+    """``root/<split>`` when root has split folders (for "test": test/, else val/ or validation/); else root
+    itself, for the train split only."""
     root = Path(root)
     if any((root / s).is_dir() for s in _SPLIT_DIRS):
-        if not (root / split).is_dir():
+        found = next((root / s for s in _SPLIT_NAMES.get(split, (split,)) if (root / s).is_dir()), None)
+        if found is None:
             present = [s for s in _SPLIT_DIRS if (root / s).is_dir()]
             raise DataError(f"{root / split}: split folder not found (found: {present})")
-        return root / split
+        return found
     if split != "train":
         raise DataError(
             f"{root}: has no train/val/test subfolders, so it can only serve split 'train' (asked for {split!r})"

@@ -191,6 +191,25 @@ class ImageFolder(Dataset):
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    def _with_samples(self, indices: torch.Tensor) -> ImageFolder:
+        """A view of some files: the same classes, limits and statistics, its own copy of ``bad_images`` (the
+        files left out at build time count against its ``max_bad_images`` too; files found bad later are
+        recorded in it only)."""
+        part = copy.copy(self)
+        part.samples = [self.samples[int(i)] for i in indices]
+        part.bad_images, part._bad_paths = list(self.bad_images), set(self._bad_paths)
+        return part
+
+    def split_off(self, fraction: float, seed: int = 0) -> tuple[ImageFolder, ImageFolder]:
+        """(rest, held_out): a class-stratified, seeded ``fraction`` of the files held out (``data.val_fraction``:
+        a validation split for a folder that has only train/)."""
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"{self.root}: a held-out fraction must be in (0, 1), got {fraction}")
+        held = stratified_indices(self.targets, fraction, seed)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        return self._with_samples(torch.nonzero(keep).flatten()), self._with_samples(held)
+
     def _stats(self) -> tuple[Stats, Stats]:
         if self._mean is None or self._std is None:
             self._mean, self._std = compute_mean_std(self, max_samples=self.stats_samples)
@@ -252,17 +271,8 @@ class ImageFolder(Dataset):
         raise DataError(f"{self.root}: none of the {n} image files can be loaded any more (see dataset.bad_images)")
 
     def subset(self, fraction: float, seed: int = 0) -> ImageFolder:
-        """Class-stratified, seeded ``fraction`` of the files (nested across fractions for one seed).
-
-        The subset starts with its own copy of ``bad_images`` (the files left out at build time count
-        against its ``max_bad_images`` too); files found bad while using it are recorded in it only.
-        """
-        idx = stratified_indices(self.targets, fraction, seed).tolist()
-        sub = copy.copy(self)
-        sub.samples = [self.samples[i] for i in idx]
-        sub.bad_images = list(self.bad_images)
-        sub._bad_paths = set(self._bad_paths)
-        return sub
+        """Class-stratified, seeded ``fraction`` of the files (nested across fractions for one seed)."""
+        return self._with_samples(stratified_indices(self.targets, fraction, seed))
 
     def __repr__(self) -> str:
         return (

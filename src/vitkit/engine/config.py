@@ -36,7 +36,8 @@ class DataConfig:
     name: str = "fashion_mnist"
     data_dir: str | None = None
     root: str | None = None  # image_folder: a folder with train/ and val/ (or test/) subfolders
-    eval_split: str = "test"
+    # the split evaluated (or, with val_fraction, tested once at the end); null: none (needs val_fraction > 0)
+    eval_split: str | None = "test"
     train_fraction: float = 1.0  # data-size studies: a stratified, seeded subset of the training set
     # A validation split carved from the training images (stratified, seeded by val_seed, the same for every
     # training seed): evaluations during training and the best checkpoint use it; eval_split (the test set) is

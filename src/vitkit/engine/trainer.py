@@ -194,7 +194,11 @@ class Trainer:
             build_dataset(cfg.data.name, "train", download=download, **common, **extra)
         barrier(self.dist)
         train = build_dataset(cfg.data.name, "train", download=download, **common, **extra)
-        evals = build_dataset(cfg.data.name, cfg.data.eval_split, download=download, **common, **extra)
+        if cfg.data.eval_split is None and cfg.data.val_fraction == 0:
+            raise ConfigError("data.eval_split=null (no evaluation split) needs data.val_fraction > 0, so that "
+                              "there is a validation split to evaluate on")
+        evals = (build_dataset(cfg.data.name, cfg.data.eval_split, download=download, **common, **extra)
+                 if cfg.data.eval_split is not None else None)
         test = None
         if cfg.data.val_fraction > 0:
             if not hasattr(train, "split_off"):
@@ -372,7 +376,7 @@ class Trainer:
         stopped = False
         while self.epoch < t.epochs and not stopped:
             stopped = self._run_epoch()
-        if self.test_set is not None and not stopped and self.epoch >= t.epochs:
+        if self.test_set is not None and not stopped and self.epoch >= t.epochs:  # (none with eval_split=null)
             # the one reading of the test set: the final model, after every choice was made on validation
             split = self.cfg.data.eval_split
             self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})"))
@@ -490,7 +494,7 @@ class Trainer:
             "finished": not stopped and self.epoch >= self.cfg.train.epochs,
             "epochs_done": self.epoch, "steps": self.step,
             "best": dict(self.best), "final": final,
-            "eval_split": "val" if self.test_set is not None else self.cfg.data.eval_split,
+            "eval_split": "val" if self.cfg.data.val_fraction > 0 else self.cfg.data.eval_split,
             **({"test": dict(self.test_metrics)} if self.test_metrics is not None else {}),
             "train_wall_clock_s": self.wall_clock,
             "train_img_s": float(np.median(speeds)) if speeds else None,

@@ -87,6 +87,9 @@ def eval_data_settings(folder: str | Path, data: str | None = None, split: str |
     kw: dict[str, Any] = {"data_dir": data_dir or cfg.data.data_dir, **(cfg.data.args or {})}
     if cfg.data.root and not data_dir:
         kw["root"] = cfg.data.root
+    if not split and cfg.data.eval_split is None:
+        raise ConfigError(f"{folder}: the run has no evaluation split (data.eval_split=null: it held out part of its "
+                          "training data); name one with --split")
     return cfg.data.name, split or cfg.data.eval_split, kw
 
 
