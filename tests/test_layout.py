@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vitkit"
 # A package may import its own rank or lower ones. The training engine sits under the tools that use a trained
 # model, and the command line on top of everything.
 RANKS = {
-    "_version": 0, "errors": 0, "utils": 0,
+    "_version": 0, "errors": 0, "utils": 0, "schema": 0,
     "layers": 1, "data": 1, "viz": 1,
     "models": 2,
     "convert": 3, "tasks": 3,

@@ -157,7 +157,8 @@ def test_deadline_gives_504_and_waiting_past_it_503(run_dir, monkeypatch):
 
 def test_decodes_in_flight_are_bounded_by_the_memory_budget(run_dir, monkeypatch):
     import vitkit.tools.serve.app as serve_app
-    from vitkit.tools.serve.limits import ServeLimits, decode_bytes, physical_memory
+    from vitkit.schema import machine_memory as physical_memory
+    from vitkit.tools.serve.limits import ServeLimits, decode_bytes
 
     real = serve_app.decode_pil
     state = {"now": 0, "peak": 0}

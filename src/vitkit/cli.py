@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -96,11 +97,29 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         warnings.formatwarning = previous
 
 
+@contextlib.contextmanager
+def _names_as_given() -> Iterator[None]:
+    """While a command runs, stdout and stderr write the undecodable bytes of a file name (which Python keeps as
+    lone surrogates, ``"\\udcff"``) back as they came. Under a UTF-8 locale such as en_US.UTF-8 Python's stdout is
+    strict: ``vitkit predict RUN $'\\xff.png'`` ended in a UnicodeEncodeError traceback printing the image's path.
+    The streams are put back as they were afterwards."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+            changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            stream.reconfigure(errors="strict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _one_line_warnings(args.command):
+        with _one_line_warnings(args.command), _names_as_given():
             return int(args._run(args) or 0)
     except VitkitError as e:
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -13,25 +12,15 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError, VitkitError
+from ..models._checks import check_fits_memory, class_argument_problems
 from ..models._pretrained import load_weights, read_state_dict
+from ..models._registry import meta_build
+from ..schema import first_line, one_line, read_json
+from ._schema import ConfigSchema, check_image_stats
 
 StateDict = dict[str, torch.Tensor]
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or a CheckpointError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got a {type(obj).__name__}")
-    return obj
 
 
 def config_value(config: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
@@ -46,29 +35,51 @@ def config_value(config: dict[str, Any], key: str, source: str, kind: type = int
 
 def build_converted(cls: type, args: dict[str, Any], overrides: dict[str, Any], source: str):
     """``cls(**args, **overrides)`` where ``args`` come from the foreign checkpoint and ``overrides`` from
-    ``--arg``: an override the class does not take is a ConfigError, arguments that cannot build the model a
-    CheckpointError naming the source (e.g. heads that do not divide the width)."""
+    ``--arg``: an override the class does not take, or of the wrong type or range, is a ConfigError; arguments that
+    cannot build the model (e.g. heads that do not divide the width), or build one larger than half of this
+    machine's memory, a CheckpointError naming the source. The model is built on the meta device first, so nothing
+    is allocated for a configuration that is refused."""
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ConfigError(f"--arg {', '.join(unknown)}: {cls.__name__} does not take it; it takes "
                           f"{', '.join(sorted(accepted))}")
+    problems = class_argument_problems(cls, overrides, "--arg ")
+    if problems:
+        raise ConfigError(f"{cls.__name__}: " + "; ".join(problems))
+    problems = class_argument_problems(cls, {k: v for k, v in args.items() if k not in overrides})
+    if problems:
+        raise CheckpointError(f"{source}: its configuration cannot build a {cls.__name__}: " + "; ".join(problems))
+    given = f" (with --arg {overrides})" if overrides else ""
+    merged = {**args, **overrides}
+    what = f"{source}: its configuration cannot build a {cls.__name__}{given}"
     try:
-        return cls(**{**args, **overrides})
+        meta = meta_build(cls, merged)  # every check of the constructor, without memory; then the weights' size
+    except VitkitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the constructor raises is one line naming the source
+        text = str(e) if isinstance(e, (TypeError, ValueError, OverflowError)) else first_line(e)
+        raise CheckpointError(f"{what}: {one_line(text)}") from None
+    check_fits_memory(meta, f"{source}: the {cls.__name__} it describes{given}", CheckpointError)
+    try:
+        return cls(**merged)
     except VitkitError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
-        given = f" (with --arg {overrides})" if overrides else ""
-        raise CheckpointError(f"{source}: its configuration cannot build a {cls.__name__}{given}: {e}") from None
+        raise CheckpointError(f"{what}: {one_line(str(e))}") from None
 
 
-def read_hf_folder(src: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, state dict) of a Hugging Face model folder: single-file or sharded weights."""
+def read_hf_folder(src: str | os.PathLike, schema: ConfigSchema | None = None
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, state dict) of a Hugging Face model folder: single-file or sharded weights. ``schema`` checks
+    the config (types, ranges, the model's size against the machine's memory) before any weight is read."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; a Hugging Face checkpoint is a folder with config.json "
                               f"and {' or '.join(HF_WEIGHT_FILES)}")
     config = read_json(src / "config.json")
+    if schema is not None:
+        schema.check(config, str(src / "config.json"))
     for name in HF_WEIGHT_FILES:
         if (src / name).is_file():
             return config, read_state_dict(src / name)
@@ -107,12 +118,14 @@ def check_consumed(state: dict[str, torch.Tensor], source: str, ignore: tuple[st
                               f"{', '.join(left[:12])}")
 
 
-def preprocessor_stats(src: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` with the normalisation of an HF folder's ``preprocessor_config.json`` (when it has one)."""
+def preprocessor_stats(src: Path, cfg: dict[str, Any], channels: int | None = None) -> dict[str, Any]:
+    """``cfg`` with the normalisation of an HF folder's ``preprocessor_config.json`` (when it has one): lists of
+    finite numbers, one per channel (``channels``, when known) or one for all, every std > 0."""
     cfg = dict(cfg)
     processor = Path(src) / "preprocessor_config.json"
     if processor.is_file():
         proc = read_json(processor)
+        check_image_stats(proc, channels, str(processor))
         for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
             if theirs in proc:
                 cfg[ours] = tuple(proc[theirs])
@@ -122,10 +135,11 @@ def preprocessor_stats(src: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 def apply_hf_metadata(model, config: dict[str, Any], src: Path, num_classes: int, default_name: str) -> None:
     """Class names (``id2label``), normalisation (``preprocessor_config.json``) and name of an HF folder."""
     cfg = dict(model.pretrained_cfg)
-    id2label = config.get("id2label")
-    if id2label and len(id2label) == num_classes:
+    id2label = config.get("id2label")  # keys "0".."n-1", values strings: checked with the config's schema
+    if isinstance(id2label, dict) and id2label and len(id2label) == num_classes:
         cfg["class_names"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
-    model.pretrained_cfg = preprocessor_stats(src, cfg)
+    channels = getattr(model, "in_chans", None)
+    model.pretrained_cfg = preprocessor_stats(src, cfg, channels if isinstance(channels, int) else None)
     model.model_name = config.get("_name_or_path") or default_name
 
 
@@ -137,7 +151,10 @@ def load_converted(cls: type, args: dict[str, Any], overrides: dict[str, Any],
     and load the weights ``convert(final arguments)`` returns (``load_weights``: a CheckpointError listing the
     missing, unexpected and mis-shaped keys). Returns the model."""
     model = build_converted(cls, args, overrides, config_source or source)
-    load_weights(model, convert({**args, **overrides}), source=source)
+    try:
+        load_weights(model, convert({**args, **overrides}), source=source)
+    except CheckpointError as e:  # torch lists every mis-shaped tensor on its own line: keep the first, count the rest
+        raise CheckpointError(one_line(str(e))) from None
     return model
 
 
@@ -145,14 +162,16 @@ def load_hf_model(cls: type, src: str | os.PathLike, overrides: dict[str, Any],
                   hf_args: Callable[[dict[str, Any], StateDict, str], dict[str, Any]],
                   convert: Callable[[StateDict, dict[str, Any], str], StateDict], default_name: str,
                   normalize: Callable[[StateDict], StateDict] | None = None,
-                  cfg_defaults: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
+                  cfg_defaults: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+                  schema: ConfigSchema | None = None):
     """Every ``load_hf_*``: read the HF folder ``src`` (:func:`read_hf_folder`), ``normalize`` its keys, take the
     constructor arguments ``hf_args(config, state, config_path)``, build ``cls`` with ``overrides`` and load
     ``convert(state, final arguments, src)`` (:func:`load_converted`: errors list missing/unexpected keys), then
     set ``pretrained_cfg`` (``cfg_defaults(final arguments)``, then the folder's class names and normalisation,
-    :func:`apply_hf_metadata`) and the model name. Returns the model."""
+    :func:`apply_hf_metadata`) and the model name. ``schema`` checks ``config.json`` before the weights are read
+    (:class:`~vitkit.convert.ConfigSchema`). Returns the model."""
     src = Path(src)
-    config, state = read_hf_folder(src)
+    config, state = read_hf_folder(src, schema)
     if normalize is not None:
         state = normalize(state)
     args = hf_args(config, state, str(src / "config.json"))

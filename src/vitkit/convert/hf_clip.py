@@ -27,12 +27,24 @@ from ..errors import CheckpointError
 from ..layers.text import TOKENIZER_FILE, read_tokenizer_file
 from ..models._pretrained import read_config
 from ..models.clip import CLIP
+from ..schema import HEADS, LAYERS, TOKEN_ID, interval
 from ._common import check_consumed, config_value, load_hf_model, save_converted, take
+from ._schema import EPS_KEY, ConfigSchema, Key
 from .hf_vit import HF_ACTIVATIONS
 
 _VISION, _TEXT = "vision_model.", "text_model."
 # Older transformers saved these buffers; they are arange(n) and carry nothing.
 _IGNORED = (f"{_VISION}embeddings.position_ids", f"{_TEXT}embeddings.position_ids")
+
+
+_TOWER = {"hidden_act": Key(str), "layer_norm_eps": EPS_KEY, "num_attention_heads": Key(int, HEADS, required=True),
+          "num_hidden_layers": Key(int, LAYERS)}
+# Every config.json entry hf_clip_args reads (the sizes come from the weights).
+HF_CLIP_SCHEMA = ConfigSchema(
+    {"logit_scale_init_value": Key(float, interval(-100, 100, closed_hi=True))},
+    nested={"text_config": ConfigSchema({**_TOWER, "eos_token_id": Key(int | list[int], TOKEN_ID)}),
+            "vision_config": ConfigSchema(_TOWER)},
+    model_type="clip")
 
 
 def _tower_config(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -160,7 +172,7 @@ def load_hf_clip(src: str | os.PathLike, **overrides: Any) -> CLIP:
     ``overrides`` change constructor arguments the weights do not fix (``dynamic_img_size=True``, ...).
     """
     return load_hf_model(CLIP, src, overrides, hf_clip_args, lambda state, args, source: convert_hf_clip_state_dict(
-        state, args["vision_layers"], args["text_layers"], source), "hf_clip")
+        state, args["vision_layers"], args["text_layers"], source), "hf_clip", schema=HF_CLIP_SCHEMA)
 
 
 def convert_hf_clip(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> CLIP:

@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..models.swin import SwinTransformer
 from ._common import check_consumed, load_hf_model, save_converted, strip_prefix, take
+from ._schema import EPS_KEY, IMAGE_SIZE_KEY, ConfigSchema, Key
 from .hf_vit import convert_hf_layer, hf_config_activation
 
 _BLOCK = r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\."
@@ -63,6 +64,12 @@ def _stage_depths(state: dict[str, torch.Tensor], source: str) -> list[int]:
             raise CheckpointError(f"{source}: stages/blocks are not numbered 0..n-1 (found {sorted(blocks)})")
         depths.append(len(blocks[i]))
     return depths
+
+
+# Every config.json entry hf_swin_args reads (the sizes come from the weights; the attention masks the image size
+# implies are counted by the build on the meta device before the model is allocated).
+HF_SWIN_SCHEMA = ConfigSchema({"hidden_act": Key(str), "image_size": IMAGE_SIZE_KEY, "layer_norm_eps": EPS_KEY},
+                              model_type="swin")
 
 
 def hf_swin_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
@@ -149,7 +156,7 @@ def load_hf_swin(src: str | os.PathLike, **overrides: Any) -> SwinTransformer:
     """
     return load_hf_model(SwinTransformer, src, overrides, hf_swin_args,
                          lambda state, args, source: convert_hf_swin_state_dict(state, args["depths"], source),
-                         "hf_swin", normalize=normalize_hf_swin_keys)
+                         "hf_swin", normalize=normalize_hf_swin_keys, schema=HF_SWIN_SCHEMA)
 
 
 def convert_hf_swin(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> SwinTransformer:

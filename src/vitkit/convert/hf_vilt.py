@@ -21,7 +21,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.vilt import ViLT
+from ..schema import HEADS, MAX_SIDE, TOKEN_ID, at_least
 from ._common import check_consumed, config_value, load_hf_model, save_converted, take
+from ._schema import EPS_KEY, IMAGE_SIZE_KEY, RATE_KEY, ConfigSchema, Key
 from .hf_vit import convert_hf_vit_layers, hf_config_activation
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -53,6 +55,14 @@ def _tied_decoder(state: dict[str, torch.Tensor]) -> bool:
     dec = state.get("mlm_score.decoder.weight")
     word = state.get("embeddings.text_embeddings.word_embeddings.weight")
     return dec is None or (word is not None and dec.shape == word.shape and torch.equal(dec, word))
+
+
+# Every config.json entry hf_vilt_args reads (the sizes come from the weights).
+HF_VILT_SCHEMA = ConfigSchema({
+    "hidden_act": Key(str), "image_size": IMAGE_SIZE_KEY, "max_image_length": Key(int, at_least(-1, MAX_SIDE)),
+    "num_attention_heads": Key(int, HEADS, required=True), "pad_token_id": Key(int | None, TOKEN_ID),
+    "layer_norm_eps": EPS_KEY, "hidden_dropout_prob": RATE_KEY, "attention_probs_dropout_prob": RATE_KEY,
+}, model_type="vilt")
 
 
 def hf_vilt_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json") -> dict:
@@ -145,7 +155,7 @@ def load_hf_vilt(src: str | os.PathLike, **overrides: Any) -> ViLT:
     """
     return load_hf_model(ViLT, src, overrides, hf_vilt_args,
                          lambda state, args, source: convert_hf_vilt_state_dict(state, args["depth"], source),
-                         "hf_vilt", normalize=normalize_hf_vilt_keys)
+                         "hf_vilt", normalize=normalize_hf_vilt_keys, schema=HF_VILT_SCHEMA)
 
 
 def convert_hf_vilt(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> ViLT:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.vit import VisionTransformer
+from ..schema import CHANNELS, HEADS, LAYERS, SIDE, WIDTH
 from ._common import (
     check_consumed,
     config_value,
@@ -24,6 +25,7 @@ from ._common import (
     strip_prefix,
     take,
 )
+from ._schema import EPS_KEY, IMAGE_SIZE_KEY, SIZE_KEY, ConfigSchema, Key, grid_tokens, transformer_bytes
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
@@ -53,6 +55,25 @@ def normalize_hf_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                 break
         out[key] = value
     return out
+
+
+def _hf_vit_bytes(config: dict[str, Any]) -> tuple[int, list[str]]:
+    """fp32 weights of the ViT an HF ``ViTConfig`` describes (blocks, position table, patch projection)."""
+    hidden, patch, chans = config["hidden_size"], config.get("patch_size", 16), config.get("num_channels", 3)
+    tokens = grid_tokens(config.get("image_size", 224), patch)
+    nbytes = transformer_bytes(hidden, config["num_hidden_layers"], config.get("intermediate_size", 4 * hidden), tokens)
+    return nbytes + 4 * chans * patch * patch * hidden, [
+        "hidden_size", "num_hidden_layers", "intermediate_size", "image_size", "patch_size"]
+
+
+# Every config.json entry hf_vit_args reads: types, ranges, and the model's size against the machine's memory.
+HF_VIT_SCHEMA = ConfigSchema({
+    "hidden_act": Key(str), "pooler_act": Key(str),
+    "hidden_size": Key(int, WIDTH, required=True), "num_hidden_layers": Key(int, LAYERS, required=True),
+    "num_attention_heads": Key(int, HEADS, required=True), "intermediate_size": SIZE_KEY,
+    "image_size": IMAGE_SIZE_KEY, "patch_size": Key(int, SIDE), "num_channels": Key(int, CHANNELS),
+    "qkv_bias": Key(bool), "layer_norm_eps": EPS_KEY,
+}, estimate=_hf_vit_bytes, model_type="vit")
 
 
 def hf_config_activation(config: dict[str, Any], model_type: str, source: str) -> str:
@@ -148,7 +169,7 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     """
     return load_hf_model(VisionTransformer, src, overrides, hf_vit_args,
                          lambda state, args, source: convert_hf_vit_state_dict(state, args["depth"], source), "hf_vit",
-                         normalize=normalize_hf_vit_keys)
+                         normalize=normalize_hf_vit_keys, schema=HF_VIT_SCHEMA)
 
 
 def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> VisionTransformer:

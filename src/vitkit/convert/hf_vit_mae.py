@@ -28,7 +28,9 @@ from ..errors import CheckpointError
 from ..layers import SINCOS_ORDERS, sincos_2d
 from ..models import list_models, model_defaults
 from ..models.mae import MaskedAutoencoderViT
+from ..schema import CHANNELS, HEADS, LAYERS, RATE, SIDE
 from ._common import check_consumed, load_hf_model, save_converted, take
+from ._schema import EPS_KEY, SIZE_KEY, ConfigSchema, Key, grid_tokens, transformer_bytes
 from .hf_vit import hf_config_activation
 
 # Layer stacks: (pattern of a layer prefix, vitkit prefix)
@@ -123,6 +125,31 @@ def _encoder_name(args: dict[str, Any]) -> str:
     return "vit_base_patch16_224"
 
 
+def _hf_vit_mae_bytes(config: dict[str, Any]) -> tuple[int, list[str]]:
+    """fp32 weights of the MAE an HF ``ViTMAEConfig`` describes: encoder, decoder, both position tables."""
+    hidden, dec = config.get("hidden_size", 768), config.get("decoder_hidden_size", 512)
+    patch, chans = config.get("patch_size", 16), config.get("num_channels", 3)
+    tokens = grid_tokens(config.get("image_size", 224), patch)
+    nbytes = transformer_bytes(hidden, config.get("num_hidden_layers", 12), config.get("intermediate_size", 4 * hidden),
+                               tokens)
+    nbytes += transformer_bytes(dec, config.get("decoder_num_hidden_layers", 8),
+                                config.get("decoder_intermediate_size", 2048), tokens)
+    nbytes += 4 * (chans * patch * patch * (hidden + dec) + hidden * dec)
+    return nbytes, ["hidden_size", "num_hidden_layers", "intermediate_size", "image_size", "patch_size",
+                    "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_intermediate_size"]
+
+
+# Every config.json entry hf_vit_mae_args reads: types, ranges, and the model's size against the machine's memory.
+HF_VIT_MAE_SCHEMA = ConfigSchema({
+    "hidden_act": Key(str), "hidden_size": SIZE_KEY, "num_hidden_layers": Key(int, LAYERS),
+    "num_attention_heads": Key(int, HEADS), "intermediate_size": SIZE_KEY, "image_size": Key(int, SIDE),
+    "patch_size": Key(int, SIDE), "num_channels": Key(int, CHANNELS), "qkv_bias": Key(bool),
+    "layer_norm_eps": EPS_KEY, "decoder_hidden_size": SIZE_KEY, "decoder_num_hidden_layers": Key(int, LAYERS),
+    "decoder_num_attention_heads": Key(int, HEADS), "decoder_intermediate_size": SIZE_KEY,
+    "mask_ratio": Key(float, RATE), "norm_pix_loss": Key(bool),
+}, estimate=_hf_vit_mae_bytes, model_type="vit_mae")
+
+
 def hf_vit_mae_args(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = "config.json"
                     ) -> dict[str, Any]:
     """MaskedAutoencoderViT constructor arguments equivalent to an HF ``ViTMAEConfig`` (+ what the weights hold)."""
@@ -178,7 +205,7 @@ def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencod
 
     return load_hf_model(MaskedAutoencoderViT, src, {}, args_with_overrides,
                          lambda state, _, source: convert_hf_vit_mae_state_dict(state, source), "hf_vit_mae",
-                         cfg_defaults=rgb_defaults)
+                         cfg_defaults=rgb_defaults, schema=HF_VIT_MAE_SCHEMA)
 
 
 def convert_hf_vit_mae(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MaskedAutoencoderViT:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vitkit.errors import DataError
+from vitkit.schema import machine_memory
 
 Stats = tuple[float, ...]
 
@@ -98,20 +99,12 @@ def stratified_indices(labels: Sequence[int] | torch.Tensor, fraction: float, se
     return torch.sort(torch.cat(keep)).values
 
 
-def _memory_bytes() -> int:
-    """Physical memory of this machine (a large number where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 50
-
-
 def resize_images(images: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
     """Bicubic (antialiased) resize of a uint8 N×C×H×W tensor, in chunks to bound float memory."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     needed = images.shape[0] * images.shape[1] * size[0] * size[1]
-    limit = _memory_bytes() // 2
+    limit = machine_memory() // 2
     if needed > limit:
         raise DataError(f"resizing {images.shape[0]} in-memory images to {size[0]}x{size[1]} needs "
                         f"{needed / 2**30:.1f} GiB, more than half of this machine's memory "

@@ -182,12 +182,13 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
     """Images of ``root`` with captions from a CSV (columns ``file,caption``) or JSONL (``{"file", "caption"}``).
 
     A caption must be a non-empty string: a row whose caption is empty, or in JSONL not a string (null, a number,
-    NaN, a list, an object), whose file is not a string, is missing, outside ``root`` or undecodable (or a
-    decompression bomb) is a bad row. Bad rows are left out, counted against ``max_bad_images`` and named in ONE
-    warning line (``<file>: N of M rows skipped (max_bad_images=K): <the first ones>``); more bad rows than
-    ``max_bad_images``, or no good row left, is a DataError naming the first ones. A field longer than
-    ``MAX_FIELD_CHARS`` (1 MiB) is a DataError naming the row. All kept images are decoded now (``image_size``
-    resizes + centre-crops).
+    NaN, a list, an object), whose file is not a string, is missing, outside ``root``, a name the file system
+    cannot take (a NUL byte, too long) or undecodable (or a decompression bomb), or whose caption or file holds a
+    lone surrogate (a JSONL ``\\ud800`` escape) is a bad row. Bad rows are left out, counted against
+    ``max_bad_images`` and named in ONE warning line (``<file>: N of M rows skipped (max_bad_images=K): <the first
+    ones>``); more bad rows than ``max_bad_images``, or no good row left, is a DataError naming the first ones. A
+    field longer than ``MAX_FIELD_CHARS`` (1 MiB) is a DataError naming the row. All kept images are decoded now
+    (``image_size`` resizes + centre-crops).
     """
     import warnings
 
@@ -206,13 +207,25 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
             bad.append(f"{where}: the file is {_json_kind(file) if not isinstance(file, str) else 'empty'}, "
                        f"not a file name")
             continue
-        target = (root / file).resolve()
         if not caption.strip():
             bad.append(f"{where}: empty caption")
-        elif resolved_root not in target.parents:
-            bad.append(f"{where}: {file!r} is outside {root}")
-        elif not target.is_file():
-            bad.append(f"{where}: {file!r} not found in {root}")
+            continue
+        unusable = _unusable_text(caption, "caption") or _unusable_text(file, "file name")
+        if unusable:
+            bad.append(f"{where}: {unusable}")
+            continue
+        try:  # a name the file system cannot take (too long, a NUL byte) is a bad row, like a missing file
+            target = (root / file).resolve()
+            inside = resolved_root in target.parents
+            found = inside and target.is_file()
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            bad.append(f"{where}: the file name {_shown(file)} cannot be used ({reason})")
+            continue
+        if not inside:
+            bad.append(f"{where}: {_shown(file)} is outside {root}")
+        elif not found:
+            bad.append(f"{where}: {_shown(file)} not found in {root}")
         else:
             try:
                 images.append(decode_image(target, num_channels, image_size))
@@ -234,6 +247,21 @@ def load_caption_folder(root: str | Path, captions_file: str | Path, num_channel
     if len(shapes) > 1:
         raise DataError(f"{path}: images of different sizes {sorted(shapes)[:3]}; pass image_size")
     return CaptionDataset(torch.stack(images), texts, name=f"captions:{path.name}")
+
+
+def _unusable_text(text: str, what: str) -> str | None:
+    """Why ``text`` cannot be used (a lone surrogate: a JSONL ``"\\ud800"`` escape, which neither the file system
+    nor the tokenizer takes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"the {what} is not valid text (character {e.start + 1} is a lone surrogate)"
+    return None
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """A file name for a message: quoted, and cut to ``limit`` characters."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"… ({len(name):,} characters)"
 
 
 def _json_kind(value: Any) -> str:
@@ -279,6 +307,9 @@ def _read_rows(path: Path) -> list[tuple[int, tuple[Any, Any]]]:
                 obj = json.loads(row)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line}: not a JSON object ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an integer of > 4,300 digits; arrays nested too deep
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                raise DataError(f"{path}:{line}: not a usable JSON object ({reason})") from None
             if not isinstance(obj, dict) or not {"file", "caption"} <= set(obj):
                 raise DataError(f"{path}:{line}: each line must be an object with 'file' and 'caption'")
             rows.append((line, (obj["file"], obj["caption"])))

@@ -208,11 +208,11 @@ def _show(value: Any) -> str:
 
 
 def _check_model(model: ModelConfig) -> None:
-    """The model name is registered and ``model.args`` names only arguments its constructor takes.
-
-    Values are checked by the constructor itself when the run builds the model, before the first step.
-    """
-    from ..models import list_models, model_argument_names
+    """The model name is registered and ``model.args`` would build it: the arguments its constructor takes, their
+    types and ranges, a build on the meta device (the constructor's own checks, no memory) and the weights against
+    half of the machine's memory (``vitkit.models.check_model_arguments``). A failure of the check is an
+    error, never a skipped check."""
+    from ..models import check_model_arguments, list_models
 
     if model.name not in list_models():
         import difflib
@@ -220,23 +220,7 @@ def _check_model(model: ModelConfig) -> None:
         close = difflib.get_close_matches(model.name, list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
         raise ConfigError(f"model.name={model.name!r} is not a registered model{hint}")
-    accepted = model_argument_names(model.name)
-    unknown = sorted(set(model.args) - accepted) if accepted is not None else []
-    if unknown:
-        raise ConfigError(f"model.args: {model.name} does not take {', '.join(unknown)}; it takes "
-                          f"{', '.join(sorted(accepted))}")
-    # The constructor checks the values; on the meta device that costs no memory and no initialisation.
-    import torch
-
-    from ..models import create_model
-
-    try:
-        with torch.device("meta"):
-            create_model(model.name, **model.args)
-    except ConfigError as e:
-        raise ConfigError(f"model.args: {e}") from None
-    except Exception:  # noqa: BLE001 - a constructor that cannot run on meta is checked when the run builds it
-        pass
+    check_model_arguments(model.name, model.args, "model.args")
 
 
 def _task_shorthand(layer: DictConfig) -> DictConfig:

@@ -2,6 +2,7 @@
 
 from . import ar, clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
 from ._base import EncoderWrapper, TokenClassifier, VitkitModel
+from ._checks import check_model_arguments
 from ._pretrained import load_backbone, load_pretrained, load_weights, read_config, read_state_dict, save_pretrained
 from ._registry import (
     create_model,
@@ -31,7 +32,7 @@ from .vqvae import MultiScaleVQVAE, SingleScaleVQVAE, VQVAEOutput
 __all__ = [
     "VitkitModel", "TokenClassifier", "EncoderWrapper", "read_config", "get_model_class", "from_pretrained",
     "load_pretrained", "load_backbone", "load_weights", "read_state_dict", "save_pretrained", "create_model",
-    "list_models", "model_argument_names",
+    "list_models", "model_argument_names", "check_model_arguments",
     "model_defaults", "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
     "VisionTransformer", "T2TViT", "SwinTransformer", "EfficientViT", "ViLT", "CLIP",
     "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "HART", "TokenGenerator", "GeneratorOutput",

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError, ConfigError, VitkitError
 from ._pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_weights, merge_pretrained_cfg, read_config
@@ -172,6 +174,9 @@ def _construct(name: str, build: Callable[..., nn.Module], args: dict[str, Any])
     vitkit's own types pass through unchanged.
     """
     try:
+        if torch.get_default_device().type == "meta":  # a check that builds without memory (see meta_build)
+            with _MetaBuild():
+                return build(**args)
         return build(**args)
     except VitkitError:
         raise
@@ -186,6 +191,43 @@ def _construct(name: str, build: Callable[..., nn.Module], args: dict[str, Any])
             raise
         raise ConfigError(f"{name}: these arguments need more memory than this machine has (sizes: "
                           f"{ {k: v for k, v in args.items() if 'size' in k or 'dim' in k} })") from None
+
+
+# ---------------------------------------------------------------------- building without memory
+_META_HOST_STEPS = 1 << 16  # a linspace/logspace this short is computed on the CPU during a meta build
+
+
+class _MetaBuild(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: ``torch.linspace`` / ``torch.logspace`` of at most ``_META_HOST_STEPS``
+    values are computed on the CPU, everything else stays on the meta device.
+
+    Constructors read such schedules back as numbers (``torch.linspace(0, drop_path_rate, depth).tolist()``), which
+    a meta tensor cannot give; these small vectors are the only values a constructor needs, so every registered
+    model builds on meta (``tests/test_config_schema.py`` checks each).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.linspace, torch.logspace) and kwargs.get("device") is None:
+            steps = args[2] if len(args) > 2 else kwargs.get("steps")
+            small = isinstance(steps, int) and 0 <= steps <= _META_HOST_STEPS
+            kwargs["device"] = "cpu" if small else "meta"
+        return func(*args, **kwargs)
+
+
+def meta_build(build: Callable[..., nn.Module], args: dict[str, Any]) -> nn.Module:
+    """``build(**args)`` on the meta device: no memory, no initialisation, the constructor's checks all run.
+
+    ``create_model`` does the same by itself inside ``with torch.device("meta")``. Errors are the constructor's own.
+    """
+    with torch.device("meta"), _MetaBuild():
+        return build(**args)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (also of a model built on the meta device)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _first_line(e: Exception) -> str:

@@ -319,12 +319,19 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def parse_task_args(cls: type[Task], args: Mapping[str, Any] | None) -> Any:
-    """``task.args`` of a recipe -> the task's ``Args`` dataclass; an unknown key is a ConfigError naming it."""
+    """``task.args`` of a recipe -> the task's ``Args`` dataclass; an unknown key, a value of another type than the
+    field's annotation (``tokenizer: true`` where a path is expected, ``top_k: .inf``) or out of its range
+    (``vitkit.schema.TASK_ARG_RANGES``, e.g. ``cfg`` >= 0) is one ConfigError naming every bad key."""
+    from ..schema import task_argument_problems
+
     args = dict(args or {})
     known = {f.name for f in dataclasses.fields(cls.Args)}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"task {cls.name!r} does not take task.args {unknown}; valid: {sorted(known) or 'none'}")
+    problems = task_argument_problems(cls.Args, args)
+    if problems:
+        raise ConfigError(f"task {cls.name!r}: " + "; ".join(problems))
     try:
         return cls.Args(**args)
     except (TypeError, ValueError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -202,7 +203,8 @@ def class_index(class_name: str, names: list[str]) -> int:
     lowered = [str(n).lower() for n in names]
     if text.lower() in lowered:
         return lowered.index(text.lower())
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+    # an index: decimal digits only ("²" is a digit to str.isdigit but not to int; "--5" strips to one)
+    if re.fullmatch(r"-?\d{1,18}", text) and 0 <= int(text) < len(names):
         return int(text)
     raise ConfigError(f"unknown class {class_name!r}; the generator's classes: "
                       f"{', '.join(f'{i}={n}' for i, n in enumerate(names))} (or 'none': unconditional)")

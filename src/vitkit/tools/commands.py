@@ -21,7 +21,8 @@ def positive_int(text: str) -> int:
 
 
 def parse_key_values(items: list[str]) -> dict:
-    """``["num_heads=2", "dynamic_img_size=true"]`` -> ``{"num_heads": 2, "dynamic_img_size": True}`` (YAML values)."""
+    """``["num_heads=2", "dynamic_img_size=true"]`` -> ``{"num_heads": 2, "dynamic_img_size": True}`` (YAML values);
+    a value that is not valid YAML (``x=[1,``) is a ConfigError naming it."""
     import yaml
 
     out = {}
@@ -29,7 +30,11 @@ def parse_key_values(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item!r} must look like key=value")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except (yaml.YAMLError, ValueError) as e:  # ParserError, ScannerError, ...; an integer of > 4,300 digits
+            first = " ".join(str(e).split("\n")[0].split())
+            raise ConfigError(f"{item!r}: the value is not valid YAML ({type(e).__name__}: {first})") from None
     return out
 
 

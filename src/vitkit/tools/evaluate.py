@@ -46,7 +46,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
 
 
 def _input_spec(model) -> tuple[int, tuple[int, int]]:
-    channels, h, w = model.pretrained_cfg["input_size"]
+    """(channels, (height, width)) of the images the model takes; a ConfigError for a model whose config names no
+    input size (a next-scale generator draws images and takes none: ``vitkit sample`` is its command)."""
+    size = model.pretrained_cfg.get("input_size")
+    if not size or len(size) != 3:
+        raise ConfigError(f"{getattr(model, 'model_name', None) or type(model).__name__} takes no image files (its "
+                          f"config names no input_size); a generator is sampled with `vitkit sample`")
+    channels, h, w = size
     return int(channels), (int(h), int(w))
 
 

@@ -94,11 +94,22 @@ def render_text(text: str, doc: Path, plots: bool = True) -> str:
     return BLOCK.sub(rebuild, text)
 
 
+def read_doc(path: Path) -> str:
+    """A doc's text; a doc that is not UTF-8 is a ConfigError naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} cannot be "
+                          f"decoded: {e.reason})") from None
+
+
 def report(paths: list[Path], check: bool = False) -> list[tuple[Path, str]]:
     """Rebuild the docs (or with ``check`` only compare); returns (doc, unified diff) for every doc that differs."""
     changed = []
     for path in paths:
-        old = path.read_text(encoding="utf-8")
+        old = read_doc(path)
         new = render_text(old, path, plots=not check)
         if new != old:
             diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(path),
@@ -113,7 +124,7 @@ def doc_paths(patterns: list[str] | tuple[str, ...], root: Path) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
         found = sorted(root.glob(pattern)) if any(c in pattern for c in "*?[") else [root / pattern]
-        paths += [p for p in found if p.is_file() and "<!-- report:" in p.read_text(encoding="utf-8")]
+        paths += [p for p in found if p.is_file() and "<!-- report:" in read_doc(p)]
     return paths
 
 
@@ -270,9 +281,18 @@ def load_script(path: str | Path) -> ModuleType:
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    if spec is None or spec.loader is None:  # not a .py file: Python has no loader for it
+        raise ConfigError(f"{path}: not a Python script (.py)")
+    module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        del sys.modules[name]
+        raise ConfigError(f"{e.filename or path}:{e.lineno}: the script is not valid Python ({e.msg})") from None
+    except BaseException:
+        del sys.modules[name]  # a half-run module must not be reused by the next call
+        raise
     return module
 
 
@@ -296,6 +316,9 @@ def add_report_args(p: Any) -> None:
 def run_report_args(args: Any) -> int:
     root = Path.cwd()
     paths = [Path(d) for d in args.docs] if args.docs else doc_paths(DEFAULT_DOCS, root)
+    if not paths:  # run from another folder: `--check` would pass having checked nothing
+        raise ConfigError(f"no doc with report blocks in {root} ({', '.join(DEFAULT_DOCS)}); run vitkit report from "
+                          f"the repository root, or name the docs")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"doc not found: {', '.join(missing)}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .limits import MAX_UPLOAD_MB, ServeLimits, number_flag, physical_memory
+from ...schema import machine_memory
+from .limits import MAX_UPLOAD_MB, ServeLimits, number_flag
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "ModelService", "ServeLimits", "create_app", "serve", "add_serve_args",
            "run_serve_args"]
@@ -62,9 +63,9 @@ def run_serve_args(args: Any) -> int:
         except Exception as e:
             raise ConfigError(f"{flag} {e}") from None
     memory = getattr(args, "decode_memory_mb", None)
-    if memory is not None and memory * 1024**2 > physical_memory():
+    if memory is not None and memory * 1024**2 > machine_memory():
         raise ConfigError(f"--decode-memory-mb {memory:g} is more than this machine's memory "
-                          f"({physical_memory() / 1024**2:,.0f} MiB)")
+                          f"({machine_memory() / 1024**2:,.0f} MiB)")
     limits = ServeLimits(  # range-checked: one ConfigError line naming every bad field
         max_pending=getattr(args, "max_pending", _DEFAULTS["max_pending"].default),
         request_timeout=float(getattr(args, "request_timeout", _DEFAULTS["request_timeout"].default)),

@@ -48,6 +48,7 @@ from fastapi.responses import HTMLResponse
 from ..._version import __version__
 from ...data.image_io import BadImageError, decode_pil, open_image
 from ...errors import ConfigError, VitkitError
+from ...tasks import class_index
 from ...utils import format_bytes
 from ..evaluate import load_model, resolve_model_dir, task_for_model
 from .limits import MAX_SEED, MAX_UPLOAD_MB, Budget, ServeLimits, decode_bytes
@@ -189,6 +190,8 @@ class ModelService:
         channels, h, w = self.model.pretrained_cfg.get("input_size", (1, 1, 1))  # generators take no image
         self.channels, self.size = int(channels), (int(h), int(w))
         self.generator = self.task.can("sample")
+        # the classes /sample takes, known now: an unknown one is refused before it waits for (and reloads) the run
+        self.class_names = self.task.output_names(self.model) if self.generator else []
         self.explain_method = None if self.generator else explain_method
         self._lock = threading.Lock()  # one forward at a time, also for callers of the blocking API
         self._slots = threading.BoundedSemaphore(limits.max_pending)  # admission
@@ -256,6 +259,14 @@ class ModelService:
             raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed}")
         return seed
 
+    def check_sample(self, class_name: str, seed: int) -> None:
+        """What /sample checks before any work: the seed, a generator run, a class it knows (name, index or
+        ``none``): a ConfigError (400) naming the classes, without waiting for the model or reloading the run."""
+        self.check_seed(seed)
+        if not self.generator:
+            raise ConfigError(f"sampling is for generator runs; this one is a {self.task.name} model")
+        class_index(class_name, self.class_names)
+
     # ------------------------------------------------------------------------------------ the work (threads)
     def _peek(self, fp) -> tuple[tuple[int, int], str]:
         """The declared size and mode, and the image_io limits: the header only, nothing decoded."""
@@ -311,9 +322,7 @@ class ModelService:
 
     def sample(self, class_name: str, n: int, seed: int) -> dict[str, Any]:
         """A PNG grid of ``n`` samples of one class from a generator run, as a data URL."""
-        self.check_seed(seed)
-        if not self.generator:
-            raise ConfigError(f"sampling is for generator runs; this one is a {self.task.name} model")
+        self.check_sample(class_name, seed)
         if not self.admit():
             raise self.busy("too many requests are waiting")
         try:
@@ -370,9 +379,7 @@ class ModelService:
         return out
 
     async def sample_async(self, class_name: str, n: int, seed: int) -> dict[str, Any]:
-        self.check_seed(seed)
-        if not self.generator:
-            raise ConfigError(f"sampling is for generator runs; this one is a {self.task.name} model")
+        self.check_sample(class_name, seed)
         deadline = asyncio.get_running_loop().time() + self.limits.request_timeout
         model = await self._wait(self._model_slot, 1, deadline, "the model")
         return await self._in_thread(self._model_pool, self._sample, class_name, n, seed, deadline=deadline,

@@ -15,9 +15,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from ...errors import ConfigError
+from ...schema import machine_memory
 
 MAX_UPLOAD_MB = 1024  # --max-upload-mb: (0, 1024] MiB
 MAX_SEED = 2**63  # seeds are in [0, 2**63): torch's generators take 64-bit seeds, JSON clients 63-bit integers
@@ -34,23 +34,6 @@ _DEFAULT_BYTES_PER_PIXEL = 10
 def decode_bytes(size: tuple[int, int], mode: str) -> int:
     """Estimated peak memory of decoding an image of ``size`` (w, h) declared in ``mode``."""
     return int(size[0]) * int(size[1]) * _DECODE_BYTES_PER_PIXEL.get(mode, _DEFAULT_BYTES_PER_PIXEL)
-
-
-def physical_memory() -> int:
-    """Bytes of memory this process may use: the machine's RAM, or its cgroup's limit when lower."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        total = 8 * 1024**3  # no sysconf (Windows): assume a small machine
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
-        break
-    return total
 
 
 def default_decode_workers() -> int:
@@ -75,7 +58,8 @@ class ServeLimits:
 
     Memory: at most ``decode_workers`` images are decoded at once, and only while their estimated decode
     memory (:func:`decode_bytes`: declared pixels x bytes per pixel of the declared mode) fits in
-    ``decode_memory_bytes`` together (default: :data:`DECODE_MEMORY_FRACTION` of :func:`physical_memory`); an
+    ``decode_memory_bytes`` together (default: :data:`DECODE_MEMORY_FRACTION` of
+    :func:`vitkit.schema.machine_memory`); an
     image larger than the whole budget is decoded alone. The per-image limits (40 MP, 50:1) stay those of
     :mod:`vitkit.data.image_io`.
 
@@ -95,7 +79,7 @@ class ServeLimits:
     max_class_chars: int = 100
 
     def __post_init__(self) -> None:
-        ram = physical_memory()
+        ram = machine_memory()
         ranges: dict[str, tuple[type, float, float, bool]] = {  # kind, low, high, low excluded
             "max_pending": (int, 1, 100_000, False),
             "request_timeout": (float, 0, 3600, True),
@@ -133,7 +117,7 @@ class ServeLimits:
     def decode_budget(self) -> int:
         if self.decode_memory_bytes is not None:
             return int(self.decode_memory_bytes)
-        return max(64 * 1024**2, int(physical_memory() * DECODE_MEMORY_FRACTION))
+        return max(64 * 1024**2, int(machine_memory() * DECODE_MEMORY_FRACTION))
 
     @property
     def max_classes_field(self) -> int:
