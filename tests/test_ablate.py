@@ -39,7 +39,7 @@ def test_tiny_ablation_table_plot_and_resume(tmp_path, monkeypatch, capsys):
 def test_shared_variants_are_trained_once_and_lr_sweep(tmp_path, monkeypatch):
     seen = []
 
-    def fake_train(recipe, overrides, resume=None):
+    def fake_train(recipe, overrides, resume=None, **kw):
         seen.append(tuple(overrides))
         lr = next(float(o.split("=")[1]) for o in overrides if o.startswith("optim.lr=")) \
             if any(o.startswith("optim.lr=") for o in overrides) else 2e-3
@@ -57,7 +57,7 @@ def test_shared_variants_are_trained_once_and_lr_sweep(tmp_path, monkeypatch):
 
 def test_data_size_keeps_optimizer_steps(tmp_path, monkeypatch):
     epochs = {}
-    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None: epochs.setdefault(
+    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None, **kw: epochs.setdefault(
         next(o for o in over if o.startswith("data.train_fraction")), [o for o in over if o.startswith("train.ep")])
         and {"final": {"top1": 0.1}, "best": {"top1": 0.1}, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
     ablate.run_ablation("configs/fmnist/vit_tiny.yaml", ["data_size"], 1, tmp_path, [*TINY, "train.epochs=3"],
@@ -94,7 +94,7 @@ def test_parallel_jobs_train_each_run_once_in_worker_processes(tmp_path):
 
 def test_ssl_study_fills_pretrained_checkpoints_and_matches_steps(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None: seen.append(over) or {
+    monkeypatch.setattr(ablate, "train", lambda recipe, over, resume=None, **kw: seen.append(over) or {
         "final": {"top1": 0.5}, "best": {"top1": 0.5}, "params": 1, "train_img_s": 1.0, "train_wall_clock_s": 1.0})
     with pytest.raises(ConfigError, match=r"--pretrained mae=PATH"):
         ablate.run_ablation("configs/fmnist/finetune_tiny.yaml", ["ssl"], 1, tmp_path, TINY)
@@ -179,7 +179,7 @@ def test_studies_are_data_and_a_file_of_ones_own_works(tmp_path):
 def test_lr_pick_on_validation_and_one_row_per_study_membership(tmp_path, monkeypatch):
     """With a held-out split the sweep's pick follows validation (not test); a run shared by two studies is
     trained once and written as a row of each; the table carries the verdicts of the study's checks."""
-    def fake_train(recipe, overrides, resume=None):
+    def fake_train(recipe, overrides, resume=None, **kw):
         lr = float(next((o.split("=")[1] for o in overrides if o.startswith("optim.lr=")), 2e-3))
         seed = int(next(o.split("=")[1] for o in overrides if o.startswith("train.seed=")))
         gap = any("pool=gap" in o for o in overrides)

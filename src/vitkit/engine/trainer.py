@@ -203,7 +203,7 @@ class Trainer:
         if cfg.data.val_fraction > 0:
             if not hasattr(train, "split_off"):
                 raise ConfigError(f"data.val_fraction: the {cfg.data.name!r} dataset cannot hold out a validation "
-                                  "split (labelled images in memory are needed); leave data.val_fraction at 0")
+                                  "split (its dataset class has no split_off); leave data.val_fraction at 0")
             test, (train, evals) = evals, train.split_off(cfg.data.val_fraction, seed=cfg.data.val_seed)
         if cfg.data.train_fraction < 1:
             train = train.subset(cfg.data.train_fraction, seed=cfg.train.seed)
