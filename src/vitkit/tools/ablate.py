@@ -385,6 +385,8 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       "params": rs[0]["params"], "img_s": statistics.fmean(r["train_img_s"] for r in rs),
                       "wall_clock": statistics.fmean(r["wall_clock_s"] for r in rs),
                       "epochs": rs[0]["epochs"], "best_lr": False})
+    order = {v.label: i for i, v in enumerate(study.variants)}  # the study's order, whatever the file's
+    lines.sort(key=lambda ln: (order.get(ln["variant"], len(order)), ln["lr"]))
     if len(study.lr_multipliers) > 1:
         on_val = all(ln["val_mean"] is not None for ln in lines)
         for variant in dict.fromkeys(ln["variant"] for ln in lines):
