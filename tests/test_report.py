@@ -99,3 +99,10 @@ def test_every_doc_equals_what_its_results_give():
     assert paths, "no doc has generated blocks"
     changed = report.report(paths, check=True)
     assert not changed, "docs differ from their results; run `vitkit report`:\n" + "\n".join(d for _, d in changed)
+
+
+def test_an_indented_marker_is_an_example_left_alone(tmp_path):
+    text = ("Example:\n\n    <!-- report: table results=results.jsonl group=name columns=x -->\n    ...\n"
+            "    <!-- /report -->\n")
+    doc = _doc(tmp_path, text)
+    assert report.report([doc], check=True) == [] and doc.read_text() == text

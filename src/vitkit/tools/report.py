@@ -40,7 +40,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..utils import atomic_write_text
 
-BLOCK = re.compile(r"(<!-- report: (?P<head>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
+# a marker starts its line (an indented one is an example in a code block, left alone)
+BLOCK = re.compile(r"^(<!-- report: (?P<head>[^\n]*?) -->\n)(?P<body>.*?)^(<!-- /report -->)", re.S | re.M)
 SECTIONS: dict[str, Callable[..., str]] = {}
 DEFAULT_DOCS = ("docs/*.md", "benchmarks/RESULTS.md")
 
