@@ -29,6 +29,20 @@ from PIL import Image
 from vitkit.tools.timing import cpu_name
 
 
+def wait_until_up(server: subprocess.Popen, base: str, timeout_s: float = 120.0) -> None:
+    """Poll ``/health`` until the server answers; exit with its last stderr if it dies or never answers."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
 def _images(n: int) -> list[bytes]:
     from vitkit.data.fashion_mnist import find_dir, load_arrays
 
@@ -72,16 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_up(server, base)
         rss_idle = _rss_peak_mb(server.pid)
         images = _images(args.requests)
         client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=args.clients))

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import _free_port, _rss_peak_mb  # noqa: E402
+from bench_serve import _free_port, _rss_peak_mb, wait_until_up  # noqa: E402
 
 from vitkit.tools.timing import cpu_name  # noqa: E402
 
@@ -130,16 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     health: list[tuple[int, float]] = []
     stop = threading.Event()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_up(server, base)
         with httpx.Client(timeout=30) as warm:  # the first forward
             warm.post(base + "/predict", files={"file": ("w.png", _image("small"), "image/png")})
         rss_idle = _rss_peak_mb(server.pid)
