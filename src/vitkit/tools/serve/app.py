@@ -43,7 +43,8 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..._version import __version__
 from ...data.image_io import BadImageError, decode_pil, open_image
@@ -466,6 +467,15 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
     app = FastAPI(title="vitkit serve", version=__version__, lifespan=lifespan,
                   description=f"Serves {service.card['name']} ({service.card['task']}). POST an image to /predict.")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_400(_request, exc: RequestValidationError):
+        """A missing or out-of-range field is a 400 with one line naming it (FastAPI's default: a 422 list)."""
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body", "path"))
+            problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=400)
 
     # every route is a coroutine: nothing waits for a worker thread except the model's own work
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
