@@ -41,3 +41,18 @@ def test_second_training_into_a_run_is_refused_resumed_or_overwritten(tmp_path, 
 def test_summary_names_a_best_checkpoint_only_when_there_is_one(tmp_path, capsys):
     summary = train("configs/fmnist/vit_tiny.yaml", [*TINY, "train.max_steps=3", f"output_dir={tmp_path}/r"])
     assert summary["best_checkpoint"] is None and "no best checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "device"])
+def test_output_dir_that_is_not_a_folder_is_refused(tmp_path, kind):
+    import os
+
+    target = {"file": tmp_path / "plain", "fifo": tmp_path / "pipe", "device": "/dev/null"}[kind]
+    if kind == "file":
+        target.write_text("keep me")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    with pytest.raises(ConfigError, match="output_dir must be a folder"):
+        train("configs/fmnist/vit_tiny.yaml", [*TINY, f"output_dir={target}"])
+    if kind == "file":
+        assert target.read_text() == "keep me"

@@ -29,6 +29,12 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def path_kind(path: str | os.PathLike) -> str:
+    """What ``path`` is, in words ("a FIFO", "a character device", ... or "a regular file"), for error messages."""
+    mode = os.stat(path).st_mode
+    return "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+
+
 def check_output_path(path: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None,
                       create_parent: bool = False, what: str = "output") -> Path:
     """Check a destination before any work and return the file that will really be replaced.

@@ -568,6 +568,11 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
             # max_steps stopped the earlier session; it is not part of what the run trains
             overrides = ["train.max_steps=null", *(overrides or [])]
     cfg = load_config(recipe, overrides, base)
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        from ..utils import path_kind
+
+        raise ConfigError(f"{cfg.output_dir}: output_dir must be a folder (for the run's checkpoints and metrics), "
+                          f"and this is {path_kind(cfg.output_dir)}")
     overwrite = False
     if resume is None and holds_run(cfg.output_dir):
         out = cfg.output_dir
