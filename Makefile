@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,hf,export,serve]"
 	touch $(STAMP)
 
-test: install browser-deps
+test: install browser-deps data
 	$(PY) -m pytest -q
 
 # Headless Chromium + chromedriver for tests/test_browser.py (Debian packages; apt-get needs root). Without them
