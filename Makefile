@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
+# the torchvision release built for torch 2.13 (timm imports it); pinned like torch so no other torch comes in
+TORCHVISION := 0.28.0
 
 .PHONY: install test demo data lint bench clean browser-deps browser-test
 
@@ -16,7 +18,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,hf,export,serve]"
+	$(PIP) install -q torchvision==$(TORCHVISION)
+	$(PIP) install -q -e ".[dev,hf,export,serve,hub,interop,track,ray]"
 	touch $(STAMP)
 
 test: install browser-deps data

@@ -33,6 +33,9 @@ class HFClassifier(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        from vitkit.utils import make_torchvision_importable
+
+        make_torchvision_importable()  # transformers' vision models import torchvision
         from transformers import ViTConfig, ViTForImageClassification
 
         cfg = ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=96, num_hidden_layers=6,

@@ -119,12 +119,17 @@ def model_table() -> str:
         if not (ROOT / "src" / "vitkit" / "models" / f"{family}.py").is_file():
             continue  # registered by user code (or a test) in this process, not shipped
         module = importlib.import_module(f"vitkit.models.{family}")
-        path = Path(module.__file__).resolve().relative_to(ROOT / "src" / "vitkit").as_posix()
+        path = package_path(module)
         counts = {name: count_parameters(name) for name in by_family[family]}
         ordered = sorted(counts, key=lambda n: (counts[n] is None, counts[n] or 0, n))  # small to large
         names = [f"`{n}`" + (f" {human_count(counts[n])}" if counts[n] is not None else "") for n in ordered]
         rows.append(f"| `{family}`<br>`{path}` | {cell(first_sentence(module.__doc__))} | {', '.join(names)} |")
     return "\n".join(rows)
+
+
+def package_path(module) -> str:
+    """``models/vit.py``: a module's file inside the package, as the tables show it."""
+    return Path(module.__file__).resolve().relative_to(ROOT / "src" / "vitkit").as_posix()
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -137,7 +142,7 @@ def task_table() -> str:
         if not cls.__module__.startswith("vitkit."):
             continue  # registered by user code (or a test) in this process, not shipped
         module = sys.modules[cls.__module__]
-        path = Path(module.__file__).resolve().relative_to(ROOT / "src" / "vitkit").as_posix()
+        path = package_path(module)
         # the class's own docstring, else its module's (a class without one would inherit nothing useful)
         doc = cls.__dict__.get("__doc__") or module.__doc__
         rows.append(f"| `{name}` | `{path}` | `{cls.primary_metric}` ({cls.mode}) | {cell(first_sentence(doc))} |")

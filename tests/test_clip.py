@@ -30,13 +30,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on two threads of a shared 2-core machine run many times slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hf_clip(act: str = "quick_gelu", eos: int = VOCAB - 1, proj: int = 20, patch: int = 4, image_size: int = 24,

@@ -43,14 +43,7 @@ TINY = dict(embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, text
 WORDS = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on two threads of a shared 2-core machine run many times slower than on one; a training run's
-    ``train.threads=1`` would also leak into later tests without the restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; also undoes train.threads=1
 
 
 def _captioned(n: int, seed: int = 0) -> CaptionDataset:

@@ -37,14 +37,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on two threads of a shared 2-core machine run many times slower than on one; the training
-    runs' ``train.threads=1`` would also leak into later tests without the restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; also undoes train.threads=1
 
 
 # ------------------------------------------------------------------------------------------------ the loss

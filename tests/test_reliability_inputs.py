@@ -26,13 +26,7 @@ from vitkit.errors import ConfigError, DataError
 MISSING_RUN = "/nonexistent/run"  # a check that names the argument, not this folder, ran before any loading
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on two threads of a shared 2-core machine are several times slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cli(argv: list[str]) -> int:

@@ -6,12 +6,14 @@
 """
 
 from ._version import __version__  # noqa: E402,F401
+
+# any checkpoint: a vitkit or run folder, a Hugging Face, timm or OpenCLIP folder, or a hub id hf-hub:ORG/NAME
+from .convert.auto import load_checkpoint as from_pretrained  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, InputShapeError, VitkitError  # noqa: E402
 from .layers import capture_attention  # noqa: E402
 from .models import (  # noqa: E402
     VisionTransformer,
     create_model,
-    from_pretrained,
     list_models,
     register_model,
 )

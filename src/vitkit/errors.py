@@ -29,3 +29,12 @@ class InputShapeError(VitkitError, ValueError):
 
 class TrainingError(VitkitError):
     """A run cannot go on: its loss became non-finite, or its state on disk does not allow resuming."""
+
+
+class AssumedValueWarning(UserWarning):
+    """A converter used a value that neither the weights nor a shipped config tell, and the value changes the
+    outputs (an activation, a code lookup): the warning names the key, the value and the ``--arg`` that sets it."""
+
+
+class MissingExtraError(VitkitError, ImportError):
+    """An optional dependency is not installed: the message names the extra that brings it."""

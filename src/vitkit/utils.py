@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 
 
 class OutputPathError(ConfigError):
@@ -247,3 +247,41 @@ def format_bytes(n: int) -> str:
     unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
                        if n >= s or s == 1)
     return f"{n / scale:.3g} {unit} ({n:,} bytes)" if scale > 1 else f"{n:,} bytes"
+
+
+def require_extra(module: str, extra: str, feature: str):
+    """Import the optional dependency ``module``, or raise one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(f"{feature} needs {module}: pip install 'vitkit[{extra}]' ({e})") from None
+
+
+def make_torchvision_importable() -> None:
+    """Let ``import torchvision`` succeed where its C++ operators cannot load, before importing timm, open_clip or
+    transformers' vision models (which import torchvision's Python transforms, never its operators).
+
+    The torchvision wheels on PyPI are CUDA builds: beside the CPU build of torch their ``_C.so`` cannot load
+    (``libc10_cuda.so`` is missing), and torchvision 0.28 then fails at import, registering fake kernels for
+    ``torchvision::nms`` / ``qnms``, which do not exist. Here the two schemas are declared without kernels (calling
+    them fails with torch's "no kernel" error). Nothing is done where the operators load, torchvision is absent, or
+    it is already imported.
+    """
+    import importlib.util
+    import sys
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None or "torchvision" in sys.modules:
+        return
+    try:
+        torch.ops.load_library(str(Path(spec.origin).parent / "_C.so"))  # what torchvision.extension does
+        return
+    except OSError:
+        pass
+    for op in ("nms", "qnms"):
+        if not hasattr(torch.ops.torchvision, op):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, VitkitError
+from ..errors import AssumedValueWarning, CheckpointError, ConfigError, VitkitError
 from ..models._checks import check_fits_memory, class_argument_problems
 from ..models._pretrained import load_weights, read_state_dict
 from ..models._registry import meta_build
@@ -19,6 +21,61 @@ from ..schema import first_line, one_line, read_json
 from ._schema import ConfigSchema, check_image_stats
 
 StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ConvertArg:
+    """One ``--arg KEY=VALUE`` of a converter, listed by ``vitkit convert KIND --help``.
+
+    ``source`` says where the value normally comes from: ``"weights"`` (read off tensor shapes or key names;
+    ``--arg`` overrides), ``"config"`` (read from a config file that ships with the checkpoint) or ``"arg"``
+    (nothing tells it). ``default`` is used when the source is silent; ``matters`` marks keys that change the
+    outputs, whose assumed default is announced with :func:`assume` (never taken silently). ``required`` keys
+    have no default: the converter refuses to guess them."""
+
+    name: str
+    help: str
+    default: Any = None
+    source: str = "arg"
+    matters: bool = False
+    required: bool = False
+
+    def describe(self) -> str:
+        where = {"weights": "inferred from the weights", "config": "read from the checkpoint's config",
+                 "arg": "not in the checkpoint"}[self.source]
+        if self.required:
+            default = "required when the checkpoint does not tell"
+        else:
+            default = f"default {self.default!r}" + (", announced when assumed" if self.matters else "")
+        return f"{self.name}: {self.help} ({where}; {default})"
+
+
+def assume(source: str, key: str, value: Any, why: str = "the checkpoint does not tell") -> Any:
+    """Return ``value`` after one warning line that it was assumed for ``key`` (and how to choose another)."""
+    warnings.warn(f"{source}: assumed {key}={value!r} ({why}); pass --arg {key}=... to choose",
+                  AssumedValueWarning, stacklevel=2)
+    return value
+
+
+def require_arg(source: str, key: str, overrides: dict[str, Any], why: str) -> Any:
+    """``overrides[key]``, or a ConfigError saying why the converter will not guess it."""
+    if key not in overrides:
+        raise ConfigError(f"{source}: {why}; pass --arg {key}=...")
+    return overrides[key]
+
+
+def official_config(src: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, Any]:
+    """What a ``config.json`` beside an official weights file ``src`` says of ``keys`` (official constructor
+    argument names), at its top level or in a ``*_args`` section; {} without one. Official releases ship bare
+    weights; a config written beside them (the arguments the model was built with) spares the converter a guess."""
+    path = Path(src).parent / "config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    sections = [config, *(v for k, v in config.items() if k.endswith("args") and isinstance(v, dict))]
+    return {key: next(s[key] for s in sections if key in s) for key in keys if any(key in s for s in sections)}
+
+
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 

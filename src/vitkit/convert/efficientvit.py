@@ -6,11 +6,12 @@ Read off the weights: input channels, ``widths`` and ``depths`` (stem first), ``
 aggregation's grouped 1×1 conv), heads and hence ``heads_ratio``, the aggregation ``scales`` (kernel sizes),
 ``head_widths`` and ``num_classes`` (a backbone-only file gives ``head_widths=None, num_classes=0``).
 
-Not in the weights, so defaults unless passed (``--arg key=value``): ``act`` (official default ``hswish``; the
-official names are accepted: ``hswish`` -> ``hardswish``, ``gelu`` -> ``gelu_tanh``, the official GELU being
-the tanh approximation), ``img_size`` (224: metadata only, the model takes any size), ``stem_stride`` (2, as
-the official stem), ``dim`` (only needed when a checkpoint has no aggregation, ``scales=()``), ``drop_rate``,
-``drop_path_rate``.
+Not in the weights, so defaults unless passed (``--arg key=value``): ``act`` (read from ``act_func`` in a
+``config.json`` beside the weights when there is one, else the official default ``hswish``, announced with an
+``AssumedValueWarning``; the official names are accepted: ``hswish`` -> ``hardswish``, ``gelu`` -> ``gelu_tanh``,
+the official GELU being the tanh approximation), ``img_size`` (224: metadata only, the model takes any size),
+``stem_stride`` (2, as the official stem), ``dim`` (only needed when a checkpoint has no aggregation,
+``scales=()``), ``drop_rate``, ``drop_path_rate``.
 
 Key changes (everything else is the same name): ``backbone.input_stem.op_list.0`` -> ``stem.in_conv``,
 ``backbone.input_stem.op_list.{j}.main`` -> ``stem.blocks.{j-1}``, ``backbone.stages.{i}.op_list.{j}[.main]``
@@ -30,7 +31,7 @@ import torch
 from ..errors import CheckpointError
 from ..models._pretrained import read_state_dict
 from ..models.efficientvit import EFFICIENTVIT_SIZES, EfficientViT
-from ._common import check_consumed, load_converted, save_converted, strip_prefix
+from ._common import ConvertArg, assume, check_consumed, load_converted, official_config, save_converted, strip_prefix
 
 # official act_func names -> vitkit names (vitkit names pass through unchanged)
 OFFICIAL_ACTS = {"hswish": "hardswish", "gelu": "gelu_tanh"}
@@ -195,6 +196,13 @@ def load_efficientvit(src: str | os.PathLike, **overrides: Any) -> EfficientViT:
     state = read_state_dict(src, unwrap=("state_dict", "model"))
     args, converted = convert_efficientvit_state_dict(state, str(src), **overrides)
     overrides = _vitkit_act(overrides)
+    if "act" not in overrides:  # not in the weights: a config beside them tells, else the official default, announced
+        told = official_config(src, ("act_func",)).get("act_func")
+        if told is None:
+            args["act"] = assume(str(src), "act", "hardswish", "the weights do not tell the activation; the official "
+                                 "hswish")
+        else:
+            args["act"] = OFFICIAL_ACTS.get(told, told) if isinstance(told, str) else told
     model = load_converted(EfficientViT, args, overrides, lambda _: converted, str(src))
     model.model_name = official_name(args) or "efficientvit"
     return model
@@ -203,3 +211,25 @@ def load_efficientvit(src: str | os.PathLike, **overrides: Any) -> EfficientViT:
 def convert_efficientvit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> EfficientViT:
     """Convert an official EfficientViT checkpoint file into a vitkit checkpoint folder ``dst``; returns the model."""
     return save_converted(load_efficientvit(src, **overrides), src, dst)
+
+
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("act", "activation: hardswish or gelu_tanh (the official hswish / gelu are accepted); act_func in a "
+               "config.json beside the weights is read", "hardswish", matters=True),
+    ConvertArg("dim", "in-group width of the attention's multi-scale aggregation; needed only when the checkpoint "
+               "has none", None, "weights", matters=True, required=True),
+    ConvertArg("num_classes", "classes of the head (another count keeps the rest of the head and starts a new "
+               "classifier)", None, "weights"),
+    ConvertArg("in_chans", "input channels", None, "weights"),
+    ConvertArg("widths", "stem and stage widths", None, "weights"),
+    ConvertArg("depths", "stem and stage depths", None, "weights"),
+    ConvertArg("expand_ratio", "MBConv expansion (1: DSConv local blocks)", None, "weights"),
+    ConvertArg("scales", "kernel sizes of the multi-scale aggregation", None, "weights"),
+    ConvertArg("heads_ratio", "attention heads per dim-wide group of channels", None, "weights"),
+    ConvertArg("head_widths", "widths of the classification head (None: a backbone-only file)", None, "weights"),
+    ConvertArg("img_size", "input size recorded as metadata (the model takes any size)", 224),
+    ConvertArg("stem_stride", "stride of the stem (the official code's is 2)", 2),
+    ConvertArg("attn_eps", "eps of the linear attention's normaliser (the official code's)", 1e-15),
+    ConvertArg("drop_rate", "dropout before the classifier, for fine-tuning", 0.0),
+    ConvertArg("drop_path_rate", "stochastic depth, for fine-tuning", 0.0),
+)

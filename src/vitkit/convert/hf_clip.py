@@ -4,7 +4,8 @@ What the weights tell is read from them: widths, patch size, image size (square:
 a square grid + CLS), channels, vocabulary, text context, projection width, MLP widths and layer counts
 (checked against ``config.json`` when it states them). What only the config tells is read from it: attention
 heads, activation (``hidden_act``: ``quick_gelu`` for the OpenAI weights, ``gelu`` for most others),
-LayerNorm eps and ``eos_token_id``, which picks the end-of-text pooling rule (see
+LayerNorm eps (both per tower: vitkit's ``text_act`` / ``text_norm_eps`` where the text tower's differ) and
+``eos_token_id``, which picks the end-of-text pooling rule (see
 :func:`vitkit.models.clip.eot_index`; ``2`` marks a legacy config whose rule is "the highest id").
 
 HF keeps separate q/k/v Linears; vitkit fuses them into one ``qkv`` Linear ([q; k; v] by rows). transformers 5
@@ -28,7 +29,7 @@ from ..layers.text import TOKENIZER_FILE, read_tokenizer_file
 from ..models._pretrained import read_config
 from ..models.clip import CLIP
 from ..schema import HEADS, LAYERS, TOKEN_ID, interval
-from ._common import check_consumed, config_value, load_hf_model, save_converted, take
+from ._common import ConvertArg, check_consumed, config_value, load_hf_model, save_converted, take
 from ._schema import EPS_KEY, ConfigSchema, Key
 from .hf_vit import HF_ACTIVATIONS
 
@@ -52,6 +53,14 @@ def _tower_config(config: dict[str, Any], key: str, source: str) -> dict[str, An
     if not isinstance(tower, dict):
         raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(tower).__name__}")
     return tower
+
+
+def _tower_act(tower: dict[str, Any], key: str, source: str) -> str:
+    """The vitkit activation of one tower's ``hidden_act`` (HF's default: quick_gelu)."""
+    act = tower.get("hidden_act", "quick_gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: {key}.hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[act]
 
 
 def _count_layers(state: dict[str, torch.Tensor], prefix: str, tower: dict[str, Any], source: str) -> int:
@@ -86,14 +95,15 @@ def hf_clip_args(config: dict[str, Any], state: dict[str, torch.Tensor], source:
         raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'clip'")
     text_cfg = _tower_config(config, "text_config", source)
     vision_cfg = _tower_config(config, "vision_config", source)
-    acts = {tower.get("hidden_act", "quick_gelu") for tower in (text_cfg, vision_cfg)}
-    epss = {tower.get("layer_norm_eps", 1e-5) for tower in (text_cfg, vision_cfg)}
-    if len(acts) > 1 or len(epss) > 1:
-        raise CheckpointError(f"{source}: the text and vision towers differ in hidden_act or layer_norm_eps "
-                              f"({sorted(map(str, acts))}, {sorted(map(str, epss))}); vitkit's CLIP shares them")
-    act, eps = acts.pop(), epss.pop()
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    vision_act, text_act = (_tower_act(tower, key, source) for tower, key in
+                            ((vision_cfg, "vision_config"), (text_cfg, "text_config")))
+    vision_eps, text_eps = (tower.get("layer_norm_eps", 1e-5) for tower in (vision_cfg, text_cfg))
+    # the shared act/norm_eps are the vision tower's; the text tower gets its own only where it differs
+    towers = {"act": vision_act, "norm_eps": vision_eps}
+    if text_act != vision_act:
+        towers["text_act"] = text_act
+    if text_eps != vision_eps:
+        towers["text_norm_eps"] = text_eps
     eos = text_cfg.get("eos_token_id", 49407)
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
@@ -123,7 +133,7 @@ def hf_clip_args(config: dict[str, Any], state: dict[str, torch.Tensor], source:
         text_layers=_count_layers(state, _TEXT, text_cfg, source),
         text_heads=config_value(text_cfg, "num_attention_heads", f"{source} (text_config)"),
         text_mlp_dim=_shape(state, f"{_TEXT}encoder.layers.0.mlp.fc1.weight", source, 2)[0],
-        eos_token_id=eos, act=HF_ACTIVATIONS[act], norm_eps=eps,
+        eos_token_id=eos, **towers,
         logit_scale_init=float(config.get("logit_scale_init_value", 2.6592)), pos_interp_antialias=False,
     )
 
@@ -199,3 +209,26 @@ def load_tokenizer(folder: str | os.PathLike, truncate: bool = True):
         if isinstance(context, int) and context > 0:
             tokenizer.enable_truncation(max_length=context)
     return tokenizer
+
+
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("vision_heads", "attention heads of the image tower (vision_config.num_attention_heads)",
+               source="config", required=True),
+    ConvertArg("text_heads", "attention heads of the text tower (text_config.num_attention_heads)",
+               source="config", required=True),
+    ConvertArg("act", "activation of the image tower, and of the text tower unless text_act differs "
+               "(vision_config.hidden_act)", "quick_gelu", source="config"),
+    ConvertArg("text_act", "activation of the text tower where it differs (text_config.hidden_act)",
+               source="config"),
+    ConvertArg("norm_eps", "LayerNorm eps of the image tower, and of the text tower unless text_norm_eps differs "
+               "(vision_config.layer_norm_eps)", 1e-5, source="config"),
+    ConvertArg("text_norm_eps", "LayerNorm eps of the text tower where it differs (text_config.layer_norm_eps)",
+               source="config"),
+    ConvertArg("eos_token_id", "the end-of-text token the text is read at; 2 = the highest id (legacy configs) "
+               "(text_config.eos_token_id)", 49407, source="config"),
+    ConvertArg("logit_scale_init", "the temperature's initial value; the weights hold the trained one "
+               "(logit_scale_init_value)", 2.6592, source="config"),
+    ConvertArg("dynamic_img_size", "accept other image sizes (positions interpolated)", False),
+    ConvertArg("pos_interp_antialias", "antialias the interpolated positions (HF does not)", False),
+    ConvertArg("drop_path_rate", "stochastic depth for fine-tuning", 0.0),
+)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.swin import SwinTransformer
-from ._common import check_consumed, load_hf_model, save_converted, strip_prefix, take
+from ._common import ConvertArg, check_consumed, load_hf_model, save_converted, strip_prefix, take
 from ._schema import EPS_KEY, IMAGE_SIZE_KEY, ConfigSchema, Key
 from .hf_vit import convert_hf_layer, hf_config_activation
 
@@ -162,3 +162,26 @@ def load_hf_swin(src: str | os.PathLike, **overrides: Any) -> SwinTransformer:
 def convert_hf_swin(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> SwinTransformer:
     """Convert an HF Swin folder into a vitkit checkpoint folder ``dst``; returns the model."""
     return save_converted(load_hf_swin(src, **overrides), src, dst)
+
+
+# What HF's SwinConfig holds that the weights do not is read from config.json (HF's own default where it is absent,
+# as transformers reads it): nothing is assumed.
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("act", "activation (hidden_act)", "gelu", "config"),
+    ConvertArg("norm_eps", "LayerNorm eps (layer_norm_eps)", 1e-5, "config"),
+    ConvertArg("img_size", "image size (image_size; sets the absolute position grid when there is one)", 224,
+               "config"),
+    ConvertArg("num_heads", "attention heads per stage (columns of each relative position table)", None, "weights"),
+    ConvertArg("window_size", "window side (rows of the relative position tables: (2M - 1)²)", None, "weights"),
+    ConvertArg("embed_dim", "width of the first stage (patch projection)", None, "weights"),
+    ConvertArg("depths", "blocks per stage", None, "weights"),
+    ConvertArg("mlp_ratio", "MLP width / stage width", None, "weights"),
+    ConvertArg("qkv_bias", "q/k/v bias", None, "weights"),
+    ConvertArg("ape", "absolute positions (position_embeddings present)", None, "weights"),
+    ConvertArg("patch_size", "patch size", None, "weights"),
+    ConvertArg("in_chans", "input channels", None, "weights"),
+    ConvertArg("num_classes", "classes (classifier rows; 0 without a classifier)", None, "weights"),
+    ConvertArg("drop_rate", "dropout before the head, for fine-tuning", 0.0),
+    ConvertArg("attn_drop_rate", "attention dropout, for fine-tuning", 0.0),
+    ConvertArg("drop_path_rate", "stochastic depth, for fine-tuning (HF's config value is not carried over)", 0.0),
+)

@@ -22,7 +22,7 @@ import torch
 from ..errors import CheckpointError
 from ..models.vilt import ViLT
 from ..schema import HEADS, MAX_SIDE, TOKEN_ID, at_least
-from ._common import check_consumed, config_value, load_hf_model, save_converted, take
+from ._common import ConvertArg, check_consumed, config_value, load_hf_model, save_converted, take
 from ._schema import EPS_KEY, IMAGE_SIZE_KEY, RATE_KEY, ConfigSchema, Key
 from .hf_vit import convert_hf_vit_layers, hf_config_activation
 
@@ -166,3 +166,33 @@ def convert_hf_vilt(src: str | os.PathLike, dst: str | os.PathLike, **overrides:
 
 __all__ = ["convert_hf_vilt", "convert_hf_vilt_state_dict", "load_hf_vilt", "hf_vilt_args",
            "normalize_hf_vilt_keys"]
+
+
+# What HF's ViltConfig holds that the weights do not is read from config.json (HF's own default where it is absent,
+# as transformers reads it): nothing is assumed.
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("num_heads", "attention heads (num_attention_heads)", None, "config", required=True),
+    ConvertArg("act", "activation (hidden_act)", "gelu", "config"),
+    ConvertArg("norm_eps", "LayerNorm eps (layer_norm_eps)", 1e-12, "config"),
+    ConvertArg("img_size", "image size (image_size, checked against the position table)", 384, "config"),
+    ConvertArg("pad_token_id", "padding token of the text embedding (pad_token_id)", None, "config"),
+    ConvertArg("patch_sampling", "sample max_image_length patches per image (max_image_length > 0)", False,
+               "config"),
+    ConvertArg("max_image_length", "patches kept when sampling (max_image_length)", 200, "config"),
+    ConvertArg("drop_rate", "dropout (hidden_dropout_prob)", 0.0, "config"),
+    ConvertArg("attn_drop_rate", "attention dropout (attention_probs_dropout_prob)", 0.0, "config"),
+    ConvertArg("embed_dim", "width (patch projection)", None, "weights"),
+    ConvertArg("depth", "layers", None, "weights"),
+    ConvertArg("mlp_dim", "MLP width", None, "weights"),
+    ConvertArg("qkv_bias", "q/k/v bias", None, "weights"),
+    ConvertArg("patch_size", "patch size", None, "weights"),
+    ConvertArg("in_chans", "input channels", None, "weights"),
+    ConvertArg("vocab_size", "text vocabulary (word embeddings)", None, "weights"),
+    ConvertArg("max_text_len", "text positions", None, "weights"),
+    ConvertArg("type_vocab_size", "text segment types", None, "weights"),
+    ConvertArg("modality_types", "modality types (image / text)", None, "weights"),
+    ConvertArg("rank_head", "image-text matching head (rank_output present)", None, "weights"),
+    ConvertArg("mlm_head", "masked-language-model head (mlm_score present)", None, "weights"),
+    ConvertArg("tie_mlm_decoder", "MLM decoder tied to the word embeddings", None, "weights"),
+    ConvertArg("drop_path_rate", "stochastic depth, for fine-tuning", 0.0),
+)

@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..models.vit import VisionTransformer
 from ..schema import CHANNELS, HEADS, LAYERS, SIDE, WIDTH
 from ._common import (
+    ConvertArg,
     check_consumed,
     config_value,
     load_hf_model,
@@ -175,3 +176,27 @@ def load_hf_vit(src: str | os.PathLike, **overrides: Any) -> VisionTransformer:
 def convert_hf_vit(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> VisionTransformer:
     """Convert an HF ViT folder into a vitkit checkpoint folder ``dst``; returns the model."""
     return save_converted(load_hf_vit(src, **overrides), src, dst)
+
+
+# Every key HF's ViTConfig holds is read from config.json (HF's own default where it is absent, as transformers
+# reads it): nothing is assumed. --arg overrides any of them.
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("num_heads", "attention heads (num_attention_heads)", None, "config", required=True),
+    ConvertArg("embed_dim", "width (hidden_size)", None, "config", required=True),
+    ConvertArg("depth", "blocks (num_hidden_layers)", None, "config", required=True),
+    ConvertArg("mlp_dim", "MLP width (intermediate_size; HF's default 4 * width)", None, "config"),
+    ConvertArg("act", "activation (hidden_act)", "gelu", "config"),
+    ConvertArg("norm_eps", "LayerNorm eps (layer_norm_eps)", 1e-12, "config"),
+    ConvertArg("qkv_bias", "q/k/v bias (qkv_bias)", True, "config"),
+    ConvertArg("img_size", "image size (image_size)", 224, "config"),
+    ConvertArg("patch_size", "patch size (patch_size)", 16, "config"),
+    ConvertArg("in_chans", "input channels (num_channels)", 3, "config"),
+    ConvertArg("num_classes", "classes (classifier rows; 0 without a classifier)", None, "weights"),
+    ConvertArg("representation_size", "width of the tanh pooler (pooler.dense; None without one)", None, "weights"),
+    ConvertArg("dynamic_img_size", "accept other image sizes (positions interpolated)", False),
+    ConvertArg("pos_interp_antialias", "antialias the interpolated positions (HF does not)", False),
+    ConvertArg("drop_rate", "dropout before the head, for fine-tuning", 0.0),
+    ConvertArg("pos_drop_rate", "dropout after the position embedding, for fine-tuning", 0.0),
+    ConvertArg("attn_drop_rate", "attention dropout, for fine-tuning", 0.0),
+    ConvertArg("drop_path_rate", "stochastic depth, for fine-tuning", 0.0),
+)

@@ -29,7 +29,7 @@ from ..layers import SINCOS_ORDERS, sincos_2d
 from ..models import list_models, model_defaults
 from ..models.mae import MaskedAutoencoderViT
 from ..schema import CHANNELS, HEADS, LAYERS, RATE, SIDE
-from ._common import check_consumed, load_hf_model, save_converted, take
+from ._common import ConvertArg, check_consumed, load_hf_model, save_converted, take
 from ._schema import EPS_KEY, SIZE_KEY, ConfigSchema, Key, grid_tokens, transformer_bytes
 from .hf_vit import hf_config_activation
 
@@ -211,3 +211,24 @@ def load_hf_vit_mae(src: str | os.PathLike, **overrides: Any) -> MaskedAutoencod
 def convert_hf_vit_mae(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MaskedAutoencoderViT:
     """Convert an HF ViTMAEForPreTraining folder into a vitkit checkpoint folder ``dst``; returns the model."""
     return save_converted(load_hf_vit_mae(src, **overrides), src, dst)
+
+
+# Every key HF's ViTMAEConfig holds is read from config.json (HF's own default where it is absent, as transformers
+# reads it): nothing is assumed. MaskedAutoencoderViT's own keys go to the model, every other key to its encoder.
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("mask_ratio", "share of patches masked (mask_ratio)", 0.75, "config"),
+    ConvertArg("norm_pix_loss", "normalise each target patch (norm_pix_loss)", False, "config"),
+    ConvertArg("decoder_embed_dim", "decoder width (decoder_hidden_size)", 512, "config"),
+    ConvertArg("decoder_depth", "decoder blocks (decoder_num_hidden_layers)", 8, "config"),
+    ConvertArg("decoder_num_heads", "decoder attention heads (decoder_num_attention_heads)", 16, "config"),
+    ConvertArg("decoder_mlp_dim", "decoder MLP width (decoder_intermediate_size)", 2048, "config"),
+    ConvertArg("decoder_qkv_bias", "decoder q/k/v bias (qkv_bias)", True, "config"),
+    ConvertArg("encoder_args", "encoder (VisionTransformer) arguments, as a mapping: num_heads, embed_dim, depth, "
+               "mlp_dim, act, norm_eps, qkv_bias, img_size, patch_size, in_chans come from config.json", None,
+               "config"),
+    ConvertArg("pos_sincos_order", "encoder: channel order of the sin-cos positions (read off the stored tables; "
+               "wh, as HF and the official MAE)", "wh", "weights"),
+    ConvertArg("dynamic_img_size", "encoder: accept other image sizes (positions recomputed)", False),
+    ConvertArg("drop_path_rate", "encoder: stochastic depth, for fine-tuning", 0.0),
+    ConvertArg("attn_drop_rate", "encoder: attention dropout, for fine-tuning", 0.0),
+)

@@ -3,13 +3,17 @@
 The architecture is read off the weights: token type (``kqv`` = performer, ``attn.qkv`` = transformer),
 token_dim, embed_dim, depth, mlp_ratio, qkv bias, number of classes, input channels and image size (from the
 length of the stored sinusoid ``pos_embed``; the official soft-split schedule 7/4/2, 3/2/1, 3/2/1 is assumed).
-Two things are not in the weights, so they follow documented rules unless passed explicitly:
+Two things are not in the weights. A ``config.json`` beside the weights that states them (the official
+constructor arguments, at its top level or in a ``*_args`` section) is read; else they follow documented rules
+unless passed explicitly, and a value so assumed is announced (``AssumedValueWarning``):
 
-* ``num_heads``: the official table by embed_dim (256: 4, 384: 6, 448: 7, 512: 8, 768: 12), i.e. 64-wide heads;
-  other widths get embed_dim // 64 heads when that divides, else 1.
+* ``num_heads``: the official table by embed_dim (256: 4, 384: 6, 448: 7, 512: 8, 768: 12), i.e. 64-wide heads
+  (but ``t2t_vit_14_resnext`` has 32 heads at 384); other widths get embed_dim // 64 heads when that divides,
+  else 1. Always announced: no width tells it for sure.
 * ``qk_scale``: the official *pretrained* factories build their models with qk_scale = embed_dim^-0.5, so when
-  (embed_dim, depth, mlp_ratio) is one of the official T2T-ViT sizes the converted model gets that scale;
-  any other size gets None (head_dim^-0.5, the constructor default).
+  (embed_dim, depth, mlp_ratio) is one of the official T2T-ViT sizes the converted model gets that scale
+  (announced: a model trained from scratch with the official code has None); any other size gets None
+  (head_dim^-0.5, the official constructor's default).
 
 Key changes: the performer's fused ``kqv`` rows (k, q, v) are reordered to vitkit's (q, k, v) ``qkv``; token
 blocks ``tokens_to_token.attention{1,2}`` become ``tokens_to_token.token_blocks.{0,1}``; the performer MLP
@@ -29,7 +33,16 @@ from ..errors import CheckpointError
 from ..layers.t2t import sinusoid_table
 from ..models._pretrained import read_state_dict
 from ..models.t2t_vit import OFFICIAL_KERNELS, T2T_SIZES, T2TViT
-from ._common import check_consumed, load_converted, save_converted, strip_prefix, take
+from ._common import (
+    ConvertArg,
+    assume,
+    check_consumed,
+    load_converted,
+    official_config,
+    save_converted,
+    strip_prefix,
+    take,
+)
 
 OFFICIAL_HEADS = {256: 4, 384: 6, 448: 7, 512: 8, 768: 12}
 _NORMS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")
@@ -56,8 +69,10 @@ def _official_name(embed_dim: int, depth: int, mlp_ratio: float, tokens_type: st
     return None
 
 
-def infer_t2t_args(state: dict[str, torch.Tensor], source: str = "state dict", **overrides: Any) -> dict[str, Any]:
-    """T2TViT constructor arguments for an official state dict; ``overrides`` win over what is inferred."""
+def infer_t2t_args(state: dict[str, torch.Tensor], source: str = "state dict", shipped: dict[str, Any] | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+    """T2TViT constructor arguments for an official state dict; ``overrides`` win over what is inferred.
+    ``shipped`` (``num_heads``, ``qk_scale`` from a config beside the weights) wins over the announced rules."""
     if "tokens_to_token.attention1.kqv.weight" in state:
         tokens_type = "performer"
         token_dim = state["tokens_to_token.attention1.kqv.weight"].shape[0] // 3
@@ -99,17 +114,26 @@ def infer_t2t_args(state: dict[str, torch.Tensor], source: str = "state dict", *
         if m is not None and int(token_dim * 0.5) != m:
             args["performer_kernel_ratio"] = m / token_dim
     official = _official_name(embed_dim, depth, mlp_ratio, tokens_type)
-    args["num_heads"] = default_num_heads(embed_dim)
-    args["qk_scale"] = embed_dim**-0.5 if official else None
-    args.update(overrides)
+    told = {**(shipped or {}), **overrides}
+    if "num_heads" not in told:
+        why = (f"the official table for width {embed_dim}" if embed_dim in OFFICIAL_HEADS else
+               "64-wide heads" if embed_dim >= 64 and embed_dim % 64 == 0 else "one head")
+        args["num_heads"] = assume(source, "num_heads", default_num_heads(embed_dim), f"the weights do not tell the "
+                                   f"attention heads; {why}")
+    if "qk_scale" not in told:
+        args["qk_scale"] = assume(source, "qk_scale", embed_dim**-0.5, f"the official pretrained {official} weights' "
+                                  f"embed_dim^-0.5") if official else None
+    args.update(told)
     return args
 
 
 def convert_t2t_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
-                           **overrides: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(T2TViT constructor arguments, vitkit state dict) for an official T2T-ViT state dict."""
+                           shipped: dict[str, Any] | None = None, **overrides: Any
+                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(T2TViT constructor arguments, vitkit state dict) for an official T2T-ViT state dict (``shipped``: see
+    :func:`infer_t2t_args`)."""
     state = strip_prefix(dict(state), "module.")  # DataParallel / DDP checkpoints
-    args = infer_t2t_args(state, source, **overrides)
+    args = infer_t2t_args(state, source, shipped, **overrides)
     pos = take(state, "pos_embed", source)
     expected = sinusoid_table(pos.shape[1], pos.shape[-1])[None]
     if pos.shape != expected.shape or not torch.allclose(pos.float(), expected, atol=1e-5):
@@ -144,11 +168,12 @@ def load_t2t(src: str | os.PathLike, use_ema: bool = False, **overrides: Any) ->
 
     Training checkpoints nest the weights; ``state_dict`` is preferred (as the official loader does), or
     ``state_dict_ema`` first with ``use_ema=True``. ``overrides`` (``num_heads=``, ``qk_scale=``, ...) replace
-    inferred constructor arguments.
+    inferred constructor arguments; ``num_heads`` / ``qk_scale`` in a ``config.json`` beside ``src`` are read.
     """
     unwrap = ("state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "state_dict_ema", "model")
     state = read_state_dict(src, unwrap=unwrap)
-    args, converted = convert_t2t_state_dict(state, str(src), **overrides)
+    shipped = official_config(src, ("num_heads", "qk_scale"))
+    args, converted = convert_t2t_state_dict(state, str(src), shipped, **overrides)
     model = load_converted(T2TViT, args, overrides, lambda _: converted, str(src))
     official = _official_name(args["embed_dim"], args["depth"], args["mlp_ratio"], args["tokens_type"])
     model.model_name = official or "t2t_vit"
@@ -158,3 +183,30 @@ def load_t2t(src: str | os.PathLike, use_ema: bool = False, **overrides: Any) ->
 def convert_t2t(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> T2TViT:
     """Convert an official T2T-ViT checkpoint file into a vitkit checkpoint folder ``dst``; returns the model."""
     return save_converted(load_t2t(src, **overrides), src, dst)
+
+
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("num_heads", "attention heads of the main blocks (num_heads in a config.json beside the weights is "
+               "read; else the official table by width, 64-wide heads, or one)", None, matters=True),
+    ConvertArg("qk_scale", "attention scale (None: head_dim^-0.5); official sizes get the pretrained factories' "
+               "embed_dim^-0.5, announced", None, matters=True),
+    ConvertArg("use_ema", "read a training checkpoint's state_dict_ema rather than its state_dict", False),
+    ConvertArg("tokens_type", "token module: performer (kqv keys) or transformer (attn.qkv keys)", None, "weights"),
+    ConvertArg("token_dim", "width of the token modules", None, "weights"),
+    ConvertArg("embed_dim", "width of the main blocks", None, "weights"),
+    ConvertArg("depth", "main blocks", None, "weights"),
+    ConvertArg("mlp_ratio", "MLP width / embed_dim", None, "weights"),
+    ConvertArg("qkv_bias", "qkv bias of the main blocks", None, "weights"),
+    ConvertArg("num_classes", "classes of the head (another count starts a new head)", None, "weights"),
+    ConvertArg("in_chans", "input channels (from the first token block and the soft split)", None, "weights"),
+    ConvertArg("img_size", "image size (from the stored sinusoid's length); another size recomputes the sinusoid",
+               None, "weights"),
+    ConvertArg("performer_kernel_ratio", "performer random features / token_dim (from the stored w)", 0.5,
+               "weights"),
+    ConvertArg("t2t_kernels", "(kernel, stride, padding) of each soft split: the official code's fixed schedule",
+               [list(k) for k in OFFICIAL_KERNELS]),
+    ConvertArg("dynamic_img_size", "accept other image sizes (the sinusoid is recomputed)", False),
+    ConvertArg("drop_rate", "dropout, for fine-tuning", 0.0),
+    ConvertArg("attn_drop_rate", "attention dropout, for fine-tuning", 0.0),
+    ConvertArg("drop_path_rate", "stochastic depth, for fine-tuning", 0.0),
+)

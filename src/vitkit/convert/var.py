@@ -7,15 +7,19 @@ Two converters, because the official release has two files (``vae_ch160v4096z32.
 ``using_sa`` / ``using_mid_sa`` (which attention blocks exist), ``quant_conv_ks``, the φ sharing mode and count
 (``quant_resi.qresi_ls.k`` = partially shared, ``quant_resi.qresi`` = shared, ``quant_resi.k`` = one per scale; no
 φ weights = ``quant_resi=0``) and the number of scales (rows of ``quantize.ema_vocab_hit_SV``). Not in the weights,
-so ``--arg`` or the official default: ``patch_nums`` (default the official 1..16 schedule when the checkpoint has
-10 scales, else required), ``quant_resi`` (0.5), ``beta`` (0.25), ``using_znorm`` (False), ``dropout`` (0).
-A ``patch_nums`` of another length resets the code-hit statistics, as the official ``load_state_dict`` does.
+so ``--arg``, a ``config.json`` beside the weights (official names ``v_patch_nums``, ``quant_resi``,
+``using_znorm``, at its top level or in a ``*_args`` section), or the official default, announced with an
+``AssumedValueWarning`` where it changes the codes: ``patch_nums`` (default the official 1..16 schedule when the
+checkpoint has 10 scales, else required), ``quant_resi`` (0.5), ``using_znorm`` (False: Euclidean code lookup, not
+cosine); training-only, so not announced: ``beta`` (0.25), ``dropout`` (0). A ``patch_nums`` of another length
+resets the code-hit statistics, as the official ``load_state_dict`` does.
 
 ``vitkit convert var SRC DST`` — read off the weights: ``vocab_size`` (head), ``c_vae`` (word_embed),
 ``embed_dim``, ``num_classes`` (class_emb rows − 1), ``depth``, ``mlp_ratio``, ``attn_l2_norm`` and then
 ``num_heads`` (the shape of ``scale_mul_1H11``), ``shared_aln``, and ``patch_nums`` (from the ``lvl_1L`` buffer;
-without it, the official schedule when the lengths fit). ``num_heads`` without ``attn_l2_norm`` cannot be read:
-``--arg num_heads=`` or the official rule heads = depth. Training-only settings follow ``build_vae_var``:
+without it, the official schedule when the lengths fit, announced). ``num_heads`` without ``attn_l2_norm`` cannot
+be read: ``--arg num_heads=``, a ``config.json`` beside the weights (which may also give ``patch_nums`` when there
+is no ``lvl_1L``), or the official rule heads = depth, announced. Training-only settings follow ``build_vae_var``:
 ``drop_path_rate`` = 0.1·depth/24, ``cond_drop_rate`` = 0.1 (``--arg`` to change). The buffers
 ``attn_bias_for_masking``, ``lvl_1L`` and ``zero_k_bias`` are checked against what vitkit computes and dropped.
 """
@@ -34,7 +38,16 @@ from ..layers.conv_codec import NORM_GROUPS
 from ..models._pretrained import read_state_dict
 from ..models.var import VAR, level_layout
 from ..models.vqvae import OFFICIAL_PATCH_NUMS, MultiScaleVQVAE
-from ._common import check_consumed, load_converted, save_converted, strip_prefix, take
+from ._common import (
+    ConvertArg,
+    assume,
+    check_consumed,
+    load_converted,
+    official_config,
+    save_converted,
+    strip_prefix,
+    take,
+)
 
 _PHI_PATTERNS = (  # official φ container -> (share_quant_resi mode, key regex)
     ("partial", re.compile(r"^quantize\.quant_resi\.qresi_ls\.(\d+)\.(weight|bias)$")),
@@ -72,8 +85,10 @@ def _phi_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str | None
     return None, {}
 
 
-def infer_vqvae_args(state: dict[str, torch.Tensor], source: str = "state dict", **overrides: Any) -> dict[str, Any]:
-    """MultiScaleVQVAE constructor arguments for an official VQVAE state dict; ``overrides`` win."""
+def infer_vqvae_args(state: dict[str, torch.Tensor], source: str = "state dict", shipped: dict[str, Any] | None = None,
+                     **overrides: Any) -> dict[str, Any]:
+    """MultiScaleVQVAE constructor arguments for an official VQVAE state dict; ``overrides`` win, then the weights,
+    then ``shipped`` (what a config beside the weights tells), then the official defaults, announced."""
     what = "VAR VQVAE"
     codebook = _need(state, "quantize.embedding.weight", source, what)
     conv_in = _need(state, "encoder.conv_in.weight", source, what)
@@ -106,12 +121,23 @@ def infer_vqvae_args(state: dict[str, torch.Tensor], source: str = "state dict",
         args["default_qresi_counts"] = len(phis)
     else:
         args["quant_resi"] = 0.0  # every φ is the identity
+    shipped = shipped or {}
     num_scales = state["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in state else None
-    if "patch_nums" not in overrides:
+    if "patch_nums" in shipped and "patch_nums" not in overrides:
+        args["patch_nums"] = shipped["patch_nums"]
+    elif "patch_nums" not in overrides:
         if num_scales not in (None, len(OFFICIAL_PATCH_NUMS)):
             raise CheckpointError(f"{source}: the checkpoint has {num_scales} scales (quantize.ema_vocab_hit_SV), "
                                   f"not the official {len(OFFICIAL_PATCH_NUMS)}; pass --arg patch_nums=[...]")
-        args["patch_nums"] = OFFICIAL_PATCH_NUMS
+        args["patch_nums"] = assume(source, "patch_nums", OFFICIAL_PATCH_NUMS, "the official schedule; the weights "
+                                    "tell " + (f"only its {num_scales} scales" if num_scales else "nothing of it"))
+    # how codes are looked up and mixed back change every code: told, or the official default announced
+    if "using_znorm" not in overrides:
+        args["using_znorm"] = shipped["using_znorm"] if "using_znorm" in shipped else assume(
+            source, "using_znorm", False, "the weights do not tell the code lookup; the official Euclidean one")
+    if mode is not None and "quant_resi" not in overrides:
+        args["quant_resi"] = shipped["quant_resi"] if "quant_resi" in shipped else assume(
+            source, "quant_resi", 0.5, "the weights hold the φ convolutions, not their share; the official 0.5")
     if mode == "per_scale" and len(phis) == len(overrides.get("patch_nums", args.get("patch_nums"))):
         args["default_qresi_counts"] = 0  # the official default: one φ per scale
     args.update(overrides)
@@ -120,11 +146,13 @@ def infer_vqvae_args(state: dict[str, torch.Tensor], source: str = "state dict",
     return args
 
 
-def convert_vqvae_state_dict(state: dict[str, torch.Tensor], source: str = "state dict", **overrides: Any
+def convert_vqvae_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
+                             shipped: dict[str, Any] | None = None, **overrides: Any
                              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(MultiScaleVQVAE constructor arguments, vitkit state dict) for an official VQVAE state dict."""
+    """(MultiScaleVQVAE constructor arguments, vitkit state dict) for an official VQVAE state dict (``shipped``: see
+    :func:`infer_vqvae_args`)."""
     state = strip_prefix(dict(state), "module.")
-    args = infer_vqvae_args(state, source, **overrides)
+    args = infer_vqvae_args(state, source, shipped, **overrides)
     _, phis = _phi_layout(state, source)
     out: dict[str, torch.Tensor] = {}
     for index, prefix in phis.items():
@@ -142,9 +170,13 @@ def convert_vqvae_state_dict(state: dict[str, torch.Tensor], source: str = "stat
 
 
 def load_var_vqvae(src: str | os.PathLike, **overrides: Any) -> MultiScaleVQVAE:
-    """Build a vitkit MultiScaleVQVAE from an official VAR VQVAE checkpoint (.pth / .safetensors)."""
+    """Build a vitkit MultiScaleVQVAE from an official VAR VQVAE checkpoint (.pth / .safetensors); what the weights
+    do not tell is read from a ``config.json`` beside them when there is one."""
     state = read_state_dict(src)
-    args, converted = convert_vqvae_state_dict(state, str(src), **overrides)
+    shipped = official_config(src, ("v_patch_nums", "quant_resi", "using_znorm"))
+    if "v_patch_nums" in shipped:
+        shipped["patch_nums"] = shipped.pop("v_patch_nums")
+    args, converted = convert_vqvae_state_dict(state, str(src), shipped, **overrides)
     model = load_converted(MultiScaleVQVAE, args, overrides, lambda _: converted, str(src))
     official = args["vocab_size"] == 4096 and args["z_channels"] == 32 and args["ch"] == 160
     model.model_name = "vqvae_var" if official else "multiscale_vqvae"
@@ -171,8 +203,10 @@ def _patch_nums_from_levels(lvl_1L: torch.Tensor, source: str) -> tuple[int, ...
     return tuple(patch_nums)
 
 
-def infer_var_args(state: dict[str, torch.Tensor], source: str = "state dict", **overrides: Any) -> dict[str, Any]:
-    """VAR constructor arguments for an official VAR state dict; ``overrides`` win."""
+def infer_var_args(state: dict[str, torch.Tensor], source: str = "state dict", shipped: dict[str, Any] | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+    """VAR constructor arguments for an official VAR state dict; ``overrides`` win, then the weights, then
+    ``shipped`` (what a config beside the weights tells), then the official rules, announced."""
     what = "VAR"
     class_emb = _need(state, "class_emb.weight", source, what)
     word_embed = _need(state, "word_embed.weight", source, what)
@@ -185,28 +219,40 @@ def infer_var_args(state: dict[str, torch.Tensor], source: str = "state dict", *
     args: dict[str, Any] = dict(
         vocab_size=_need(state, "head.weight", source, what).shape[0], c_vae=word_embed.shape[1],
         num_classes=class_emb.shape[0] - 1, depth=depth, embed_dim=embed_dim, mlp_ratio=fc1.shape[0] / embed_dim,
-        attn_l2_norm=scale_mul is not None, num_heads=scale_mul.shape[1] if scale_mul is not None else depth,
-        shared_aln="blocks.0.ada_gss" in state, drop_path_rate=0.1 * depth / 24, cond_drop_rate=0.1,
+        attn_l2_norm=scale_mul is not None, shared_aln="blocks.0.ada_gss" in state,
+        drop_path_rate=0.1 * depth / 24, cond_drop_rate=0.1,
     )
+    shipped = shipped or {}
+    if scale_mul is not None:
+        args["num_heads"] = scale_mul.shape[1]
+    elif "num_heads" not in overrides:  # without attn_l2_norm no tensor has a per-head shape
+        args["num_heads"] = shipped["num_heads"] if "num_heads" in shipped else assume(
+            source, "num_heads", depth, "without attn_l2_norm the weights do not tell the heads; the official rule "
+            "heads = depth")
     if "patch_nums" not in overrides:
         if "lvl_1L" in state:
             args["patch_nums"] = _patch_nums_from_levels(state["lvl_1L"], source)
+        elif "patch_nums" in shipped:
+            args["patch_nums"] = shipped["patch_nums"]
         else:
             length = _need(state, "pos_1LC", source, what).shape[1]
             scales = _need(state, "lvl_embed.weight", source, what).shape[0]
             if (length, scales) != (sum(p * p for p in OFFICIAL_PATCH_NUMS), len(OFFICIAL_PATCH_NUMS)):
                 raise CheckpointError(f"{source}: {length} tokens in {scales} scales is not the official schedule "
                                       f"and the checkpoint has no lvl_1L; pass --arg patch_nums=[...]")
-            args["patch_nums"] = OFFICIAL_PATCH_NUMS
+            args["patch_nums"] = assume(source, "patch_nums", OFFICIAL_PATCH_NUMS, f"no lvl_1L buffer; the official "
+                                        f"schedule has these {length} tokens in {scales} scales")
     args.update(overrides)
     return args
 
 
-def convert_var_state_dict(state: dict[str, torch.Tensor], source: str = "state dict", **overrides: Any
+def convert_var_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
+                           shipped: dict[str, Any] | None = None, **overrides: Any
                            ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(VAR constructor arguments, vitkit state dict) for an official VAR state dict."""
+    """(VAR constructor arguments, vitkit state dict) for an official VAR state dict (``shipped``: see
+    :func:`infer_var_args`)."""
     state = strip_prefix(dict(state), "module.")
-    args = infer_var_args(state, source, **overrides)
+    args = infer_var_args(state, source, shipped, **overrides)
     lvl_1L, mask = level_layout(tuple(args["patch_nums"]))
     for key, expected in (("lvl_1L", lvl_1L), ("attn_bias_for_masking", mask)):
         theirs = state.pop(key, None)
@@ -223,9 +269,11 @@ def convert_var_state_dict(state: dict[str, torch.Tensor], source: str = "state 
 
 
 def load_var(src: str | os.PathLike, **overrides: Any) -> VAR:
-    """Build a vitkit VAR from an official VAR checkpoint (.pth / .safetensors)."""
+    """Build a vitkit VAR from an official VAR checkpoint (.pth / .safetensors); ``num_heads`` / ``patch_nums``
+    the weights do not tell are read from a ``config.json`` beside them when there is one."""
     state = read_state_dict(src)
-    args, converted = convert_var_state_dict(state, str(src), **overrides)
+    args, converted = convert_var_state_dict(state, str(src), official_config(src, ("num_heads", "patch_nums")),
+                                             **overrides)
     model = load_converted(VAR, args, overrides, lambda _: converted, str(src))
     depth = args["depth"]
     official = (args["embed_dim"], args["num_heads"], args["num_classes"]) == (64 * depth, depth, 1000)
@@ -240,3 +288,50 @@ def convert_var(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any
 
 __all__ = ["convert_var", "convert_var_state_dict", "convert_var_vqvae", "convert_vqvae_state_dict",
            "infer_var_args", "infer_vqvae_args", "load_var", "load_var_vqvae"]
+
+
+# ``vitkit convert var``
+ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("num_heads", "attention heads: read off scale_mul_1H11 (attn_l2_norm); without it num_heads in a "
+               "config.json beside the weights, else the official rule heads = depth", None, "weights", matters=True),
+    ConvertArg("patch_nums", "side of each scale's token map: read off the lvl_1L buffer; without it patch_nums in a "
+               "config.json beside the weights, else the official 1..16 when the lengths fit",
+               list(OFFICIAL_PATCH_NUMS), "weights", matters=True),
+    ConvertArg("vocab_size", "codebook size (the head)", None, "weights"),
+    ConvertArg("c_vae", "code width (word_embed)", None, "weights"),
+    ConvertArg("num_classes", "classes (class_emb rows - 1)", None, "weights"),
+    ConvertArg("depth", "blocks", None, "weights"),
+    ConvertArg("embed_dim", "width", None, "weights"),
+    ConvertArg("mlp_ratio", "FFN width / embed_dim", None, "weights"),
+    ConvertArg("attn_l2_norm", "L2-normalised q/k with a learned scale (scale_mul_1H11 present)", None, "weights"),
+    ConvertArg("shared_aln", "one AdaLN shared by every block (ada_gss present)", None, "weights"),
+    ConvertArg("norm_eps", "LayerNorm eps (the official build_vae_var's)", 1e-6),
+    ConvertArg("cond_drop_rate", "class-label dropout for classifier-free guidance, in training only", 0.1),
+    ConvertArg("drop_path_rate", "stochastic depth, in training only (build_vae_var: 0.1 * depth / 24)", None),
+    ConvertArg("drop_rate", "dropout, in training only", 0.0),
+    ConvertArg("attn_drop_rate", "attention dropout, in training only", 0.0),
+)
+
+# ``vitkit convert var-vqvae``
+VQVAE_ARGS: tuple[ConvertArg, ...] = (
+    ConvertArg("using_znorm", "code lookup: false = nearest by Euclidean distance, true = by cosine "
+               "(using_znorm in a config.json beside the weights is read)", False, matters=True),
+    ConvertArg("patch_nums", "side of each scale's token map (v_patch_nums in a config.json beside the weights is "
+               "read); the official 1..16 when the checkpoint has 10 scales, else required", list(OFFICIAL_PATCH_NUMS),
+               matters=True),
+    ConvertArg("quant_resi", "share of the φ convolution in each code's residual (quant_resi in a config.json "
+               "beside the weights is read); 0 when the checkpoint has no φ weights", 0.5, matters=True),
+    ConvertArg("beta", "commitment loss weight, in training only", 0.25),
+    ConvertArg("dropout", "dropout, in training only", 0.0),
+    ConvertArg("vocab_size", "codebook size", None, "weights"),
+    ConvertArg("z_channels", "code width", None, "weights"),
+    ConvertArg("ch", "base width (encoder.conv_in)", None, "weights"),
+    ConvertArg("ch_mult", "width of each level / ch", None, "weights"),
+    ConvertArg("num_res_blocks", "residual blocks per level", None, "weights"),
+    ConvertArg("in_channels", "image channels", None, "weights"),
+    ConvertArg("using_sa", "attention in the lowest-resolution level", None, "weights"),
+    ConvertArg("using_mid_sa", "attention in the middle block", None, "weights"),
+    ConvertArg("quant_conv_ks", "kernel of quant_conv / post_quant_conv", None, "weights"),
+    ConvertArg("share_quant_resi", "φ sharing: K partially shared, 1 shared, 0 one per scale", None, "weights"),
+    ConvertArg("default_qresi_counts", "φ count when there is one per scale", None, "weights"),
+)

@@ -47,12 +47,17 @@ COMPLETE = ".complete"  # written last into a finished temporary folder: {"files
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random streams; with CUDA in use, the current GPU's too (dropout and augmentations
+    that run on the GPU draw from it)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -61,6 +66,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------- folder names
@@ -111,13 +118,16 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_marker(folder: Path) -> None:
-    """fsync every file of ``folder``, then write and fsync the marker that makes it count as complete."""
+    """fsync every file of ``folder`` (subfolders too: a sharded checkpoint's ``sharded/``), then write and
+    fsync the marker that makes it count as complete."""
     files, mode = {}, file_mode()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != COMPLETE:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path != folder / COMPLETE:
             os.chmod(path, mode)  # safetensors writes 0600; every file gets the usual umask-derived mode
             _fsync_file(path)
-            files[path.name] = path.stat().st_size
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+        elif path.is_dir():
+            _fsync_dir(path)
     marker = folder / COMPLETE
     with open(marker, "w", encoding="utf-8") as f:
         json.dump({"files": files}, f)
@@ -138,15 +148,24 @@ def _discard(folder: Path, final: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- write / find
-def write_checkpoint(folder: str | os.PathLike, model, train_state: dict[str, Any] | None = None,
-                     ema_state: dict[str, torch.Tensor] | None = None,
-                     extra_files: dict[str, str] | None = None) -> Path:
-    """Atomically (re)place ``folder`` with a new checkpoint (see the module's docstring)."""
+def new_temporary(folder: str | os.PathLike) -> Path:
+    """A new, empty ``.<name>.tmp-*`` folder next to ``folder``, for a checkpoint that several processes write
+    (each its shards) before :func:`write_checkpoint` (``tmp=``) completes and swaps it in."""
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    old = _old(final)
     tmp.mkdir()
+    return tmp
+
+
+def write_checkpoint(folder: str | os.PathLike, model, train_state: dict[str, Any] | None = None,
+                     ema_state: dict[str, torch.Tensor] | None = None,
+                     extra_files: dict[str, str] | None = None, tmp: Path | None = None) -> Path:
+    """Atomically (re)place ``folder`` with a new checkpoint (see the module's docstring); ``tmp``: the
+    :func:`new_temporary` folder that already holds other files of it."""
+    final = Path(folder)
+    tmp = tmp if tmp is not None else new_temporary(final)
+    old = _old(final)
     try:
         model.save_pretrained(tmp)
         if ema_state is not None:

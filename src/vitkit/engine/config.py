@@ -21,12 +21,19 @@ from omegaconf.errors import OmegaConfBaseException
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
 from ..tasks import DEFAULT_TASK
+from .distributed import DEVICES
+from .loggers import LOGGERS, LoggerArgs
+
+DEFAULT_MODEL = "vit_fmnist_tiny"  # when a recipe names neither a model nor a checkpoint
+STRATEGIES = ("ddp", "fsdp")  # train.strategy (see vitkit.engine.fsdp)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_fmnist_tiny"
-    pretrained: str | None = None
+    # a registered model; null (with model.pretrained) builds the checkpoint's own architecture, so a converted or
+    # downloaded checkpoint of any configuration fine-tunes without a registered name; null alone: vit_fmnist_tiny
+    name: str | None = None
+    pretrained: str | None = None  # a checkpoint or run folder, a Hugging Face / timm / OpenCLIP folder, or hf-hub:ID
     # Extra constructor arguments for create_model, e.g. {drop_path_rate: 0.1, pos_embed: learned_2d}.
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +57,9 @@ class DataConfig:
     # image_folder: how each file is checked when the dataset is built; "header" reads headers (fast),
     # "decode" decodes every file and so also catches truncated data before the first step
     verify: Literal["header", "decode"] = "header"
-    num_workers: int = 0
+    # DataLoader processes; auto: sized from train.device (0 on the CPU, whose cores compute the step; on CUDA the
+    # node's cores shared among its training processes, at most 8 each). An integer is taken as it is.
+    num_workers: Union[int, str] = "auto"  # noqa: UP007 - OmegaConf needs typing.Union
     # settings of a generated dataset, e.g. fmnist_scenes: {canvas: 112, max_items: 4, num_scenes: 20000, seed: 0}
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -79,8 +88,10 @@ class TrainConfig:
     batch_size: int = 128  # global batch per optimizer step (split over processes and accumulation)
     grad_accum: int = 1
     ema_decay: float | None = None
-    # bf16 autocast: true | false | auto (bf16 only where the CPU computes it natively, AMX or AVX512-BF16;
-    # emulated bf16 is several times slower than fp32). A CUDA device counts as native.
+    # auto: CUDA when torch sees a GPU, else the CPU; cuda: fail in one line where there is none; cpu: even with one
+    device: str = "auto"
+    # bf16 autocast on train.device: true | false | auto (bf16 only where the device computes it natively: a CPU
+    # with AMX or AVX512-BF16, a GPU from Ampere on; emulated bf16 is several times slower than fp32). No fp16.
     bf16: Union[bool, str] = False  # noqa: UP007 - OmegaConf needs typing.Union
     compile: bool = False
     seed: int = 0
@@ -91,6 +102,13 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke tests, simulated interruption); schedule is unchanged
     progress: bool = True
     threads: int | None = None
+    # experiment trackers that also get every metric, the config and the pictures (rank 0): tensorboard, mlflow
+    loggers: list[str] = field(default_factory=list)
+    logger_args: LoggerArgs = field(default_factory=LoggerArgs)  # tensorboard.log_dir, mlflow.tracking_uri, ...
+    # with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer
+    # state per transformer block (FSDP2) and writes sharded checkpoints any process count resumes
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more compute
 
 
 @dataclass
@@ -149,12 +167,14 @@ def _in_unit(x: Any) -> bool:
 # drives the learning rate below zero) or failing an epoch later.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_dir": (lambda x: bool(str(x).strip()), "a folder path"),
-    "model.name": (lambda x: bool(str(x).strip()), "a registered model name (vitkit models)"),
+    "model.name": (lambda x: x is None or bool(str(x).strip()),
+                   "a registered model name (vitkit models), or null to build model.pretrained's own"),
     "data.train_fraction": (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]"),
     "data.val_fraction": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (0: no validation split)"),
     "data.image_size": (_optional(lambda x: x >= 1), "an integer >= 1, or null for the dataset's own size"),
     "data.max_bad_images": (lambda x: x >= 0, "an integer >= 0"),
-    "data.num_workers": (lambda x: x >= 0, "an integer >= 0 (0 loads in the main process)"),
+    "data.num_workers": (lambda x: x == "auto" or (type(x) is int and x >= 0),
+                         "an integer >= 0 (0 loads in the main process) or auto (sized from train.device)"),
     "optim.lr": (_positive, "a finite number > 0"),
     "optim.weight_decay": (_non_negative, "a finite number >= 0"),
     "optim.betas": (lambda x: len(x) == 2 and all(_in_unit(b) for b in x), "two numbers in [0, 1)"),
@@ -168,12 +188,19 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda x: x >= 1, "an integer >= 1"),
     "train.grad_accum": (lambda x: x >= 1, "an integer >= 1"),
     "train.ema_decay": (_optional(lambda x: _finite(x) and 0 < x < 1), "in (0, 1), or null"),
+    "train.device": (lambda x: x in DEVICES, ", ".join(DEVICES[:-1]) + f" or {DEVICES[-1]}"),
     "train.bf16": (lambda x: x in (True, False, "auto"), "true, false or auto"),
     "train.eval_every": (lambda x: x >= 1, "an integer >= 1 (epochs between evaluations)"),
     "train.eval_batch_size": (lambda x: x >= 1, "an integer >= 1"),
     "train.checkpoint_every_steps": (_optional(lambda x: x >= 1), "an integer >= 1, or null"),
     "train.max_steps": (_optional(lambda x: x >= 1), "an integer >= 1, or null for the whole schedule"),
     "train.threads": (_optional(lambda x: x >= 1), "an integer >= 1, or null for torch's default"),
+    "train.strategy": (lambda x: x in STRATEGIES, " or ".join(STRATEGIES)),
+    "train.loggers": (lambda x: set(x) <= set(LOGGERS) and len(set(x)) == len(x),
+                      f"a list of distinct loggers among: {', '.join(LOGGERS)}"),
+    **{f"train.logger_args.{key}": (_optional(lambda x: bool(str(x).strip())), "a non-empty string, or null for "
+                                    "the default") for key in ("tensorboard.log_dir", "mlflow.tracking_uri",
+                                                               "mlflow.experiment", "mlflow.run_name")},
 }
 
 
@@ -188,6 +215,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
         if not ok:
             bad.append(f"{key}={_show(value)} must be {expected}")
     t = cfg.train
+    if not bad and t.strategy == "fsdp" and t.ema_decay:
+        bad.append("train.ema_decay needs train.strategy=ddp (the EMA copy is not sharded)")
     if not bad and t.batch_size % t.grad_accum:
         bad.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     if bad:
@@ -214,11 +243,17 @@ def _check_model(model: ModelConfig) -> None:
     error, never a skipped check."""
     from ..models import check_model_arguments, list_models
 
+    if model.name is None:
+        if model.pretrained:
+            return  # the checkpoint's own configuration, checked when it is read
+        model.name = DEFAULT_MODEL
     if model.name not in list_models():
         import difflib
 
         close = difflib.get_close_matches(model.name, list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
+        if os.path.isdir(model.name) or str(model.name).startswith("hf-hub:"):
+            hint = f"; to fine-tune that checkpoint, set model.pretrained={model.name} and model.name=null"
         raise ConfigError(f"model.name={model.name!r} is not a registered model{hint}")
     check_model_arguments(model.name, model.args, "model.args")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -47,8 +48,20 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import RunConfig, config_to_yaml, load_config
-from .distributed import DistInfo, all_gather_with_grad, all_reduce_sum, barrier, cleanup, init_distributed
+from .config import RunConfig, config_to_dict, config_to_yaml, load_config
+from .distributed import (
+    DistInfo,
+    all_gather_with_grad,
+    all_reduce_sum,
+    autocast_dtype,
+    barrier,
+    cleanup,
+    gather_object,
+    init_distributed,
+    loader_settings,
+)
+from .fsdp import all_finite, check_strategy, gathered, load_sharded, prepare_model, save_sharded
+from .loggers import Loggers, open_loggers
 from .optim import build_ema, build_optimizer, build_scheduler
 
 
@@ -75,7 +88,8 @@ class _StepLoop:
 
     def forward_context(self, last_micro_batch: bool):
         t = self.trainer
-        sync = nullcontext() if last_micro_batch or not t.dist.enabled else _ddp(t.train_model).no_sync()
+        # (FSDP reduce-scatters every micro-batch into its sharded gradients: nothing to defer)
+        sync = nullcontext() if last_micro_batch or not t.dist.enabled or t.fsdp else _ddp(t.train_model).no_sync()
         stack = ExitStack()
         stack.enter_context(sync)
         stack.enter_context(t._autocast())
@@ -113,7 +127,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, dist: DistInfo | None = None) -> None:
         self.cfg = cfg
-        self.dist = dist or init_distributed()
+        self.dist = dist or init_distributed(cfg.train.device)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if cfg.train.threads:
@@ -141,7 +155,12 @@ class Trainer:
         self.test_metrics: dict[str, Any] | None = None
         self.model = self.task.build_model(cfg.model).to(self.dist.device)
         self.model.pretrained_cfg = {**self.model.pretrained_cfg, "task": self.task.name}
+        # model.name, or (a checkpoint's own architecture) the name it was saved or converted under
+        self.model_title = cfg.model.name or getattr(self.model, "model_name", None) or type(self.model).__name__
         self.task.setup(self.model)
+        # train.strategy=fsdp: sharded checkpoints (any process count resumes them); with torchrun, sharded model
+        self.fsdp = t.strategy == "fsdp"
+        prepare_model(self.model, t.strategy, t.activation_checkpointing, self.dist, self.bf16)
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)  # per-process augmentation streams
 
         self.steps_per_epoch = len(self.train_set) // (self.micro_batch * world * t.grad_accum)
@@ -156,18 +175,21 @@ class Trainer:
         self.optimizer, self.scheduler = self.optimizers["model"], self.schedulers["model"]
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay else None
         self.train_model: nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             self.train_model = DistributedDataParallel(self.model)
         if t.compile:
             self.train_model = torch.compile(self.train_model)
 
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.epoch_totals: dict[str, float] = {}  # statistics of the current epoch so far (kept across resume)
+        self._saved_totals: dict[str, float] = {}  # their sum over processes at the latest save (_global_totals)
+        self._saved_rngs: list[dict[str, Any]] | None = None  # every process's RNG state at that save (torchrun)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}  # {"epoch": ..., <scalar metrics of that evaluation>}
         self.last_eval: dict[str, Any] | None = None  # the latest evaluation, with non-scalar values
         self.wall_clock = 0.0
         self.saved_step: int | None = None  # the step of the latest checkpoints/last (for error messages)
+        self.loggers = Loggers()  # train.loggers: opened by fit, on rank 0 only
         if resume is not None:
             self._resume(Path(resume))
         # Leftovers of crashed checkpoint writes (whole temporary copies) go, once resume had its chance to
@@ -212,27 +234,22 @@ class Trainer:
     @property
     def bf16(self) -> bool:
         """Whether this run autocasts to bf16 (``train.bf16: auto`` decides by the hardware)."""
-        if self.cfg.train.bf16 != "auto":
-            return bool(self.cfg.train.bf16)
-        if self.dist.device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        from ..utils import native_bf16_supported
-
-        return native_bf16_supported()
+        return autocast_dtype(self.dist.device, self.cfg.train.bf16) is not None
 
     def _autocast(self):
-        if not self.bf16:
-            return nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        dtype = autocast_dtype(self.dist.device, self.cfg.train.bf16)
+        return nullcontext() if dtype is None else torch.autocast(self.dist.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def _train_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "epoch_totals": json.dumps(self.epoch_totals),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "epoch_totals": json.dumps(self._saved_totals),
+            "optimizers": {} if self.fsdp else {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "history": json.dumps(self.history), "best": json.dumps(self.best), "rng": rng_state(),
+            # each process's own augmentation stream, so that every rank (not only rank 0) resumes exactly
+            **({"rng_per_rank": self._saved_rngs} if self._saved_rngs else {}),
             "wall_clock": self.wall_clock, "world_size": self.dist.world_size,
         }
 
@@ -240,11 +257,18 @@ class Trainer:
         model = model or self.model
         # A good checkpoint is never replaced by non-finite weights (a NaN gradient with a finite loss). DDP
         # keeps the replicas identical, so every process comes to the same answer without communicating.
-        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        if not all_finite(model.parameters(), self.dist):  # sharded: each process checks its shard, all agree
             self._stop_non_finite(f"the weights became non-finite after step {self.step} (epoch {self.epoch + 1}/"
                                   f"{self.cfg.train.epochs})")
         if name == "last":
             self.saved_step = self.step
+        if with_state:
+            self._saved_totals = self._global_totals()  # collective: before rank 0 goes on alone
+            self._saved_rngs = gather_object(rng_state(), self.dist)  # collective too
+        if self.fsdp:  # every process writes its shards; rank 0 the consolidated weights, and swaps it in
+            extra = {"train_config.yaml": config_to_yaml(self.cfg)}
+            return save_sharded(self.ckpt_dir / name, model, self.optimizers if with_state else None,
+                                self._train_state() if with_state else None, extra, self.dist)
         if not self.dist.is_main:
             return None
         ema_state = self.ema.state_dict() if self.ema is not None and with_state else None
@@ -257,9 +281,13 @@ class Trainer:
         folder = resolve(checkpoint_target(folder))
         from ..models import read_state_dict
 
-        load_weights(self.model, read_state_dict(folder / "model.safetensors"), source=str(folder))
+        check_strategy(folder, self.cfg.train.strategy)
         state = read_train_state(folder)
-        if state.get("world_size", 1) != self.dist.world_size:
+        if self.fsdp:  # DCP re-shards: any process count continues (the global batch of each step is the same)
+            load_sharded(folder, self.model, self.optimizers, state)
+        else:
+            load_weights(self.model, read_state_dict(folder / "model.safetensors"), source=str(folder))
+        if state.get("world_size", 1) != self.dist.world_size and not self.fsdp:
             raise CheckpointError(f"{folder} was written by {state.get('world_size')} processes, resuming with "
                                   f"{self.dist.world_size}: the data order would differ")
         optimizers = state.get("optimizers") or {"model": state["optimizer"]}  # older checkpoints: one optimizer
@@ -268,7 +296,8 @@ class Trainer:
             raise CheckpointError(f"{folder} holds optimizers {sorted(optimizers)}, the task builds "
                                   f"{sorted(self.optimizers)}")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(optimizers[name])
+            if not self.fsdp:  # (load_sharded did)
+                opt.load_state_dict(optimizers[name])
             self.schedulers[name].load_state_dict(schedulers[name])
         if self.ema is not None:
             ema_state = read_ema_state(folder)
@@ -277,9 +306,18 @@ class Trainer:
             self.ema.load_state_dict(ema_state)
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.history, self.best = json.loads(state["history"]), json.loads(state["best"])
-        self.epoch_totals = json.loads(state["epoch_totals"])
+        # the epoch's statistics so far, summed over the processes that wrote them (step_* per process): rank 0
+        # carries them on, scaled to this run's process count, so the epoch's record is the same for any count
+        totals = json.loads(state["epoch_totals"])
+        self.epoch_totals = {k: v * self.dist.world_size if k.startswith("step_") else v
+                             for k, v in totals.items()} if self.dist.is_main else {}
+        if state.get("world_size", 1) != self.dist.world_size:
+            self._log(f"re-sharding: {folder} was written by {state.get('world_size')} process(es), continuing "
+                      f"with {self.dist.world_size} (the same global batch per step)")
         self.wall_clock = state["wall_clock"]
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")  # older checkpoints hold rank 0's state only
+        exact = per_rank is not None and len(per_rank) == self.dist.world_size
+        set_rng_state(per_rank[self.dist.rank] if exact else state["rng"])
         self.saved_step = self.step
         self._log(f"resumed from {folder} at epoch {self.epoch}, step {self.step}")
 
@@ -296,9 +334,12 @@ class Trainer:
         # skip the micro-batches a mid-epoch checkpoint already consumed
         skip = self.step_in_epoch * self.cfg.train.grad_accum
         indices = list(itertools.islice(batches, skip, self.steps_per_epoch * self.cfg.train.grad_accum))
-        # An own generator: creating the iterator must not consume the global RNG (exact resume).
+        # An own generator: creating the iterator must not consume the global RNG (exact resume). Workers and
+        # pinned memory follow the device (loader_settings); loading draws no random numbers, so neither
+        # changes what is trained.
         return DataLoader(self.train_set, batch_sampler=indices, collate_fn=batch_collate,
-                          num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+                          generator=torch.Generator(),
+                          **loader_settings(self.dist.device, self.cfg.data.num_workers))
 
     def _optimizer_step(self, micro_batches) -> dict[str, float]:
         prepared = []
@@ -351,13 +392,32 @@ class Trainer:
         was_training = model.training
         model.eval()
         desc = desc or f"eval {self.epoch}/{self.cfg.train.epochs}"
-        with self._autocast():
+        with self._autocast(), gathered(model):  # fsdp: no collective per batch, so shards may differ in length
             metrics = self.task.evaluate(model, self._eval_batches(self.eval_set if dataset is None else dataset,
                                                                    desc))
         model.train(was_training)
         return metrics
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end (or ``max_steps``); the trackers of ``train.loggers`` are closed however it ends."""
+        if self.dist.is_main and self.cfg.train.loggers:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.loggers = open_loggers(self.cfg.train.loggers, self.cfg.train.logger_args, self.out,
+                                        config=config_to_dict(self.cfg), config_yaml=config_to_yaml(self.cfg),
+                                        primary=f"eval_{self.task.primary_metric}", step=self.step,
+                                        history=self.history)
+        status = "FAILED"
+        try:
+            summary = self._fit()
+            status = "FINISHED"
+            return summary
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.loggers.close(status)
+
+    def _fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +428,7 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             held = f"val {len(self.eval_set)} / test {len(self.test_set)} (read once, at the end)" \
                 if self.test_set is not None else f"eval {len(self.eval_set)}"
-            self._log(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / {held} "
+            self._log(f"{self.model_title}: {n_params / 1e6:.2f}M parameters | train {len(self.train_set)} / {held} "
                       f"images | {self.steps_per_epoch} steps/epoch x {t.epochs} epochs | "
                       f"batch {t.batch_size} on {self.dist.world_size} process(es) | {'bf16' if self.bf16 else 'fp32'}"
                       + (" (train.bf16=auto)" if t.bf16 == "auto" else ""))
@@ -380,6 +440,7 @@ class Trainer:
             # the one reading of the test set: the final model, after every choice was made on validation
             split = self.cfg.data.eval_split
             self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})"))
+            self.loggers.log_metrics({f"test_{k}": v for k, v in self.test_metrics.items()}, self.step)
             self._log(f"test ({split}, final model): " +
                       " ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "count"))
         summary = self.summary(stopped)
@@ -443,8 +504,9 @@ class Trainer:
             if self._improves(scalars[key]):
                 self.best = {"epoch": self.epoch, **scalars}
                 self.save("best", model=eval_model, with_state=False)
-            if self.dist.is_main:
-                self.task.write_artifacts(eval_model, metrics, self.out)
+            with gathered(eval_model):  # fsdp: every process gathers, so rank 0 alone may run the model
+                if self.dist.is_main:
+                    self.task.write_artifacts(eval_model, metrics, self.out)
             shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "count")
             self._log(f"epoch {self.epoch}: train loss {record.get('train_loss', math.nan):.4f} | eval {shown} | "
                       f"{record['train_img_s']:.0f} img/s")
@@ -452,9 +514,11 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self.loggers.log_metrics(record, self.step)  # what metrics.jsonl gets, the trackers get
             from ..viz.plots import plot_curves
 
             plot_curves(self.history, self.out / "curves.png", self.task.primary_metric)
+            self.loggers.log_pictures(self.out, self.step)  # curves.png and the task's pictures
         self.save("last")
         barrier(self.dist)
         return t.max_steps is not None and self.step >= t.max_steps and self.epoch < t.epochs
@@ -464,6 +528,16 @@ class Trainer:
             return True
         best = self.best[self.task.primary_metric]
         return value > best if self.task.mode == "max" else value < best
+
+    def _global_totals(self) -> dict[str, float]:
+        """This epoch's statistics so far summed over processes, the per-step ones (``step_*``) per process:
+        what a checkpoint stores, so that a resume with any number of processes ends the epoch with the same
+        record. Every process must call it."""
+        keys = sorted(self.epoch_totals)
+        device = self.dist.device if self.dist.enabled else "cpu"  # nccl reduces CUDA tensors only
+        values = torch.tensor([self.epoch_totals[k] for k in keys], dtype=torch.float64, device=device)
+        summed = all_reduce_sum(values, self.dist).tolist()
+        return {k: v / self.dist.world_size if k.startswith("step_") else v for k, v in zip(keys, summed)}
 
     def _epoch_record(self, totals: dict[str, float], seen: int, elapsed: float) -> dict[str, Any]:
         """Every statistic the task returned: sums divided by ``count``, ``step_*`` values averaged per step."""
@@ -489,7 +563,7 @@ class Trainer:
         final = ({k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} | {"epoch": evals[-1]["epoch"]}
                  if evals else {})
         summary = {
-            "model": self.cfg.model.name, "task": self.task.name,
+            "model": self.model_title, "task": self.task.name,
             "primary_metric": self.task.primary_metric, "mode": self.task.mode,
             "finished": not stopped and self.epoch >= self.cfg.train.epochs,
             "epochs_done": self.epoch, "steps": self.step,
@@ -568,6 +642,9 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
             # max_steps stopped the earlier session; it is not part of what the run trains
             overrides = ["train.max_steps=null", *(overrides or [])]
     cfg = load_config(recipe, overrides, base)
+    if resume is None and recipe is not None and cfg.train.logger_args.mlflow.experiment is None \
+            and "mlflow" in cfg.train.loggers:
+        cfg.train.logger_args.mlflow.experiment = Path(recipe).stem  # the recipe names the MLflow experiment
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         from ..utils import path_kind
 
@@ -577,9 +654,14 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
     if resume is None and holds_run(cfg.output_dir):
         out = cfg.output_dir
         if if_exists == "refuse":
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            elastic = (f" (this is torchrun's restart {restart}: launch with --if-exists resume so that a "
+                       "restarted job continues its run)") if restart not in ("", "0") else ""
             raise ConfigError(f"{out} already holds a run; continue it with `vitkit train --resume {out}`, choose "
-                              "another --output-dir, or pass --if-exists resume|overwrite")
-        if if_exists == "resume" and (Path(out) / "checkpoints" / "last").is_dir():
+                              f"another --output-dir, or pass --if-exists resume|overwrite{elastic}")
+        # resolve, not is_dir: a kill between the renames of a checkpoint swap leaves no folder named last, but
+        # a complete copy beside it (an elastic restart kills the survivors at any point)
+        if if_exists == "resume" and _has_checkpoint(Path(out) / "checkpoints" / "last"):
             return train(recipe, overrides, resume=out, base=base)
         overwrite = True  # asked for, or a run that stopped before its first checkpoint: nothing to continue
     saved_dir = cfg.output_dir
@@ -588,7 +670,7 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
     into_root = root is not None and not any(o.partition("=")[0].strip() == "output_dir" for o in overrides or [])
     if into_root:
         cfg.output_dir = str(root)
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     if overwrite:
         if dist.is_main:
             shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
@@ -602,6 +684,14 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
         return trainer.fit()
     finally:
         cleanup(dist)
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    try:
+        resolve(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def checkpoint_target(resume: str | Path) -> Path:

@@ -60,13 +60,13 @@ def relative_position_index(window: int, table_window: int | None = None) -> tor
 @functools.lru_cache(maxsize=64)
 def _shift_mask_cpu(height: int, width: int, window: int, shift: int) -> torch.Tensor:
     def regions(n: int) -> torch.Tensor:  # 0: [0, n-M), 1: [n-M, n-shift), 2: [n-shift, n)
-        idx = torch.arange(n)
+        idx = torch.arange(n, device="cpu")  # cached for the process: never a caller's torch.device (meta)
         return (idx >= n - window).long() + (idx >= n - shift).long()
 
     img = (regions(height)[:, None] * 3 + regions(width)[None, :]).float()[None, :, :, None]
     labels = window_partition(img, window).squeeze(-1)  # (num_windows, M²)
     differ = labels[:, None, :] != labels[:, :, None]
-    return torch.zeros(differ.shape).masked_fill(differ, MASK_VALUE)
+    return torch.zeros(differ.shape, device="cpu").masked_fill(differ, MASK_VALUE)
 
 
 def shifted_window_mask(height: int, width: int, window: int, shift: int,

@@ -3,7 +3,16 @@
 from . import ar, clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
 from ._base import EncoderWrapper, TokenClassifier, VitkitModel
 from ._checks import check_model_arguments
-from ._pretrained import load_backbone, load_pretrained, load_weights, read_config, read_state_dict, save_pretrained
+from ._hub import is_hub_id, local_checkpoint
+from ._pretrained import (
+    checkpoint_folder,
+    load_backbone,
+    load_pretrained,
+    load_weights,
+    read_config,
+    read_state_dict,
+    save_pretrained,
+)
 from ._registry import (
     create_model,
     from_pretrained,
@@ -30,6 +39,7 @@ from .vit import VisionTransformer
 from .vqvae import MultiScaleVQVAE, SingleScaleVQVAE, VQVAEOutput
 
 __all__ = [
+    "checkpoint_folder", "is_hub_id", "local_checkpoint",
     "VitkitModel", "TokenClassifier", "EncoderWrapper", "read_config", "get_model_class", "from_pretrained",
     "load_pretrained", "load_backbone", "load_weights", "read_state_dict", "save_pretrained", "create_model",
     "list_models", "model_argument_names", "check_model_arguments",

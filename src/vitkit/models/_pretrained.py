@@ -153,8 +153,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
-    """A checkpoint folder gives (weights file, config); a file gives (file, None)."""
-    path = Path(path)
+    """A checkpoint folder gives (weights file, config); a file gives (file, None). ``hf-hub:ORG/NAME`` is the
+    cached snapshot of that hub repository."""
+    from ._hub import local_checkpoint
+
+    path = local_checkpoint(path)
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
@@ -240,3 +243,17 @@ def merge_pretrained_cfg(model: nn.Module, saved: dict[str, Any], same_model: bo
     if names and len(names) == getattr(model, "num_classes", -1):
         cfg["class_names"] = names
     model.pretrained_cfg = cfg
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A run folder means its best checkpoint (then its last); a checkpoint folder or weights file is itself; a hub id
+    (``hf-hub:ORG/NAME``) is its cached snapshot."""
+    from ._hub import local_checkpoint
+
+    path = local_checkpoint(path)
+    folder = path / "checkpoints"
+    # ".<name>.old" is the previous complete copy when a crash fell between the two renames of a checkpoint swap
+    for candidate in (folder / "best", folder / ".best.old", folder / "last", folder / ".last.old"):
+        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            return candidate
+    return path

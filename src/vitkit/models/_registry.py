@@ -17,7 +17,6 @@ import fnmatch
 import inspect
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -238,9 +237,12 @@ def _first_line(e: Exception) -> str:
 def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """Rebuild a model from a ``save_pretrained`` folder; ``overrides`` change constructor arguments.
 
-    Changing ``img_size`` resamples the position tables; changing ``num_classes`` drops the head.
+    Changing ``img_size`` resamples the position tables; changing ``num_classes`` drops the head. ``path`` may be a
+    hub id, ``hf-hub:ORG/NAME[@REVISION]``, resolved from the local Hugging Face cache (see :mod:`._hub`).
     """
-    path = Path(path)
+    from ._hub import local_checkpoint
+
+    path = local_checkpoint(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     cfg = read_config(path)

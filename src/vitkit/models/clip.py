@@ -101,6 +101,15 @@ def clip_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: 
     return (loss_images + loss_texts) / 2
 
 
+def _tower_eps(name: str, eps: float | None, shared: float) -> float:
+    """One tower's LayerNorm eps: its own when given (finite, > 0), else the shared ``norm_eps``."""
+    if eps is None:
+        return shared
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{name}={eps!r} must be a finite number > 0")
+    return float(eps)
+
+
 class CLIPOutput(NamedTuple):
     """``(logits_per_image, logits_per_text)``; ``loss`` is :func:`clip_loss` of this batch (one process)."""
 
@@ -127,32 +136,33 @@ class CLIPEmbeddings(NamedTuple):
 class CLIPVisionTransformer(VisionTransformer):
     """A ViT as CLIP's image tower; the CLIP-specific parts are switches of this subclass, not of ViT.
 
-    ``pre_norm``: a LayerNorm on the embedded tokens (after positions, before the first block), which ViT
-    lacks. ``patch_bias=False``: CLIP's patch projection has no bias. The head is the bias-free projection to
+    ``pre_norm``: ViT's LayerNorm on the embedded tokens (after positions, before the first block; CLIP's
+    "ln_pre"). ``patch_bias=False``: CLIP's patch projection has no bias. The head is the bias-free projection to
     ``proj_dim`` (``num_classes`` reports its width), applied to the CLS token after the final LayerNorm.
     Every other argument is a :class:`VisionTransformer` argument.
     """
 
-    stem_prefixes = (*VisionTransformer.stem_prefixes, "norm_pre.")
-
     def __init__(self, proj_dim: int = 512, pre_norm: bool = True, patch_bias: bool = False, **kwargs: Any) -> None:
         if "num_classes" in kwargs or kwargs.get("stem", "patch") != "patch":
             raise ValueError("CLIPVisionTransformer takes proj_dim (no num_classes) and a patch stem only")
-        super().__init__(num_classes=0, **kwargs)
+        super().__init__(num_classes=0, pre_norm=pre_norm, **kwargs)
+        proj = self.patch_embed.proj
         if not patch_bias:
-            self.patch_embed.proj.register_parameter("bias", None)
-        self.norm_pre = nn.LayerNorm(self.embed_dim, eps=kwargs.get("norm_eps", 1e-6)) if pre_norm else nn.Identity()
+            proj.register_parameter("bias", None)
+        elif proj.bias is None:  # ViT's pre_norm drops the bias; a CLIP tower may still ask for one
+            proj.bias = nn.Parameter(torch.zeros(proj.out_channels))
         self.num_classes = proj_dim
         self.head = nn.Linear(self.num_features, proj_dim, bias=False)
         nn.init.normal_(self.head.weight, std=self.num_features**-0.5)
 
-    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x, grid = super().embed_tokens(x)
-        return self.norm_pre(x), grid
-
 
 class CLIP(TokenizerMixin, VitkitModel):
-    """Image tower + text tower + learned temperature; ``forward`` gives both directions' logits."""
+    """Image tower + text tower + learned temperature; ``forward`` gives both directions' logits.
+
+    ``act`` and ``norm_eps`` are shared by both towers unless ``vision_act`` / ``text_act`` / ``vision_norm_eps`` /
+    ``text_norm_eps`` set one tower's own (None: the shared value), as Hugging Face's ``CLIPConfig`` and OpenCLIP's
+    per-tower ``norm_kwargs`` allow.
+    """
 
     default_task = "clip"  # the task a checkpoint without a recorded one (converted) is used with
 
@@ -178,6 +188,10 @@ class CLIP(TokenizerMixin, VitkitModel):
         eos_token_id: int = 49407,
         act: str = "quick_gelu",
         norm_eps: float = 1e-5,
+        vision_act: str | None = None,
+        text_act: str | None = None,
+        vision_norm_eps: float | None = None,
+        text_norm_eps: float | None = None,
         logit_scale_init: float = LOGIT_SCALE_INIT,
         dynamic_img_size: bool = False,
         pos_interp_antialias: bool = True,
@@ -194,6 +208,9 @@ class CLIP(TokenizerMixin, VitkitModel):
             raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id below vocab_size={vocab_size}")
         if text_width % text_heads:
             raise ValueError(f"text_width {text_width} must be divisible by text_heads {text_heads}")
+        vision_act, text_act = vision_act or act, text_act or act
+        vision_norm_eps, text_norm_eps = (_tower_eps(name, eps, norm_eps) for name, eps in
+                                          (("vision_norm_eps", vision_norm_eps), ("text_norm_eps", text_norm_eps)))
         self.embed_dim = embed_dim
         self.in_chans = in_chans
         self.vocab_size = vocab_size
@@ -202,11 +219,11 @@ class CLIP(TokenizerMixin, VitkitModel):
         self.visual = CLIPVisionTransformer(
             proj_dim=embed_dim, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=vision_width,
             depth=vision_layers, num_heads=vision_heads, mlp_ratio=mlp_ratio, mlp_dim=vision_mlp_dim,
-            norm_eps=norm_eps, act=act, dynamic_img_size=dynamic_img_size,
+            norm_eps=vision_norm_eps, act=vision_act, dynamic_img_size=dynamic_img_size,
             pos_interp_antialias=pos_interp_antialias, drop_path_rate=drop_path_rate)
         self.img_size = self.visual.img_size
         self.text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio,
-                                    text_mlp_dim, causal=True, norm_eps=norm_eps, act=act,
+                                    text_mlp_dim, causal=True, norm_eps=text_norm_eps, act=text_act,
                                     drop_path_rate=drop_path_rate)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
         nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
@@ -271,8 +288,9 @@ class CLIP(TokenizerMixin, VitkitModel):
 
     def no_weight_decay(self) -> set[str]:
         """Tokens, position tables and the temperature (token embeddings are decayed, as in OpenCLIP)."""
-        return {f"visual.{n}" for n in self.visual.no_weight_decay()} | {"text.embed.pos_embed.weight",
-                                                                         "logit_scale"}
+        names = {f"visual.{n}" for n in self.visual.no_weight_decay()} | {"text.embed.pos_embed.weight",
+                                                                          "logit_scale"}
+        return names & dict(self.named_parameters()).keys()  # the image tower may name tokens it lacks
 
 
 # ---------------------------------------------------------------------- registered configurations

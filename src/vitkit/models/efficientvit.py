@@ -22,6 +22,8 @@ weights load through ``vitkit convert efficientvit``):
 * ``drop_path_rate`` rises linearly over the residual branches of the stages (stem excluded), as the official
   ``apply_droppath`` does (without its schedule over training progress).
 * Activation names are vitkit's: the official ``hswish`` is ``hardswish``.
+* ``attn_eps`` is the linear attention's normaliser eps: the official 1e-15 by default; timm's port uses 1e-5
+  (``vitkit convert timm`` sets it).
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ class EfficientViTBlock(nn.Module):
     """Global context then local detail, each a residual branch: ``x + LiteMLA(x)``, then ``x + MBConv(x)``."""
 
     def __init__(self, channels: int, dim: int, expand_ratio: float, scales: tuple[int, ...], act: str,
-                 heads_ratio: float = 1.0, drop_path: tuple[float, float] = (0.0, 0.0)) -> None:
+                 heads_ratio: float = 1.0, drop_path: tuple[float, float] = (0.0, 0.0), eps: float = 1e-15) -> None:
         super().__init__()
-        self.context_module = LiteMLA(channels, channels, dim=dim, heads_ratio=heads_ratio, scales=scales)
+        self.context_module = LiteMLA(channels, channels, dim=dim, heads_ratio=heads_ratio, scales=scales, eps=eps)
         self.context_drop = DropPath(drop_path[0]) if drop_path[0] > 0 else nn.Identity()
         self.local_module = MBConv(channels, channels, expand_ratio=expand_ratio, act=act, fewer_norm=True,
                                    residual=True, drop_path=drop_path[1])
@@ -145,10 +147,11 @@ class EfficientViT(VitkitModel):
         stem_stride: int = 2,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        attn_eps: float = 1e-15,
     ) -> None:
         super().__init__()
         check_model_args(num_classes, dict(img_size=img_size, in_chans=in_chans, dim=dim, expand_ratio=expand_ratio,
-                                           heads_ratio=heads_ratio),
+                                           heads_ratio=heads_ratio, attn_eps=attn_eps),
                          dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate))
         widths, depths = list(widths), list(depths)
         _check_layout(widths, depths, head_widths, stem_stride)
@@ -174,7 +177,7 @@ class EfficientViT(VitkitModel):
             else:  # attention stages
                 blocks = [_local_block(in_ch, w, 2, expand_ratio, act, fewer_norm=True)]
                 blocks += [EfficientViTBlock(w, dim, expand_ratio, tuple(scales), act, heads_ratio,
-                                             (next(rates), next(rates))) for _ in range(d)]
+                                             (next(rates), next(rates)), attn_eps) for _ in range(d)]
             self.stages.append(EfficientViTStage(blocks))
             in_ch = w
         self.head = ClsHead(widths[-1], tuple(head_widths) if head_widths else None, num_classes, act, drop_rate)

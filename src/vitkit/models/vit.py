@@ -20,6 +20,15 @@ Switches (constructor arguments, so ablations are flags, not copies):
 * ``stem='resnet'``: the hybrid model, patches cut from a ResNet feature map (``stem_layers``,
   ``stem_width``; ``patch_size`` then counts feature-map cells, usually 1).
 * ``dynamic_img_size``: accept any image size divisible by the patch stride at forward time.
+
+Switches of timm's ViT (so its checkpoints convert, ``vitkit convert timm``):
+
+* ``reg_tokens``: register tokens (Darcet et al., 2024) after [CLS], read by no head.
+* ``no_embed_class``: the position table covers the patches only (DeiT-3, big_vision); prefix tokens get none.
+* ``fc_norm``: the final LayerNorm acts on the pooled features instead of every token (timm's ``fc_norm``, its
+  default with average pooling); it is then the ``pre_logits`` module and ``norm`` is the identity.
+* ``pre_norm``: a LayerNorm on the embedded tokens before the blocks and no patch-projection bias (CLIP).
+* :class:`DistilledVisionTransformer`: DeiT's distillation token and second head.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ POS_PLACEMENTS = ("input", "every_layer", "every_layer_shared")
 
 class VisionTransformer(TokenClassifier):
     per_block_prefixes = ("blocks.", "block_pos_embeds.")
+    stem_prefixes = TokenClassifier.stem_prefixes + ("dist_token", "reg_token", "norm_pre.")
+    distilled = False  # DistilledVisionTransformer: a distillation token and a second head
 
     def __init__(
         self,
@@ -81,6 +92,10 @@ class VisionTransformer(TokenClassifier):
         pos_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        fc_norm: bool = False,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         check_model_args(num_classes, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -93,6 +108,8 @@ class VisionTransformer(TokenClassifier):
             raise ValueError(f"pos_placement must be one of {POS_PLACEMENTS}, got {pos_placement!r}")
         if pos_sincos_order not in SINCOS_ORDERS:
             raise ValueError(f"pos_sincos_order must be one of {SINCOS_ORDERS}, got {pos_sincos_order!r}")
+        _check_timm_switches(self.distilled, reg_tokens, no_embed_class, fc_norm, representation_size, pool,
+                             pos_embed, pos_placement)
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -102,10 +119,12 @@ class VisionTransformer(TokenClassifier):
         self.pos_sincos_order = pos_sincos_order
         self.pos_placement = pos_placement
         self.dynamic_img_size = dynamic_img_size
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.no_embed_class = no_embed_class
+        self.num_prefix_tokens = int(class_token) + int(self.distilled) + reg_tokens
 
-        if stem == "patch":
-            self.patch_embed: nn.Module = PatchEmbed(self.img_size, patch_size, patch_stride, in_chans, embed_dim)
+        if stem == "patch":  # CLIP's pre-norm models have no bias in the patch projection
+            self.patch_embed: nn.Module = PatchEmbed(self.img_size, patch_size, patch_stride, in_chans, embed_dim,
+                                                     bias=not pre_norm)
         elif stem == "resnet":
             self.patch_embed = HybridEmbed(self.img_size, patch_size, in_chans, embed_dim, tuple(stem_layers),
                                            stem_width)
@@ -117,12 +136,16 @@ class VisionTransformer(TokenClassifier):
                 raise ValueError(f"img_size {self.img_size} is not divisible by the patch stride {r}")
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        make_pos = lambda: build_pos_embed(pos_embed, self.grid, embed_dim, num_heads, self.num_prefix_tokens,
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
+        make_pos = lambda: build_pos_embed(pos_embed, self.grid, embed_dim, num_heads, pos_prefix,
                                            pos_interp, pos_interp_antialias, pos_sincos_order)
         self.pos_embed = make_pos() if pos_placement != "every_layer" else None
         self.block_pos_embeds = (nn.ModuleList([make_pos() for _ in range(depth)])
                                  if pos_placement == "every_layer" and pos_embed != "none" else None)
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
@@ -130,12 +153,18 @@ class VisionTransformer(TokenClassifier):
                   drop_path=dpr[i], init_values=init_values, norm_eps=norm_eps, act=act)
             for i in range(depth)
         ])
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.pre_logits = (nn.Sequential(nn.Linear(embed_dim, representation_size), nn.Tanh())
-                           if representation_size else nn.Identity())
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not fc_norm else nn.Identity()
+        if fc_norm:  # timm's fc_norm: the final norm after pooling
+            self.pre_logits: nn.Module = nn.LayerNorm(embed_dim, eps=norm_eps)
+        elif representation_size:
+            self.pre_logits = nn.Sequential(nn.Linear(embed_dim, representation_size), nn.Tanh())
+        else:
+            self.pre_logits = nn.Identity()
         self.num_features = representation_size or embed_dim
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if self.distilled:
+            self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
         self.pretrained_cfg = {"input_size": (in_chans, *self.img_size), "mean": (0.5,) * in_chans,
                                "std": (0.5,) * in_chans, "interpolation": "bicubic"}
@@ -143,23 +172,32 @@ class VisionTransformer(TokenClassifier):
     def _init_weights(self) -> None:
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         trunc_normal_linears_(self)
         if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal, as for a linear layer on flattened patches
             w = self.patch_embed.proj.weight
             nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
-            nn.init.zeros_(self.patch_embed.proj.bias)
+            if self.patch_embed.proj.bias is not None:
+                nn.init.zeros_(self.patch_embed.proj.bias)
 
     # ------------------------------------------------------------------ embedding and blocks
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         check_image_batch(x, self.in_chans, self.patch_embed.reduction,
                           None if self.dynamic_img_size else self.img_size, type(self).__name__)
         x, grid = self.patch_embed(self.input_dtype(x))
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         first = self._position_schedule()[0]
-        if first is not None and not first.is_bias:  # the input position (block 0's, for every_layer*)
+        absolute = first is not None and not first.is_bias  # the input position (block 0's, for every_layer*)
+        if absolute and self.no_embed_class:  # a table for the patches only: added before the prefix joins
             x = first(x, grid)
-        return self.pos_drop(x), grid
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if prefix:
+            x = torch.cat([t.expand(x.shape[0], -1, -1).to(x.dtype) for t in prefix] + [x], dim=1)
+        if absolute and not self.no_embed_class:
+            x = first(x, grid)
+        return self.norm_pre(self.pos_drop(x)), grid
 
     def _position_schedule(self) -> list[nn.Module | None]:
         """Which position module acts before (or, for a relative bias, inside) each block."""
@@ -214,7 +252,7 @@ class VisionTransformer(TokenClassifier):
             return state, []
         if self.pos_kind == "learned_1d" and self.pos_placement == "input":
             table = sincos_2d(self.grid, self.embed_dim, order=order)
-            prefix = torch.zeros(self.num_prefix_tokens, self.embed_dim)
+            prefix = torch.zeros(self.pos_embed.num_prefix_tokens, self.embed_dim)
             state = {**state, "pos_embed.weight": torch.cat([prefix, table])[None]}
             return state, [f"pos_embed.weight (learned_1d) initialised from the backbone's fixed sincos_2d "
                            f"positions ({order})"]
@@ -222,11 +260,49 @@ class VisionTransformer(TokenClassifier):
 
     # ------------------------------------------------------------------ optimiser metadata
     def no_weight_decay(self) -> set[str]:
-        names = {"cls_token"}
-        for name, _ in self.named_parameters():
-            if name.startswith(("pos_embed.", "block_pos_embeds.")):
-                names.add(name)
-        return names
+        """The tokens and position tables this model has (never decayed)."""
+        tokens, tables = ("cls_token", "dist_token", "reg_token"), ("pos_embed.", "block_pos_embeds.")
+        return {name for name, _ in self.named_parameters() if name in tokens or name.startswith(tables)}
+
+
+def _check_timm_switches(distilled: bool, reg_tokens: int, no_embed_class: bool, fc_norm: bool,
+                         representation_size: int | None, pool: str, pos_embed: str, pos_placement: str) -> None:
+    """Reject combinations of the timm switches that would be silently mis-built."""
+    if isinstance(reg_tokens, bool) or not isinstance(reg_tokens, int) or reg_tokens < 0:
+        raise ValueError(f"reg_tokens must be an int >= 0, got {reg_tokens!r}")
+    if no_embed_class and (pos_placement != "input" or pos_embed == "relative"):
+        raise ValueError("no_embed_class needs an absolute position table added at the input (pos_placement='input')")
+    if fc_norm and representation_size:
+        raise ValueError("fc_norm and representation_size both act between pooling and the head; choose one")
+    if distilled and pool != "cls":
+        raise ValueError(f"the distilled head reads the CLS and distillation tokens: pool must be 'cls', got {pool!r}")
+
+
+class DistilledVisionTransformer(VisionTransformer):
+    """DeiT's distilled ViT (Touvron et al., 2021): a distillation token after [CLS] and a second head on it; the
+    logits are the mean of both heads' (timm's ``VisionTransformerDistilled`` at inference).
+
+    A class rather than a switch, because its head reads two tokens: code that computes the last block for the
+    CLS token only (``tools.inference``) sees the overridden ``forward_head`` and keeps to the full forward.
+    """
+
+    distilled = True
+    head_prefixes = ("head.", "head_dist.")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        cls, dist = (self.head_drop(self.pre_logits(x[:, i])) for i in (0, 1))
+        if pre_logits:
+            return (cls + dist) / 2
+        return (self.head(cls) + self.head_dist(dist)) / 2
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None,
+                         class_names: list[str] | None = None) -> None:
+        """Replace both heads (the pooling stays 'cls')."""
+        if pool not in (None, "cls"):
+            raise ValueError(f"the distilled head reads the CLS and distillation tokens: pool must be 'cls', "
+                             f"got {pool!r}")
+        super().reset_classifier(num_classes, None, class_names)
+        self.head_dist = self.new_head(num_classes, class_names)
 
 
 # ---------------------------------------------------------------------- registered configurations

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import create_model
 from ..models.ar import TokenGenerator
-from .base import Batch, batch_images, checkpoint_folder, register_task
+from .base import Batch, batch_images, build_configured_model, register_task
 from .generative import GeneratorTask, batch_labels, device_of, unwrap_model
 
 
@@ -72,8 +71,7 @@ class ARTask(GeneratorTask):
         classes = getattr(self.ctx.train_set, "classes", None)
         if classes:
             args.setdefault("num_classes", len(classes))
-        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        model = build_configured_model(model_cfg, **args)
         if not isinstance(model, TokenGenerator):
             raise ConfigError(f"task ar trains a TokenGenerator (e.g. ar_fmnist_tiny), got {model_cfg.name!r}")
         if (model.vocab_size, model.grid_size) != (tok.vocab_size, tok.patch_nums[0]):

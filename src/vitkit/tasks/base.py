@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..models import checkpoint_folder  # noqa: F401  (tasks import it from here)
 
 Batch = Any  # torch.Tensor | tuple | list | Mapping[str, Any]
 
@@ -293,15 +294,30 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:
             if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def checkpoint_folder(path: str | Path) -> Path:
-    """A run folder means its best checkpoint (then its last); a checkpoint folder or weights file is itself."""
-    path = Path(path)
-    folder = path / "checkpoints"
-    # ".<name>.old" is the previous complete copy when a crash fell between the two renames of a checkpoint swap
-    for candidate in (folder / "best", folder / ".best.old", folder / "last", folder / ".last.old"):
-        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            return candidate
-    return path
+def build_configured_model(model_cfg: Any, **defaults: Any) -> nn.Module:
+    """The model a recipe's ``model`` section names: ``create_model(model.name, pretrained=..., **args)``, or, with
+    no ``model.name``, the architecture of the ``model.pretrained`` checkpoint itself (a vitkit, run, Hugging Face,
+    timm or OpenCLIP folder, or a hub id), so any checkpoint can be fine-tuned. ``model.args`` apply as overrides
+    in both cases (``num_classes`` drops a head that no longer fits, ``img_size`` resamples the position tables);
+    ``defaults`` (e.g. the data's class count) are used where ``model.args`` does not say."""
+    from ..models import create_model
+
+    args = {**defaults, **dict(model_cfg.args)}
+    if model_cfg.name is None:
+        if not model_cfg.pretrained:
+            raise ConfigError("model.name is null and there is no model.pretrained: name a registered model "
+                              "(vitkit models) or give a checkpoint to build the model from")
+        from ..convert.auto import load_checkpoint
+
+        return load_checkpoint(model_cfg.pretrained, **args)
+    pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
+    try:
+        return create_model(model_cfg.name, pretrained=pretrained, **args)
+    except CheckpointError as e:
+        if pretrained is None or "does not fit" not in str(e):
+            raise
+        raise CheckpointError(f"{e}; to fine-tune the checkpoint's own architecture, drop model.name "
+                              f"(--set model.name=null)") from None
 
 
 # ---------------------------------------------------------------------------- registry

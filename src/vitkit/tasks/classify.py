@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..models import create_model
-from .base import Batch, Task, TaskContext, checkpoint_folder, register_task
+from .base import Batch, Task, TaskContext, build_configured_model, register_task
 
 
 def _images_labels(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +45,7 @@ class ClassificationTask(Task):
 
     def build_model(self, model_cfg: Any) -> nn.Module:
         train_set = self.ctx.train_set
-        args = dict(model_cfg.args)
-        args.setdefault("num_classes", len(train_set.classes))
-        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        model = build_configured_model(model_cfg, num_classes=len(train_set.classes))
         classes = len(train_set.classes)
         if getattr(model, "num_classes", classes) != classes:
             raise ConfigError(f"model.args.num_classes={model.num_classes} but the training data has {classes} "

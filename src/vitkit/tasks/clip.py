@@ -57,7 +57,7 @@ from ..errors import ConfigError, DataError
 from ..models import create_model
 from ..models.clip import CLIP, clip_loss, logit_scale_multiplier
 from ._text import check_same_tokenizer, checkpoint_tokenizer, warn_unknown_words
-from .base import Batch, Task, TaskContext, checkpoint_folder, register_task
+from .base import Batch, Task, TaskContext, build_configured_model, checkpoint_folder, register_task
 
 DEFAULT_TEMPLATES = ("a photo of a {}", "a {}")
 RETRIEVAL_KS = (1, 5)
@@ -234,14 +234,17 @@ class CLIPTask(Task):
         captions (then the model's vocabulary, end-of-text id, channels and image size follow the data)."""
         from ..models import registered_class
 
-        cls = registered_class(model_cfg.name)
+        cls = registered_class(model_cfg.name) if model_cfg.name is not None else CLIP  # else: checked below
         if cls is None or not issubclass(cls, CLIP):
             raise ConfigError(f"task clip needs a CLIP model (e.g. clip_fmnist_tiny); {model_cfg.name!r} is not one")
         args = dict(model_cfg.args)
         train_set = self.ctx.train_set
         if model_cfg.pretrained:
             folder = checkpoint_folder(model_cfg.pretrained)
-            model = create_model(model_cfg.name, pretrained=folder, **args)
+            model = build_configured_model(model_cfg)
+            if not isinstance(model, CLIP):
+                raise ConfigError(f"task clip needs a CLIP model; {model_cfg.pretrained} holds a "
+                                  f"{type(model).__name__}")
             model.set_tokenizer(model_tokenizer(model, folder))
         else:
             captions = getattr(train_set, "captions", None)

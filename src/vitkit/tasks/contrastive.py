@@ -26,8 +26,15 @@ from torch import nn
 
 from ..data import images_only
 from ..errors import ConfigError
-from ..models import create_model
-from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task, replace_images
+from .base import (
+    Batch,
+    Task,
+    TaskContext,
+    batch_images,
+    build_configured_model,
+    register_task,
+    replace_images,
+)
 from .probe import evaluate_probes
 
 
@@ -111,8 +118,7 @@ class ContrastiveTask(Task):
         return images_only(dataset)
 
     def build_model(self, model_cfg: Any) -> nn.Module:
-        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **dict(model_cfg.args))
+        model = build_configured_model(model_cfg)
         if not callable(getattr(model, "encode", None)):
             raise ConfigError(f"task contrastive needs a model with an encoder and a projector (e.g. "
                               f"simclr_vit_fmnist_tiny); {model_cfg.name!r} is a {type(model).__name__}")

@@ -19,8 +19,7 @@ from torch import nn
 
 from ..data.base import ImagesOnly, images_only
 from ..errors import ConfigError
-from ..models import create_model
-from .base import Batch, Task, batch_images, checkpoint_folder, register_task
+from .base import Batch, Task, batch_images, build_configured_model, register_task
 
 
 @dataclass
@@ -55,8 +54,7 @@ class MAETask(Task):
         return images_only(dataset)
 
     def build_model(self, model_cfg: Any) -> nn.Module:
-        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **dict(model_cfg.args))
+        model = build_configured_model(model_cfg)
         if not hasattr(model, "patchify"):
             raise ConfigError(f"task mae needs a masked-autoencoder model (e.g. mae_vit_fmnist_tiny), got "
                               f"{model_cfg.name!r}")

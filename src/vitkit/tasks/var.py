@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import create_model
 from ..models.hart import HART, hybrid_tokens
 from ..models.var import VAR
 from ..models.vqvae import MultiScaleVQVAE
-from .base import Batch, batch_images, checkpoint_folder, register_task
+from .base import Batch, batch_images, build_configured_model, register_task
 from .generative import GeneratorTask, batch_labels, device_of, unwrap_model
 
 
@@ -106,8 +105,7 @@ class VARTask(GeneratorTask):
         classes = getattr(self.ctx.train_set, "classes", None)
         if classes:
             args.setdefault("num_classes", len(classes))
-        pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **args)
+        model = build_configured_model(model_cfg, **args)
         if not isinstance(model, self.model_type):
             raise ConfigError(f"task {self.name} trains a {self.model_type.__name__} (e.g. {self.name}_fmnist_tiny), "
                               f"got {model_cfg.name!r}")

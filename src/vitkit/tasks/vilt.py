@@ -52,9 +52,8 @@ from torch import nn
 from ..data.captions import SPECIAL_TOKENS, swapped_caption
 from ..data.text_batches import Encoded, draw_itm_pairs, encode_captions, may_match, whole_word_mask  # noqa: F401
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models import create_model
 from ._text import check_same_tokenizer, checkpoint_tokenizer, warn_unknown_words
-from .base import Batch, Task, TaskContext, batch_images, checkpoint_folder, register_task
+from .base import Batch, Task, TaskContext, batch_images, build_configured_model, checkpoint_folder, register_task
 
 
 def _batch_labels(batch: Batch) -> torch.Tensor | None:
@@ -145,7 +144,7 @@ class ViLTTask(Task):
         """The ViLT with both heads, carrying its tokenizer: the ``model.pretrained`` checkpoint's, else one built
         from the training captions (:func:`~vitkit.data.captions.train_tokenizer`, deterministic)."""
         folder = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=folder, **dict(model_cfg.args))
+        model = build_configured_model(model_cfg)
         if getattr(model, "rank_output", None) is None or getattr(model, "mlm_head", None) is None:
             raise ConfigError(f"task vilt needs a ViLT with its ranking (ITM) and MLM heads; {model_cfg.name!r} is a "
                               f"{type(model).__name__}" + (" without them" if hasattr(model, "rank_output") else ""))

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import create_model
 from ..models.hart import hybrid_vqvae_loss
 from ..models.vqvae import MultiScaleVQVAE
-from .base import Batch, Task, batch_images, checkpoint_folder, register_task
+from .base import Batch, Task, batch_images, build_configured_model, checkpoint_folder, register_task
 from .generative import device_of, to_unit, unwrap_model
 
 
@@ -97,7 +96,7 @@ class VQTask(Task):
 
     def build_model(self, model_cfg: Any) -> nn.Module:
         pretrained = checkpoint_folder(model_cfg.pretrained) if model_cfg.pretrained else None
-        model = create_model(model_cfg.name, pretrained=pretrained, **dict(model_cfg.args))
+        model = build_configured_model(model_cfg)
         if not isinstance(model, MultiScaleVQVAE):
             raise ConfigError(f"task vq trains a VQ tokenizer (e.g. vq_fmnist_tiny), got {model_cfg.name!r}")
         if self.args.continuous_prob and self.ctx.world_size > 1:

@@ -5,19 +5,17 @@ a file of your own with the same form). Every variant is the base recipe
 plus a few dotted overrides, trained by the same engine with the same data, augmentation, budget and seeds.
 Runs are keyed by their full resolved configuration, so a variant shared by two studies (the baseline,
 for one) is trained once, and a second invocation skips every run already in ``results.jsonl``; a run that
-was interrupted is resumed from its last checkpoint.
+was interrupted is resumed from its last checkpoint. The trainings run here (``--jobs`` side by side) or as Ray
+tasks (``--backend ray``, :mod:`.backends`); this process alone appends to the results file, as each one ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import statistics
-import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,12 @@ from ..engine.config import config_to_dict, load_config
 from ..engine.trainer import train
 from ..errors import ConfigError
 from ..utils import atomic_write_text
+from .backends import add_backend_args, check_backend, open_backend
+from .backends import die_with_parent as die_with_parent  # kept importable from here (worker initializer)
+
+# what a record says about the machine a run happened to train on, not about the run: these differ between two
+# trainings of the same run (another backend, node or load); every other field is the same for the same seeds
+RECORD_FIELDS_THAT_VARY = ("train_img_s", "wall_clock_s", "machine", "load_1m", "finished_at", "elapsed_s")
 
 
 @dataclass(frozen=True)
@@ -161,16 +165,26 @@ def _variant_overrides(study: Study, variant: Variant, lr_mult: float, base_cfg,
     return over
 
 
+# Constructor flags added after results files were first recorded: at these values they build the model as before,
+# so they stay out of the key and every recorded run keeps its key (a flag set otherwise is part of it).
+LATER_FLAGS: dict[str, Any] = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "pre_norm": False,
+                               "attn_eps": 1e-15, "vision_act": None, "text_act": None, "vision_norm_eps": None,
+                               "text_norm_eps": None}
+
+
 def run_key(cfg) -> str:
     """Identify a run by what it trains: the config with the model's arguments fully resolved."""
     from ..models import resolve_model_args
 
     data = config_to_dict(cfg)
-    resolved = resolve_model_args(cfg.model.name, **cfg.model.args)
+    resolved = resolve_model_args(cfg.model.name, **cfg.model.args) if cfg.model.name else None
     if resolved is not None:
-        data["model"]["args"] = resolved
+        data["model"]["args"] = {k: v for k, v in resolved.items()
+                                 if k not in LATER_FLAGS or LATER_FLAGS[k] != v}
     data.pop("output_dir", None)
-    for how_not_what in ("threads", "progress"):  # these change speed or display, not the trained model
+    # these change speed, display, tracking or placement, not the trained model (and keep older keys valid)
+    for how_not_what in ("threads", "progress", "loggers", "logger_args", "device", "strategy",
+                         "activation_checkpointing"):
         data["train"].pop(how_not_what, None)
     data["data"].pop("num_workers", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -230,47 +244,34 @@ def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int,
             "elapsed_s": round(time.time() - started, 1), "run_dir": str(run_dir)}
 
 
-def die_with_parent() -> None:
-    """Worker initializer: on Linux, ask the kernel to SIGTERM this worker when the process that started it dies
-    (even by SIGKILL), so an interrupted ``vitkit ablate`` leaves no orphan trainings running; a killed training
-    resumes from its last checkpoint on the next call."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, str]], out: Path, jobs: int,
-                   record: Callable[[str, dict[str, Any]], None], threads_fixed: bool = False) -> None:
-    """Run every pending training, ``jobs`` at a time, and record each one as soon as it ends.
+                   record: Callable[[str, dict[str, Any]], None], threads: int | None = None,
+                   backend: str = "local", address: str | None = None) -> None:
+    """Run every pending training and record each one (here, in this process) as soon as it ends.
 
-    On a small CPU, several single-threaded runs side by side use the cores better than one run that splits
-    small matrix products over threads; each worker gets ``cores // jobs`` threads unless the recipe fixes
-    ``train.threads`` (``threads_fixed``).
+    Locally, on a small CPU, several single-threaded runs side by side use the cores better than one run that
+    splits small matrix products over threads; each of ``jobs`` workers gets ``cores // jobs`` threads unless the
+    recipe fixes ``train.threads`` (``threads``). On Ray each training is a task asking for ``train.threads``
+    CPUs (1 unless the recipe fixes it) and, where the cluster has GPUs, one GPU.
     """
-    if jobs <= 1:
-        for key, (over, epochs, model) in pending.items():
-            record(key, _run_record(recipe, over, out / "runs" / key, epochs, model))
-        return
-    threads = [] if threads_fixed else [f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}"]
-    # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an undefined state
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=die_with_parent) as pool:
-        futures = {pool.submit(_run_record, recipe, [*threads, *over], out / "runs" / key, epochs, model): key
-                   for key, (over, epochs, model) in pending.items()}
-        for future in as_completed(futures):
-            record(futures[future], future.result())
+    with open_backend(backend, address, jobs, feature="vitkit ablate --backend ray") as runner:
+        if runner.name == "ray":  # a recipe's own thread count is kept (the numbers may depend on it)
+            cpus, gpus = runner.fit_cpus(threads or 1), runner.gpus_per_job()
+            fixed = [] if threads is not None else ["train.threads=1"]
+        else:
+            cpus, gpus = 1, 0.0
+            share = max(1, (os.cpu_count() or 1) // jobs)
+            fixed = [] if threads is not None or jobs <= 1 else [f"train.threads={share}"]
+        calls = {key: (recipe, [*fixed, *over], out / "runs" / key, epochs, model)
+                 for key, (over, epochs, model) in pending.items()}
+        runner.run_each(_run_record, calls, record, cpus=cpus, gpus=gpus, what="training")
 
 
 def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir: str | Path,
                  overrides: list[str] | None = None, variants: list[str] | None = None,
                  jobs: int = 1, pretrained: dict[str, str] | None = None,
-                 catalogue: dict[str, Study] | None = None, results: str | Path | None = None) -> list[dict[str, Any]]:
+                 catalogue: dict[str, Study] | None = None, results: str | Path | None = None,
+                 backend: str = "local", address: str | None = None) -> list[dict[str, Any]]:
     """Train every (study, variant, lr, seed) not yet done; write results, tables and plots; return rows.
 
     ``jobs`` trainings run side by side (separate processes); results are appended as each one ends, so an
@@ -278,6 +279,8 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
     refer to as ``{pretrained.NAME}``. ``catalogue``: the studies to choose from (default :data:`STUDIES`).
     ``results``: the results file (default ``output_dir/results.jsonl``), one line per table row (study,
     variant, lr, seed) with every metric of its run; a run shared by several rows is trained once.
+    ``backend``: ``local`` or ``ray`` (at ``address``, see :mod:`.backends`); for the same seeds and
+    ``train.threads`` both write the same records but for :data:`RECORD_FIELDS_THAT_VARY`.
     """
     catalogue = STUDIES if catalogue is None else catalogue
     unknown = [s for s in studies if s not in catalogue]
@@ -287,6 +290,7 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    check_backend(backend, address)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = Path(results) if results is not None else out / "results.jsonl"
@@ -335,7 +339,8 @@ def run_ablation(recipe: str | Path, studies: list[str], seeds: int, output_dir:
 
     for key in {k for k, _ in planned if k in done}:  # rows of runs trained for another study
         append_rows(key)
-    _train_pending(recipe, pending, out, jobs, record, threads_fixed=base_cfg.train.threads is not None)
+    if pending:
+        _train_pending(recipe, pending, out, jobs, record, base_cfg.train.threads, backend, address)
     rows = [{**done[key], **row} for key, row in planned]
     for study_name in studies:
         study_rows = [r for r in rows if r["study"] == study_name]
@@ -495,6 +500,7 @@ def add_ablate_args(p: Any) -> None:
                         "is faster than 1 run on both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to the base recipe for every variant")
+    add_backend_args(p, "trainings")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME=PATH",
                    help="a pretrained checkpoint that variants name as {pretrained.NAME}, e.g. "
                         "--pretrained mae=runs/fmnist_mae_tiny (see the study's variants)")
@@ -510,7 +516,7 @@ def run_ablate_args(args: Any) -> int:
                else list(dict.fromkeys(args.study)))
     variants = args.variants.split(",") if args.variants else None
     run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs, pretrained,
-                 catalogue, args.results)
+                 catalogue, args.results, args.backend, args.address)
     for s in studies:
         print(Path(args.output_dir, f"ablation_{s}.md").read_text())
     print(f"results: {args.results or Path(args.output_dir, 'results.jsonl')}, "

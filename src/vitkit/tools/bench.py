@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..utils import make_torchvision_importable
 from .timing import (
     Candidate,
     ContentionMeter,
@@ -151,12 +152,14 @@ def peak_fraction(executed_gflops: float, precision: str, peaks: dict[str, Any])
 
 # ---------------------------------------------------------------------------- model builders
 def _lazy_transformers():
+    make_torchvision_importable()  # transformers' vision models import torchvision
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTConfig, ViTForImageClassification
 
 
 def timm_available() -> bool:
+    make_torchvision_importable()  # timm imports torchvision
     try:
         import timm  # noqa: F401
     except Exception:

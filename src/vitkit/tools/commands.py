@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import textwrap
 
 from ..errors import ConfigError
 
@@ -53,14 +55,60 @@ def run_models_args(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- convert
-def add_convert_args(p: argparse.ArgumentParser) -> None:
-    from ..convert import CONVERTERS
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line, reST ````literals```` and roles as plain text."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    return re.sub(r":\w+:`~?(?:[\w.]*\.)?(\w+)`", r"\1", text).replace("``", "")
 
-    p.add_argument("kind", choices=sorted(CONVERTERS), help="the checkpoint's origin")
-    p.add_argument("src", help="the foreign checkpoint (folder or file)")
-    p.add_argument("dst", help="the vitkit checkpoint folder to write")
-    p.add_argument("--arg", dest="args", action="append", default=[], metavar="KEY=VALUE",
-                   help="a model constructor argument the weights cannot tell, e.g. --arg num_heads=2 (repeatable)")
+
+def _converter_line(doc: str | None) -> str:
+    """The first sentence of a ``convert_*`` docstring without what every converter does ("into a vitkit checkpoint
+    folder dst; returns the model"): one short line per kind in ``vitkit convert --help``."""
+    text = _first_paragraph(doc)
+    match = re.search(r"(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", text)
+    text = text[:match.start() + 1] if match else text
+    text = re.sub(r";? returns the model(?=\.$)", "", text)
+    return re.sub(r" into a vitkit checkpoint folder dst", "", text)
+
+
+def _converter_description(kind: str, module_doc: str | None) -> str:
+    """The converter module's first paragraph, and the paragraph about this kind where the module has several
+    (``vitkit convert KIND SRC DST — ...``), wrapped."""
+    paragraphs = [p for p in (module_doc or "").strip().split("\n\n") if p.strip()]
+    chosen = paragraphs[:1] + [p for p in paragraphs[1:] if p.lstrip().startswith(f"``vitkit convert {kind} ")]
+    return "\n\n".join(textwrap.fill(_first_paragraph(p), 100) for p in chosen)
+
+
+def _converter_epilog(kind: str, specs) -> str:
+    """Every ``--arg`` key of ``kind`` (its ``ConvertArg.describe()``), one wrapped entry each."""
+    if not specs:
+        return f"vitkit convert {kind} takes no --arg keys."
+    lines = ["--arg keys (KEY=VALUE, the value in YAML: 2, true, [1, 2], hswish):"]
+    for spec in specs:
+        lines.append(textwrap.fill(spec.describe(), 100, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    """One subcommand per converter kind, ``vitkit convert KIND SRC DST [--arg KEY=VALUE ...]``, whose --help
+    lists the keys that converter declares (``vitkit.convert.CONVERTER_ARGS``)."""
+    import sys
+
+    from ..convert import CONVERTER_ARGS, CONVERTERS
+
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND",
+                             title="kinds (vitkit convert KIND --help lists its --arg keys)")
+    for kind in sorted(CONVERTERS):
+        fn = CONVERTERS[kind]
+        sub = kinds.add_parser(kind, help=_converter_line(fn.__doc__),
+                               description=_converter_description(kind, sys.modules[fn.__module__].__doc__),
+                               epilog=_converter_epilog(kind, CONVERTER_ARGS.get(kind, ())),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("src", metavar="SRC", help="the foreign checkpoint (folder or file)")
+        sub.add_argument("dst", metavar="DST", help="the vitkit checkpoint folder to write")
+        sub.add_argument("--arg", dest="args", action="append", default=[], metavar="KEY=VALUE",
+                         help="a value the checkpoint does not tell, or one to override (repeatable; the keys are "
+                              "listed below)")
 
 
 def run_convert_args(args: argparse.Namespace) -> int:

@@ -16,7 +16,10 @@ budget are rejected *before* they are evaluated. The evolution keeps a populatio
 candidates, makes children by uniform crossover of two parents and by mutation (each stage's ratio redrawn with
 a probability), and evaluates only new, affordable ones. The output is every evaluated candidate, the best under
 each budget, and the Pareto front of metric vs latency, as JSON and a plot; the final candidates are re-timed
-directly so the reported latency is measured, not only predicted.
+directly so the reported latency is measured, not only predicted. Each generation's new candidates are scored
+together, in this process or as Ray tasks (``--backend ray``: the model, its task and the scoring images are put
+in Ray's object store once; every task scores one candidate with this process's thread count, so the scores, and
+the picks, are those of the local search).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .backends import add_backend_args, check_backend, open_backend
 from .timing import Candidate as Timed
 from .timing import time_alternating
 
@@ -138,35 +142,46 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
-def evolutionary_search(evaluate: Callable[[Ratios], float], latency: Callable[[Ratios], float], num_stages: int,
-                        budget_ms: float, choices: Sequence[float] = DEFAULT_CHOICES, population: int = 12,
-                        generations: int = 5, parents: int = 4, mutation_prob: float = 0.3, seed: int = 0,
-                        cache: dict[Ratios, float] | None = None, max_tries: int = 2000) -> list[Candidate]:
+def evolutionary_search(evaluate: Callable[[Ratios], float] | None, latency: Callable[[Ratios], float],
+                        num_stages: int, budget_ms: float, choices: Sequence[float] = DEFAULT_CHOICES,
+                        population: int = 12, generations: int = 5, parents: int = 4, mutation_prob: float = 0.3,
+                        seed: int = 0, cache: dict[Ratios, float] | None = None, max_tries: int = 2000,
+                        evaluate_many: Callable[[list[Ratios]], list[float]] | None = None) -> list[Candidate]:
     """Evolve per-stage ratios that maximise ``evaluate`` with ``latency <= budget_ms``; returns every affordable
-    candidate evaluated (``cache`` shares evaluations between budgets)."""
+    candidate evaluated (``cache`` shares evaluations between budgets). The new candidates of a generation do not
+    depend on each other's scores, so they are scored together: by ``evaluate_many`` (a list of ratios -> their
+    scores, e.g. as parallel jobs) when given, else one by one with ``evaluate``; the result is the same."""
     if population < 2 or parents < 2 or generations < 0 or not 0 <= mutation_prob <= 1:
         raise ConfigError("search: need population >= 2, parents >= 2, generations >= 0, mutation_prob in [0, 1]")
+    if evaluate_many is None:
+        if evaluate is None:
+            raise ConfigError("search: give evaluate or evaluate_many")
+        evaluate_many = lambda batch: [evaluate(r) for r in batch]  # noqa: E731
     rng = random.Random(seed)
     choices = tuple(sorted(float(c) for c in choices))
     cache = {} if cache is None else cache
     seen: dict[Ratios, Candidate] = {}
 
-    def consider(ratios: Ratios) -> bool:
+    def consider(ratios: Ratios, added: list[Ratios]) -> bool:
         if ratios in seen:
             return False
         lat = latency(ratios)
         if lat > budget_ms:  # rejected before any evaluation
             return False
-        if ratios not in cache:
-            cache[ratios] = evaluate(ratios)
-        seen[ratios] = Candidate(ratios, lat, cache[ratios])
+        seen[ratios] = Candidate(ratios, lat, math.nan)  # scored below, with the rest of its generation
+        added.append(ratios)
         return True
 
     def fill(make: Callable[[], Ratios], count: int) -> None:
-        added = tries = 0
-        while added < count and tries < max_tries:
+        added: list[Ratios] = []
+        tries = 0
+        while len(added) < count and tries < max_tries:
             tries += 1
-            added += consider(make())
+            consider(make(), added)
+        new = [r for r in added if r not in cache]
+        cache.update(zip(new, evaluate_many(new) if new else []))
+        for ratios in added:
+            seen[ratios].metric = cache[ratios]
 
     fill(lambda: tuple(rng.choice(choices) for _ in range(num_stages)), population)
     if not seen:
@@ -244,21 +259,35 @@ def eval_batches(folder: str | Path, task: Any, data: str, split: str, data_args
             for i in range(0, n, batch_size)]
 
 
+def score_candidate(state: tuple[nn.Module, Any, list, int], ratios: Ratios) -> float:
+    """The task's primary metric of the model at ``ratios`` on the scoring batches; ``state`` is (model, task,
+    batches, threads), the threads those of the search's own process (the scores must not depend on where they
+    are computed)."""
+    model, task, batches, threads = state
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    model.set_keep_ratios(ratios)
+    return float(task.evaluate(model, batches)[task.primary_metric])
+
+
 def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir: str | Path = "sparsevit_search",
                data: str = "fmnist_scenes", split: str = "val", data_args: dict[str, Any] | None = None,
                eval_images: int = 1000, latency_batch: int = 8, choices: Sequence[float] = DEFAULT_CHOICES,
                population: int = 12, generations: int = 5, seed: int = 0, speedups: Sequence[float] = (),
-               table: LatencyTable | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+               table: LatencyTable | None = None, log: Callable[[str], None] = print, backend: str = "local",
+               address: str | None = None) -> dict[str, Any]:
     """Search keep ratios for a trained windowed model under each budget (ms per ``latency_batch`` images on this
     CPU, or ``speedups``: the dense latency the table predicts divided by each); candidates are scored with the
     checkpoint's task on ``eval_images`` images of ``split`` (not the test split: the search must not pick on the
     numbers it reports). Dataset settings default to the run's own (``train_config.yaml``); ``data_args`` override
     them. ``table`` reuses a latency table measured before (several runs of one architecture priced alike). A
     budget nothing fits is reported (``best`` None) without stopping the others. Writes ``search.json`` and
-    ``pareto.png``."""
+    ``pareto.png``. ``backend``: where candidates are scored, ``local`` (this process) or ``ray`` (at ``address``;
+    see :mod:`.backends`): the same scores, so the same picks; the latencies are timed here either way."""
     from .evaluate import load_model, resolve_model_dir, task_for_model
 
     check_search_settings(budgets_ms, speedups, choices, population, generations, eval_images, latency_batch)
+    check_backend(backend, address)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"{out_dir}: the search's output must be a folder (for search.json and pareto.png), "
                           "and this is a file")
@@ -275,11 +304,6 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
     task.setup(model)
     batches = eval_batches(folder, task, data, split, data_args, eval_images)
     images = batches[0].images[:latency_batch] if hasattr(batches[0], "images") else batches[0][0][:latency_batch]
-
-    def evaluate(ratios: Ratios) -> float:
-        model.set_keep_ratios(ratios)
-        return float(task.evaluate(model, batches)[task.primary_metric])
-
     log(f"latency table: {model.num_stages} stages x {len(choices)} ratios, batch {latency_batch}, "
         f"{torch.get_num_threads()} threads")
     if table is None:
@@ -291,42 +315,53 @@ def run_search(checkpoint: str | Path, budgets_ms: Sequence[float] = (), out_dir
         settle(model, images)  # the direct timings below, in the state the table was timed in
     dense = tuple([1.0] * model.num_stages)
     dense_ms = measure_latency(model, images, dense)
-    cache: dict[Ratios, float] = {dense: evaluate(dense)}
-    log(f"dense: {task.primary_metric} {cache[dense]:.4f}, {dense_ms:.2f} ms "
-        f"(table predicts {table.predict(dense):.2f})")
-    budgets = [(f"{b:g}ms", b) for b in budgets_ms] + [(f"{s:g}x", table.predict(dense) / s) for s in speedups]
-    results: dict[str, Any] = {}
-    everything: dict[Ratios, Candidate] = {}
-    for key, budget in budgets:
-        try:
-            found = evolutionary_search(evaluate, table.predict, model.num_stages, budget, choices, population,
-                                        generations, seed=seed, cache=cache)
-        except ConfigError as e:  # this budget is below the sparsest candidate: say so, go on with the others
-            results[key] = {"budget_ms": budget, "best": None, "why": str(e)}
-            log(f"budget {budget:g} ms: {e}")
-            continue
-        best = found[0]
-        measured = measure_latency(model, images, best.ratios)
-        uniform = [Candidate(tuple([r] * model.num_stages), table.predict(tuple([r] * model.num_stages)), 0.0)
-                   for r in sorted(choices)]
-        affordable = [u for u in uniform if u.latency_ms <= budget]
-        baseline = None
-        if affordable:
-            u = affordable[-1]  # the densest uniform ratio within the budget
-            cache.setdefault(u.ratios, evaluate(u.ratios))
-            baseline = {"ratios": u.ratios, "latency_ms": u.latency_ms, "metric": cache[u.ratios],
-                        "measured_ms": measure_latency(model, images, u.ratios)}
-        results[key] = {"budget_ms": budget, "best": asdict(best), "best_measured_ms": measured,
-                                    "evaluated": len(found), "uniform_baseline": baseline}
-        everything.update({c.ratios: c for c in found})
-        log(f"budget {budget:g} ms: best {best.ratios} {task.primary_metric} {best.metric:.4f}, predicted "
-            f"{best.latency_ms:.2f} ms, measured {measured:.2f} ms ({dense_ms / measured:.2f}x vs dense); "
-            f"uniform {baseline['ratios'][0] if baseline else '-'}: "
-            f"{baseline['metric'] if baseline else float('nan'):.4f}")
-    model.set_keep_ratios(dense)
-    everything[dense] = Candidate(dense, table.predict(dense), cache[dense])
-    write_search_report(out_dir, table, results, list(everything.values()), dense_ms)
-    return {"dense_ms": dense_ms, "dense_metric": cache[dense], "budgets": results, "out_dir": str(out_dir)}
+    # the latencies are timed before Ray starts (its processes would disturb them)
+    with open_backend(backend, address, feature="vitkit sparsevit search --backend ray") as runner:
+        shared = runner.share((model, task, batches, torch.get_num_threads()))
+
+        def evaluate_many(batch: list[Ratios]) -> list[float]:
+            return runner.map(score_candidate, shared, batch, cpus=torch.get_num_threads())
+
+        def evaluate(ratios: Ratios) -> float:
+            return evaluate_many([ratios])[0]
+
+        cache: dict[Ratios, float] = {dense: evaluate(dense)}
+        log(f"dense: {task.primary_metric} {cache[dense]:.4f}, {dense_ms:.2f} ms "
+            f"(table predicts {table.predict(dense):.2f})")
+        budgets = [(f"{b:g}ms", b) for b in budgets_ms] + [(f"{s:g}x", table.predict(dense) / s) for s in speedups]
+        results: dict[str, Any] = {}
+        everything: dict[Ratios, Candidate] = {}
+        for key, budget in budgets:
+            try:
+                found = evolutionary_search(evaluate, table.predict, model.num_stages, budget, choices, population,
+                                            generations, seed=seed, cache=cache, evaluate_many=evaluate_many)
+            except ConfigError as e:  # this budget is below the sparsest candidate: say so, go on with the others
+                results[key] = {"budget_ms": budget, "best": None, "why": str(e)}
+                log(f"budget {budget:g} ms: {e}")
+                continue
+            best = found[0]
+            measured = measure_latency(model, images, best.ratios)
+            uniform = [Candidate(tuple([r] * model.num_stages), table.predict(tuple([r] * model.num_stages)), 0.0)
+                       for r in sorted(choices)]
+            affordable = [u for u in uniform if u.latency_ms <= budget]
+            baseline = None
+            if affordable:
+                u = affordable[-1]  # the densest uniform ratio within the budget
+                if u.ratios not in cache:
+                    cache[u.ratios] = evaluate(u.ratios)
+                baseline = {"ratios": u.ratios, "latency_ms": u.latency_ms, "metric": cache[u.ratios],
+                            "measured_ms": measure_latency(model, images, u.ratios)}
+            results[key] = {"budget_ms": budget, "best": asdict(best), "best_measured_ms": measured,
+                            "evaluated": len(found), "uniform_baseline": baseline}
+            everything.update({c.ratios: c for c in found})
+            log(f"budget {budget:g} ms: best {best.ratios} {task.primary_metric} {best.metric:.4f}, predicted "
+                f"{best.latency_ms:.2f} ms, measured {measured:.2f} ms ({dense_ms / measured:.2f}x vs dense); "
+                f"uniform {baseline['ratios'][0] if baseline else '-'}: "
+                f"{baseline['metric'] if baseline else float('nan'):.4f}")
+        model.set_keep_ratios(dense)
+        everything[dense] = Candidate(dense, table.predict(dense), cache[dense])
+        write_search_report(out_dir, table, results, list(everything.values()), dense_ms)
+        return {"dense_ms": dense_ms, "dense_metric": cache[dense], "budgets": results, "out_dir": str(out_dir)}
 
 
 def _number(value: Any) -> bool:
@@ -407,6 +442,7 @@ def add_sparsevit_args(p) -> None:
     s.add_argument("--generations", type=int, default=5,
                    help="rounds of crossover and mutation after the random start, >= 0 (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search (same seed, same candidates)")
+    add_backend_args(s, "candidate scores")
 
 
 def run_sparsevit_args(args) -> int:
@@ -417,6 +453,6 @@ def run_sparsevit_args(args) -> int:
                           args.eval_images, args.latency_batch, flags=True)  # before the model is loaded
     run_search(args.run, args.budget_ms, args.out, args.data, args.split, parse_key_values(args.data_arg),
                args.eval_images, args.latency_batch, args.choices, args.population, args.generations, args.seed,
-               speedups=args.speedup)
+               speedups=args.speedup, backend=args.backend, address=args.address)
     print(f"wrote {Path(args.out) / 'search.json'} and {Path(args.out) / 'pareto.png'}")
     return 0
