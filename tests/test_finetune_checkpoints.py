@@ -136,3 +136,12 @@ def test_hub_id_not_in_the_cache_offline_is_one_line_naming_it(offline_cache, ca
 def test_malformed_hub_ids_are_refused(bad, offline_cache):
     with pytest.raises(CheckpointError, match="not a hub id"):
         vitkit.from_pretrained(bad)
+
+
+def test_predict_takes_a_hub_id_of_a_transformers_folder(tmp_path, offline_cache, capsys):
+    _hf_vit(tmp_path / "hf")
+    _populate_cache(offline_cache, "someone/tiny-vit", tmp_path / "hf")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(image)
+    assert main(["predict", "hf-hub:someone/tiny-vit", str(image)]) == 0
+    assert "x.png" in capsys.readouterr().out

@@ -9,17 +9,17 @@ from typing import Any
 
 import torch
 
+from ..convert.auto import load_checkpoint
 from ..data import batch_collate, build_dataset
 from ..errors import CheckpointError, ConfigError
-from ..models import from_pretrained
 from ..tasks import DEFAULT_TASK, TASKS, Task, TaskContext, build_task
 from ..tasks._text import checkpoint_tokenizer
 from ..tasks.base import checkpoint_folder
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder means its best checkpoint (then its last); a checkpoint folder is used as it is."""
-    path = Path(path)
+    """A run folder means its best checkpoint (then its last); a checkpoint folder is used as it is; a hub id
+    ``hf-hub:ORG/NAME`` is its cached snapshot."""
     candidate = checkpoint_folder(path)
     if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
         return candidate
@@ -32,7 +32,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
 
     A checkpoint with NaN or infinite weights (a diverged run) is refused: its scores would mean nothing."""
     folder = resolve_model_dir(path)
-    model = from_pretrained(folder)
+    model = load_checkpoint(folder)  # a vitkit folder, or a Hugging Face / timm / OpenCLIP one converted on the fly
     if getattr(model, "tokenizer", False) is None and callable(getattr(model, "set_tokenizer", None)):
         tokenizer = checkpoint_tokenizer(folder)  # a converted text model: tokenizer.json beside its weights
         if tokenizer is not None:
