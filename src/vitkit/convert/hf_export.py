@@ -177,6 +177,30 @@ def reference(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float().cpu().eval()
 
 
+def image_check(m: nn.Module, arch: str, classifier: bool, pooled: bool
+                ) -> Callable[[Path, float], list[dict[str, Any]]]:
+    """The check of an image model's export: logits for a classifier, else the last hidden state and (``pooled``)
+    the pooler output against ``forward_head(pre_logits=True)``; without a pooler the folder is loaded with
+    ``add_pooling_layer=False``."""
+
+    def check(folder: Path, atol: float) -> list[dict[str, Any]]:
+        ours = reference(m)
+        kwargs = {} if classifier or pooled else {"add_pooling_layer": False}
+        hf = load_transformers_class(arch).from_pretrained(str(folder), **kwargs).float().eval()
+        x = random_images(m.in_chans, m.img_size)
+        with torch.no_grad():
+            out = hf(pixel_values=x)
+            if classifier:
+                return compare({"logits": (ours(x), out.logits)}, atol, model_label(m))
+            feats = ours.forward_features(x)
+            pairs = {"last_hidden_state": (feats, out.last_hidden_state)}
+            if pooled:
+                pairs["pooler_output"] = (ours.forward_head(feats, pre_logits=True), out.pooler_output)
+            return compare(pairs, atol, model_label(m))
+
+    return check
+
+
 def compare(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], atol: float, what: str) -> list[dict[str, Any]]:
     """Max abs difference of each (vitkit, HF) pair; an HFParityError naming the first one above ``atol``."""
     results = []
@@ -315,21 +339,7 @@ def export_vit(m: VisionTransformer) -> HFExport:
                      "ViTModel.from_pretrained(folder, add_pooling_layer=False); last_hidden_state is exact")
     preprocessor = image_processor(m, "ViTImageProcessor", m.in_chans, m.img_size)
 
-    def check(folder: Path, atol: float) -> list[dict[str, Any]]:
-        ours = reference(m)
-        kwargs = {} if classifier or representation else {"add_pooling_layer": False}
-        hf = load_transformers_class(arch).from_pretrained(str(folder), **kwargs).float().eval()
-        x = random_images(m.in_chans, m.img_size)
-        with torch.no_grad():
-            out = hf(pixel_values=x)
-            if classifier:
-                return compare({"logits": (ours(x), out.logits)}, atol, model_label(m))
-            feats = ours.forward_features(x)
-            pairs = {"last_hidden_state": (feats, out.last_hidden_state)}
-            if representation:
-                pairs["pooler_output"] = (ours.forward_head(feats, pre_logits=True), out.pooler_output)
-            return compare(pairs, atol, model_label(m))
-
+    check = image_check(m, arch, classifier, pooled=classifier or representation)
     return HFExport(arch, config, state, preprocessor, notes=notes, check=check)
 
 
@@ -395,19 +405,7 @@ def export_swin(m: SwinTransformer) -> HFExport:
         notes.append("keep_ratio_choices (sparsity-aware training) is not exported; inference is dense as in vitkit")
     preprocessor = image_processor(m, "ViTImageProcessor", m.in_chans, m.img_size)
 
-    def check(folder: Path, atol: float) -> list[dict[str, Any]]:
-        ours, hf = reference(m), load_hf(arch, folder)
-        x = random_images(m.in_chans, m.img_size)
-        with torch.no_grad():
-            out = hf(pixel_values=x)
-            if classifier:
-                return compare({"logits": (ours(x), out.logits)}, atol, model_label(m))
-            feats = ours.forward_features(x)
-            return compare({"last_hidden_state": (feats, out.last_hidden_state),
-                            "pooler_output": (ours.forward_head(feats, pre_logits=True), out.pooler_output)},
-                           atol, model_label(m))
-
-    return HFExport(arch, config, state, preprocessor, notes=notes, check=check)
+    return HFExport(arch, config, state, preprocessor, notes=notes, check=image_check(m, arch, classifier, True))
 
 
 # ---------------------------------------------------------------------------------------------------- MAE
