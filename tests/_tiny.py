@@ -71,6 +71,14 @@ def _efficientvit(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, 
     return over, (defaults.get("in_chans", 3), size, size)
 
 
+def _resnet(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """Two layers of one block at widths 4 and 8 (the first with a projection shortcut, the second strided); the
+    family's block and stem, on 16x16 images (ImageNet stem: 8, 4, 2 pixels) or 8x8 (the small stem)."""
+    size = 16 if defaults.get("stem", "imagenet") == "imagenet" else 8
+    over = dict(layers=[1, 1], widths=[4, 8], stem_width=6, num_classes=NUM_CLASSES, img_size=size)
+    return over, (defaults.get("in_chans", 3), size, size)
+
+
 def _clip(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """CLIP: a 2x2 patch grid, two blocks per tower, a 50-token vocabulary ending in the end-of-text token;
     :func:`call` adds the captions."""
@@ -125,7 +133,7 @@ def _vilt(defaults: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int, int
 
 FAMILIES = {"vit": _vit, "swin": _swin, "efficientvit": _efficientvit, "vilt": _vilt, "clip": _clip, "t2t_vit": _t2t,
             "mae": _mae, "simclr": _simclr, "vqvae": _vqvae, "var": _var,
-            "hart": _hart, "ar": _ar}
+            "hart": _hart, "ar": _ar, "resnet": _resnet}
 
 
 def is_classifier(name: str) -> bool:

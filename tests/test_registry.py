@@ -7,7 +7,8 @@ import torch
 
 import vitkit
 from _tiny import NUM_CLASSES, call, is_classifier, tiny
-from vitkit.layers import capture_attention
+from vitkit.errors import ConfigError
+from vitkit.layers import AttentionMapSource, capture_attention
 
 ALL_MODELS = vitkit.list_models()
 CLASSIFIERS = [n for n in ALL_MODELS if is_classifier(n)]
@@ -62,6 +63,10 @@ def test_forward_shapes_and_interface(name):
     assert len(inter) == 1 and inter[0].shape[0] == 2 and inter[0].ndim == 4
     assert torch.isfinite(logits).all()
     assert tuple(model.pretrained_cfg["input_size"]) == shape
+    if not any(isinstance(m, AttentionMapSource) for m in model.modules()):  # a CNN: refused in one line
+        with pytest.raises(ConfigError, match="no attention"):
+            model.attention_maps(x)
+        return
     maps = model.attention_maps(x)
     assert len(maps) >= 1
     torch.testing.assert_close(maps[0].sum(-1), torch.ones_like(maps[0].sum(-1)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..models import local_checkpoint
-from . import efficientvit, hf_clip, hf_swin, hf_vilt, hf_vit, hf_vit_mae, openclip, t2t, timm, var
+from . import efficientvit, hf_clip, hf_swin, hf_vilt, hf_vit, hf_vit_mae, openclip, t2t, timm, timm_resnet, var
 from ._common import ConvertArg
 from .efficientvit import convert_efficientvit, convert_efficientvit_state_dict, load_efficientvit
 from .hf_clip import convert_hf_clip, convert_hf_clip_state_dict, load_hf_clip, load_tokenizer
@@ -20,6 +20,7 @@ from .hf_vit_mae import convert_hf_vit_mae, convert_hf_vit_mae_state_dict, load_
 from .openclip import convert_open_clip, convert_open_clip_state_dict, load_open_clip
 from .t2t import convert_t2t, convert_t2t_state_dict, load_t2t
 from .timm import convert_timm, convert_timm_state_dict, load_timm
+from .timm_resnet import convert_timm_resnet, convert_timm_resnet_state_dict, load_timm_resnet
 from .var import (
     convert_var,
     convert_var_state_dict,
@@ -41,6 +42,7 @@ CONVERTERS = {
     "t2t": convert_t2t,
     "efficientvit": convert_efficientvit,
     "timm": convert_timm,
+    "timm-resnet": convert_timm_resnet,
 }
 
 # The --arg keys of each converter (``vitkit convert KIND --help`` lists them): what the weights, a shipped config,
@@ -57,6 +59,7 @@ CONVERTER_ARGS: dict[str, tuple[ConvertArg, ...]] = {
     "t2t": t2t.ARGS,
     "efficientvit": efficientvit.ARGS,
     "timm": timm.ARGS,
+    "timm-resnet": timm_resnet.ARGS,
 }
 
 
@@ -95,6 +98,7 @@ def _check_destination(dst: Path) -> None:
 
 __all__ = ["convert_open_clip", "convert_open_clip_state_dict", "load_open_clip",
            "convert_timm", "convert_timm_state_dict", "load_timm",
+           "convert_timm_resnet", "convert_timm_resnet_state_dict", "load_timm_resnet",
            "CONVERTERS", "CONVERTER_ARGS", "ConvertArg", "convert", "convert_hf_vit", "convert_hf_vit_state_dict",
            "load_hf_vit",
            "convert_hf_vit_mae", "convert_hf_vit_mae_state_dict", "load_hf_vit_mae", "convert_t2t",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ FILE_LOADERS = {
     "open_clip_config.json": ("openclip", "load_open_clip"),
 }
 TIMM_LOADER = ("timm", "load_timm")
+# timm architectures read by their own converter, by name: the plain ResNets (resnet18, resnet50, ...)
+TIMM_ARCH_LOADERS = {re.compile(r"^resnet\d"): ("timm_resnet", "load_timm_resnet")}
 
 
 def _loader(module: str, name: str):
@@ -63,7 +66,8 @@ def checkpoint_format(folder: Path) -> tuple[str, tuple[str, str] | None]:
                                   f"vitkit reads {', '.join(sorted(HF_LOADERS))}")
         return f"Hugging Face {model_type} folder", HF_LOADERS[model_type]
     if isinstance(config.get("architecture"), str):
-        return f"timm {config['architecture']} folder", TIMM_LOADER
+        arch = config["architecture"]
+        return f"timm {arch} folder", next((ld for rx, ld in TIMM_ARCH_LOADERS.items() if rx.match(arch)), TIMM_LOADER)
     raise CheckpointError(f"{folder / CONFIG_NAME} is neither a vitkit config (model_class), a Hugging Face config "
                           f"(model_type) nor a timm config (architecture)")
 

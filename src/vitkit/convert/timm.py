@@ -267,6 +267,9 @@ def detect_family(state: StateDict, source: str) -> str:
         return "efficientvit"
     if "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state):
         return "vit"
+    if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
+        raise CheckpointError(f"{source}: a timm ResNet state dict; convert it with `vitkit convert timm-resnet` "
+                              f"(vitkit.convert.convert_timm_resnet)")
     raise CheckpointError(f"{source}: not a timm vision_transformer, swin_transformer or efficientvit_mit state dict "
                           f"(first keys: {', '.join(sorted(state)[:5])}); pass --arg family=vit|swin|efficientvit")
 

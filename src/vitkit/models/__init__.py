@@ -1,6 +1,6 @@
 """Model families. Importing a family module registers its named configurations."""
 
-from . import ar, clip, efficientvit, hart, mae, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
+from . import ar, clip, efficientvit, hart, mae, resnet, simclr, swin, t2t_vit, var, vilt, vit, vqvae  # noqa: F401  (importing a family module registers its configs)
 from ._base import EncoderWrapper, TokenClassifier, VitkitModel
 from ._checks import check_model_arguments
 from ._hub import is_hub_id, local_checkpoint
@@ -31,6 +31,7 @@ from .clip import CLIP, CLIPOutput, clip_loss
 from .efficientvit import EfficientViT
 from .hart import HART
 from .mae import MAEOutput, MaskedAutoencoderViT
+from .resnet import ResNet
 from .swin import SwinTransformer
 from .t2t_vit import T2TViT
 from .var import VAR
@@ -44,7 +45,7 @@ __all__ = [
     "load_pretrained", "load_backbone", "load_weights", "read_state_dict", "save_pretrained", "create_model",
     "list_models", "model_argument_names", "check_model_arguments",
     "model_defaults", "model_family", "register_config", "register_model", "registered_class", "resolve_model_args",
-    "VisionTransformer", "T2TViT", "SwinTransformer", "EfficientViT", "ViLT", "CLIP",
+    "VisionTransformer", "T2TViT", "SwinTransformer", "EfficientViT", "ResNet", "ViLT", "CLIP",
     "CLIPOutput", "clip_loss", "VAR", "MultiScaleVQVAE", "VQVAEOutput", "HART", "TokenGenerator", "GeneratorOutput",
     "SingleScaleVQVAE", "MaskedAutoencoderViT", "MAEOutput",
 ]
