@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q torchvision==$(TORCHVISION)
-	$(PIP) install -q -e ".[dev,hf,export,serve,hub,interop,track,ray]"
+	$(PIP) install -q -e ".[dev,hf,export,serve,hub,interop,track,ray,int8,openvino]"
 	touch $(STAMP)
 
 test: install browser-deps data

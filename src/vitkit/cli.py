@@ -31,8 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("vitkit.tools.predict", "sample images of one class from a trained generator into a PNG grid"),
     "explain": ("vitkit.tools.explain", "attention pictures for image files: rollout, last-layer CLS attention, "
                                         "gradient-weighted"),
-    "export": ("vitkit.tools.export", "export a trained model to ONNX or a Hugging Face transformers folder, "
-                                      "checked against PyTorch (onnxruntime, transformers)"),
+    "export": ("vitkit.tools.export", "export a trained model to ONNX, OpenVINO (fp32 or int8) or a Hugging Face "
+                                      "transformers folder, checked against PyTorch (onnxruntime, OpenVINO, "
+                                      "transformers)"),
     "bench": ("vitkit.tools.bench", "time vitkit against transformers (and timm) ViTs on this CPU, with the matmul "
                                     "peak"),
     "ablate": ("vitkit.tools.ablate", "train the variants of a design-choice study and tabulate mean ± std "

@@ -72,7 +72,12 @@ def _shift_mask_cpu(height: int, width: int, window: int, shift: int) -> torch.T
 def shifted_window_mask(height: int, width: int, window: int, shift: int,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """(num_windows, M², M²) additive mask for a map of (padded) size height × width rolled by ``shift``:
-    0 between tokens of the same original region, -100 between tokens the cyclic roll brought together."""
+    0 between tokens of the same original region, -100 between tokens the cyclic roll brought together.
+
+    Cached per process, except while torch.export / torch.compile trace: there the tensors are fake ones, and a
+    cached fake tensor would be handed to every later eager call."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _shift_mask_cpu.__wrapped__(height, width, window, shift).to(device)
     return _shift_mask_cpu(height, width, window, shift).to(device)
 
 

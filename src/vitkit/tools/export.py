@@ -67,7 +67,7 @@ EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA has an ONNX translation from opset 14; the tracer's tables end at 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
-FORMATS = ("onnx", "hf")  # hf: a Hugging Face transformers folder (vitkit.tools.export_hf)
+FORMATS = ("onnx", "hf", "openvino")  # hf: a transformers folder (export_hf); openvino: an IR folder (export_openvino)
 SUFFIXES = {"onnx": (".onnx",)}  # the extension each format's file must have
 _PROTO_LIMIT = 2 * 1024**3  # protobuf's limit for one file; larger weights would need ONNX external data
 PREPROCESSING = ("RGB (or grayscale when input_size[0] == 1) pixels scaled to [0, 1], resized to input_size[1:] "
@@ -473,8 +473,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=list(FORMATS), help="output format")
     p.add_argument("run", help="a training run folder or checkpoint folder")
     p.add_argument("output", help="onnx: the .onnx file to write (atomically; missing folders are created and named; "
-                                  "a symbolic link is written through; devices, FIFOs and folders are refused); hf: "
-                                  "the folder to write (new, empty, or an earlier export)")
+                                  "a symbolic link is written through; devices, FIFOs and folders are refused); hf, "
+                                  "openvino: the folder to write (new, empty, or an earlier export of that format)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}: antialiased Resize for "
                         f"dynamic-size ViTs)")
@@ -482,8 +482,14 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="fix height and width to the model's input size (default: free where the model accepts "
                         "other sizes)")
     p.add_argument("--no-check", action="store_true",
-                   help="skip the parity check (onnxruntime, or transformers for hf, vs PyTorch)")
+                   help="skip the parity check (onnxruntime, transformers for hf, OpenVINO for openvino, "
+                        "vs PyTorch)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted |exported - PyTorch| output")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="openvino only: int8 is NNCF post-training quantization on the run's training images, "
+                        "refused when its top-1 agreement with fp32 PyTorch on them is below 90%% (no atol)")
+    p.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help="openvino int8: how many training images of the run calibrate it (default 300)")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -514,10 +520,17 @@ def run_export_args(args: argparse.Namespace) -> int:
     """``vitkit export onnx RUN OUT.onnx``: load the checkpoint, export, check, print the report."""
     from .evaluate import load_model
 
+    if args.format != "openvino" and (getattr(args, "precision", "fp32") != "fp32"
+                                      or getattr(args, "calibration_images", None) is not None):
+        raise ConfigError("--precision int8 and --calibration-images are for `vitkit export openvino`")
     if args.format == "hf":
         from .export_hf import run_export_hf_args
 
         return run_export_hf_args(args)
+    if args.format == "openvino":
+        from .export_openvino import run_export_openvino_args
+
+        return run_export_openvino_args(args)
     if args.format != "onnx":
         raise ConfigError(f"unknown export format {args.format!r}; choose one of {FORMATS}")
     # the destination before the checkpoint is loaded (export_onnx checks it again for Python callers)

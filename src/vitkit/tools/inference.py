@@ -22,10 +22,13 @@ what it changes numerically:
   constants, prepacked for oneDNN, and pointwise ops fuse). The first call per input shape compiles (tens of
   seconds); :attr:`InferenceModel.compile_seconds` records it. Under ``compile`` the manual fusion is skipped,
   inductor's freezing passes do the equivalent.
-* ``quantize="int8"``: dynamic int8 quantization of every Linear (weights int8 per output channel, activations
-  quantized per call) through ``torch.ao.quantization.quantize_dynamic`` on the oneDNN backend (AMX-int8 where
-  available). Everything else stays float32. This is the one lossy option for fp32 users; see RESULTS.md for
-  the measured logit drift.
+* ``precision="int8"``: static int8 quantization through PyTorch's PT2E flow (``torch.export``, then torchao's
+  ``prepare_pt2e`` / ``convert_pt2e`` with the x86 Inductor quantizer: int8 weights per output channel, int8
+  activations with scales observed on ``calibration`` images), compiled by inductor with weight freezing, which
+  lowers each quantize/dequantize + Linear/Conv pattern to one oneDNN int8 GEMM (VNNI or AMX-int8). It needs a
+  few hundred representative, normalised inputs (``calibration``; :func:`vitkit.tools.runtimes.calibration_images`
+  takes them from a run's training data). Lossy: see benchmarks/RESULTS.md for top-1 and agreement with fp32.
+  Needs the ``int8`` extra (torchao). The first call per input shape compiles, as with ``compile=True``.
 
 Attention maps (:func:`vitkit.capture_attention`) keep working on a prepared model: while they are captured the
 model runs its ordinary (explicit softmax) path.
@@ -51,8 +54,8 @@ from ..layers.block import Block
 from ..layers.mlp import Mlp
 from ..utils import amx_supported, cpu_flags, native_bf16_supported  # noqa: F401  (hardware facts, re-exported)
 
-PRECISIONS = ("auto", "fp32", "bf16")
-QUANTIZE_MODES = (None, "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+MIN_CALIBRATION = 8  # fewer images give activation ranges that are mostly noise
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -60,9 +63,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_precision(precision: str) -> torch.dtype:
-    """``"auto"`` -> bf16 where native bf16 exists, else fp32; ``"fp32"``/``"bf16"`` as given."""
+    """The compute dtype: ``"auto"`` -> bf16 where native bf16 exists, else fp32; ``"int8"`` -> fp32 (between int8
+    GEMMs); ``"fp32"``/``"bf16"`` as given."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        return torch.float32  # the graph between the int8 GEMMs stays float32
     if precision == "auto":
         return torch.bfloat16 if native_bf16_supported() else torch.float32
     return _DTYPES[precision]
@@ -308,7 +314,9 @@ class InferenceModel(nn.Module):
                 first = tuple(x.shape) not in self._compiled_shapes
                 start = time.perf_counter()
                 # freezing must be on while inductor compiles; compile(options=...) does not reach it
-                with _inductor_freezing():
+                with _inductor_freezing(), warnings.catch_warnings():
+                    # inductor's int8 lowering copies zero points with torch.tensor(tensor): a note, not a fault
+                    warnings.filterwarnings("ignore", message="To copy construct from a tensor")
                     out = self._compiled(x)
                 if first:
                     self._compiled_shapes.add(tuple(x.shape))
@@ -330,22 +338,66 @@ def _inductor_freezing() -> contextlib.AbstractContextManager:
     return inductor_config.patch(freezing=True)
 
 
-def _quantize_int8(model: nn.Module) -> int:
-    """Dynamic int8 Linears (per-channel weights) on oneDNN; returns how many Linears were quantized."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+class _ShortcutForward(nn.Module):
+    """``model`` with the forward :class:`InferenceModel` runs (the CLS shortcut or not), as one module to export."""
 
-    engines = torch.backends.quantized.supported_engines
-    previous = torch.backends.quantized.engine
-    engine = "onednn" if "onednn" in engines else ("x86" if "x86" in engines else previous)
-    n = sum(type(m) is nn.Linear for m in model.modules())
+    def __init__(self, model: nn.Module, cls_shortcut: bool) -> None:
+        super().__init__()
+        self.model, self.cls_shortcut = model, cls_shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_cls_shortcut(self.model, x) if self.cls_shortcut else self.model(x)
+
+
+def _import_pt2e() -> tuple[Any, Any, Any]:
+    """torchao's PT2E entry points, with its import-time notes about CUDA kernels kept off the console."""
+    import logging
+
+    from ..utils import require_extra
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
-        torch.backends.quantized.engine = engine
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao eager quantization announces its move to torchao
-            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        require_extra("torchao", "int8", "int8 inference (PT2E quantization)")
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     finally:
-        torch.backends.quantized.engine = previous
-    return n
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return prepare_pt2e, convert_pt2e, xiq
+
+
+def quantize_int8(model: nn.Module, calibration: torch.Tensor, cls_shortcut: bool = False,
+                  batch_size: int = 32) -> nn.Module:
+    """The PT2E int8 graph of ``model`` (x86 Inductor quantizer), calibrated on ``calibration`` (N, C, H, W).
+
+    Returns an exported ``GraphModule`` with quantize/dequantize nodes around every Linear and Conv; it runs
+    (slowly) in eager mode and becomes int8 oneDNN kernels once compiled with inductor's freezing on, which
+    :class:`InferenceModel` does. The batch axis is exported dynamic, so any batch size runs.
+    """
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4:
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(f"int8 needs calibration images as one (N, C, H, W) float tensor, got {shape}")
+    if calibration.shape[0] < MIN_CALIBRATION:
+        raise ValueError(f"int8 needs at least {MIN_CALIBRATION} calibration images (a few hundred is usual), got "
+                         f"{calibration.shape[0]}")
+    prepare_pt2e, convert_pt2e, xiq = _import_pt2e()
+    module = _ShortcutForward(model, cls_shortcut).eval()
+    calibration = calibration.float()
+    example = calibration[:2]
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's notes on specialised Python branches; the check is the output
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for start in range(0, calibration.shape[0], batch_size):
+            prepared(calibration[start:start + batch_size])
+    return convert_pt2e(prepared)
 
 
 def prepare_for_inference(
@@ -355,42 +407,49 @@ def prepare_for_inference(
     fuse: bool = True,
     cls_shortcut: bool = True,
     compile: bool = False,
-    quantize: str | None = None,
+    calibration: torch.Tensor | None = None,
     example_input: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> InferenceModel:
     """Make ``model`` fast for CPU inference; see the module docstring for exactly what each option does.
 
     Args:
-        precision: ``"auto"`` (bf16 with native CPU support, else fp32), ``"fp32"`` (exact) or ``"bf16"``.
+        precision: ``"auto"`` (bf16 with native CPU support, else fp32), ``"fp32"`` (exact), ``"bf16"``, or
+            ``"int8"`` (PT2E static quantization, compiled; needs ``calibration``).
         fuse: pre-pack Linear weights for oneDNN and fuse bias, activation and residual into the GEMMs.
         cls_shortcut: compute the last block for the CLS token only (CLS-pooled classifiers; exact).
         compile: ``torch.compile`` (inductor with weight freezing); compile time lands in ``compile_seconds``.
-        quantize: ``None`` or ``"int8"`` (dynamic int8 Linears; forces fp32 elsewhere; lossy).
+        calibration: int8 only: a few hundred normalised inputs (N, C, H, W) whose activation ranges set the
+            int8 scales (:func:`vitkit.tools.runtimes.calibration_images` takes them from a run's training data).
         example_input: if given, one call is made with it, so compilation happens here, not on first use.
         inplace: modify ``model`` itself instead of a deep copy (saves memory; the model is then cast/packed).
     """
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     dtype = resolve_precision(precision)
-    if quantize == "int8":
-        if precision == "bf16":
-            raise ValueError("quantize='int8' runs the non-Linear ops in fp32; use precision='fp32' or 'auto'")
-        dtype = torch.float32
+    int8 = precision == "int8"
+    if int8 and calibration is None:
+        raise ValueError("precision='int8' needs calibration images (calibration=, a few hundred normalised training "
+                         "inputs; vitkit.tools.runtimes.calibration_images reads them from a run)")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval().requires_grad_(False)
     model.to(dtype)
-    info: dict[str, Any] = {"precision": "bf16" if dtype == torch.bfloat16 else "fp32", "quantized_linear": 0,
-                            "compile": compile, "native_bf16": native_bf16_supported(), "amx": amx_supported()}
-    if quantize == "int8":
-        info["quantized_linear"] = _quantize_int8(model)
-    elif fuse and not compile:
+    info: dict[str, Any] = {"precision": "int8" if int8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+                            "compile": compile or int8, "native_bf16": native_bf16_supported(),
+                            "amx": amx_supported()}
+    if fuse and not compile and not int8:
         info.update(fuse_linears(model))
-    shortcut = cls_shortcut and _cls_shortcut_ok(model)
+    # int8: no CLS shortcut. Under inductor's freezing, torch 2.13 lowers the int8 graph of the shortcut's last
+    # block (queries sliced to the CLS token) to wrong values (max |Δ logit| 3.3 vs 0.19 uncompiled, top-1
+    # agreement 82% on a trained Fashion-MNIST ViT); the full last block compiles exactly.
+    shortcut = cls_shortcut and not int8 and _cls_shortcut_ok(model)
     info["cls_shortcut"] = shortcut
     wrapper = InferenceModel(model, dtype, shortcut, info)
-    if compile:
+    if int8:
+        graph = quantize_int8(model, calibration, shortcut)
+        info["quantized_ops"] = sum(1 for n in graph.graph.nodes if "quantize_per_tensor" in str(n.target))
+        info["calibration_images"] = int(calibration.shape[0])
+        wrapper._compiled = torch.compile(graph, dynamic=False)
+    elif compile:
         wrapper._compiled = torch.compile(wrapper._impl, dynamic=False)
     if example_input is not None:
         wrapper(example_input)
