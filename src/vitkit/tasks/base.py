@@ -167,7 +167,9 @@ class Task:
     mode: ClassVar[Literal["max", "min"]]
     Args: ClassVar[type] = NoArgs
     # what the tools may ask of this task besides evaluate/predict: "zero_shot" (:meth:`zero_shot`),
-    # "retrieve" (:meth:`retrieval_scores`) and "sample" (:meth:`configure_sampling`, :meth:`sample_images`)
+    # "retrieve" (:meth:`retrieval_scores`) and "sample" (:meth:`configure_sampling`, :meth:`sample_images`);
+    # "logits": :meth:`predict` needs nothing of the model but ``model(images)`` -> logits, so any runtime that
+    # computes those (onnxruntime, OpenVINO, an int8 graph) can stand in for the model
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # evaluation needs the training set too (k-NN and linear probes of pretraining tasks)
     eval_needs_train_set: ClassVar[bool] = False

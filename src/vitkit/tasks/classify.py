@@ -30,6 +30,7 @@ def _placeholder_names(names: list[str]) -> bool:
 
 @register_task
 class ClassificationTask(Task):
+    capabilities = frozenset({"logits"})
     name = "classify"
     primary_metric = "top1"
     mode = "max"

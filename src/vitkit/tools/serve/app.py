@@ -4,6 +4,11 @@ Routes: ``GET /`` (the page), ``GET /health``, ``GET /model`` (model card), ``PO
 -> top-k classes, probabilities and an attention overlay), ``POST /sample`` (generator runs), and FastAPI's own
 ``/docs`` (OpenAPI).
 
+A classifier's logits come from a :mod:`~vitkit.tools.runtimes` runtime (``backend``: torch's prepared model,
+onnxruntime or OpenVINO, or ``auto``: the fastest of those installed, timed once at start on one image), at
+``precision``; the attention overlay is always computed by the eager model. A task whose ``predict`` needs more
+than ``model(images)`` (zero-shot, generators, reconstruction) is served by the eager model, fp32, torch only.
+
 Safety rules, each tested (``tests/test_serve.py``, ``tests/test_serve_limits.py``); the numbers are the
 defaults of :class:`~vitkit.tools.serve.limits.ServeLimits`:
 
@@ -37,6 +42,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +58,8 @@ from ...errors import ConfigError, VitkitError
 from ...tasks import class_index
 from ...utils import format_bytes
 from ..evaluate import load_model, resolve_model_dir, task_for_model
+from ..runtimes import RuntimeModule, build_runtime, calibration_images, fastest_runtime
+from . import DEFAULT_CALIBRATION_IMAGES, check_serving
 from .limits import MAX_SEED, MAX_UPLOAD_MB, Budget, ServeLimits, decode_bytes
 
 STATIC = Path(__file__).parent / "static"
@@ -178,13 +186,16 @@ class ModelService:
     """
 
     def __init__(self, run: str | Path, explain_method: str | None = "rollout", max_pending: int | None = None,
-                 limits: ServeLimits | None = None) -> None:
+                 limits: ServeLimits | None = None, *, backend: str = "torch", precision: str = "fp32",
+                 calibration_images: int = DEFAULT_CALIBRATION_IMAGES, threads: int | None = None,
+                 log: Callable[[str], None] | None = print) -> None:
+        resolved = check_serving(backend, precision, calibration_images, threads)  # before the model loads
         limits = limits or ServeLimits()
         if max_pending is not None:
             limits = replace(limits, max_pending=max_pending)
         self.limits = limits
         self.run = Path(run)
-        self.model = load_model(run)
+        self.model = load_model(run)  # eager: the attention overlay, and what non-classifier tasks run
         self.folder = resolve_model_dir(run)
         self.task = task_for_model(self.model, self.folder)
         self.task.setup(self.model)
@@ -194,6 +205,8 @@ class ModelService:
         # the classes /sample takes, known now: an unknown one is refused before it waits for (and reloads) the run
         self.class_names = self.task.output_names(self.model) if self.generator else []
         self.explain_method = None if self.generator else explain_method
+        self.timings_ms: dict[str, float] | None = None  # --backend auto: median ms per call of each candidate
+        self.predictor = self._predictor(backend, precision, resolved, calibration_images, threads, log)
         self._lock = threading.Lock()  # one forward at a time, also for callers of the blocking API
         self._slots = threading.BoundedSemaphore(limits.max_pending)  # admission
         self._admitted = 0
@@ -205,6 +218,45 @@ class ModelService:
         self._decode_memory = Budget(limits.decode_budget)
         self._model_slot = Budget(1)
         self.card = self._card()
+
+    # ------------------------------------------------------------------------------------ the runtime
+    def _predicts_logits(self) -> bool:
+        """Whether the task's predict only needs ``model(images)`` (all a runtime answers): the task says so."""
+        return not self.generator and self.task.can("logits")
+
+    def _predictor(self, backend: str, requested: str, precision: str, calibration: int, threads: int | None,
+                   log: Callable[[str], None] | None) -> torch.nn.Module:
+        """What ``task.predict`` runs: the runtime of ``backend`` (built, warmed up; ``auto``: the fastest)
+        dressed as the model, or the eager model for a task whose predict needs more than logits."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if not self._predicts_logits():
+            what = "a generator" if self.generator else f"a {self.task.name} model"
+            if backend != "torch":
+                raise ConfigError(f"{self.run}: {what} is served by its eager PyTorch model (only a classifier's "
+                                  f"logits run on onnxruntime or OpenVINO): serve --backend torch")
+            if requested not in ("fp32", "auto"):
+                raise ConfigError(f"{self.run}: {what} is served by its eager PyTorch model in fp32 (bf16 and int8 "
+                                  f"are for a classifier's logits): serve --precision fp32")
+            self.backend, self.precision = "torch", "fp32"
+            return self.model
+        example = torch.randn(1, self.channels, *self.size, generator=torch.Generator().manual_seed(0))
+        data = calibration_images(self.run, calibration) if precision == "int8" else None
+        if backend == "auto":
+            runtime, seconds = fastest_runtime(self.model, precision, example, threads=threads, calibration=data,
+                                               log=log)
+            self.timings_ms = {name: round(1000 * s, 4) for name, s in seconds.items()}
+            width = max(map(len, self.timings_ms))
+            for name, ms in self.timings_ms.items():
+                if log:
+                    log(f"serve --backend auto: {name:<{width}} {ms:9.3f} ms per image"
+                        + ("   <- serving" if name == runtime.name else ""))
+        else:
+            runtime = build_runtime(self.model, backend, precision, threads=threads, calibration=data)
+            with torch.inference_mode():
+                runtime(example)  # compile for the request shape now, not on the first request
+        self.backend, self.precision, self.runtime_name = runtime.backend, runtime.precision, runtime.name
+        return RuntimeModule(runtime, self.model).eval()
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -284,7 +336,7 @@ class ModelService:
             batch = self.task.prepare_batch(x, train=False)
             with torch.inference_mode():
                 extra = {"class_names": classes} if classes is not None else {}
-                result = self.task.predict(self.model, batch, topk=topk, **extra)[0]
+                result = self.task.predict(self.predictor, batch, topk=topk, **extra)[0]
             overlay = self._overlay(batch, image) if explain and self.explain_method else None
             self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - start)
         out: dict[str, Any] = {"top": [{"label": name, "probability": p} for name, p in result.get("top", [])]}
@@ -395,8 +447,10 @@ class ModelService:
             "parameters": sum(p.numel() for p in model.parameters()), "task": self.task.name,
             "input_size": list(cfg.get("input_size", [])), "class_names": list(cfg.get("class_names") or []),
             "vitkit_version": __version__, "explain": self.explain_method, "generator": self.generator,
-            "capabilities": sorted(self.task.capabilities),
+            "capabilities": sorted(self.task.capabilities), "backend": self.backend, "precision": self.precision,
         }
+        if self.timings_ms is not None:
+            card["auto"] = {"median_ms": self.timings_ms, "picked": self.runtime_name}
         for where in (self.run, self.run.parent, self.folder.parent.parent):  # run folder, or checkpoint's run
             summary = where / "summary.json"
             if summary.is_file():
@@ -448,15 +502,20 @@ def _http_error(e: Exception) -> HTTPException:
 
 
 def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, explain_method: str | None = "rollout",
-               max_pending: int | None = None, *, limits: ServeLimits | None = None):
+               max_pending: int | None = None, *, limits: ServeLimits | None = None, backend: str = "torch",
+               precision: str = "fp32", calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+               threads: int | None = None, log: Callable[[str], None] | None = print):
     """The FastAPI app serving the model of ``run`` (a run folder or checkpoint folder, loaded once, now).
 
     ``limits`` (:class:`~vitkit.tools.serve.limits.ServeLimits`) bounds admission, deadlines, decode memory and
-    the request fields; ``max_pending`` overrides its ``max_pending``."""
+    the request fields; ``max_pending`` overrides its ``max_pending``. ``backend``, ``precision``,
+    ``calibration_images`` (int8) and ``threads`` choose what runs a classifier's forward (see the module
+    docstring); ``log`` gets the ``auto`` timings, one line per backend."""
     if (isinstance(max_upload_bytes, bool) or not isinstance(max_upload_bytes, int)
             or not 1 <= max_upload_bytes <= MAX_UPLOAD_MB * 1024**2):
         raise ConfigError(f"max_upload_bytes must be an integer in [1, {MAX_UPLOAD_MB} MiB], got {max_upload_bytes!r}")
-    service = ModelService(run, explain_method, max_pending, limits)
+    service = ModelService(run, explain_method, max_pending, limits, backend=backend, precision=precision,
+                           calibration_images=calibration_images, threads=threads, log=log)
     limits = service.limits
 
     @contextlib.asynccontextmanager
@@ -465,7 +524,8 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, expl
         service.close()
 
     app = FastAPI(title="vitkit serve", version=__version__, lifespan=lifespan,
-                  description=f"Serves {service.card['name']} ({service.card['task']}). POST an image to /predict.")
+                  description=f"Serves {service.card['name']} ({service.card['task']}, {service.backend} "
+                              f"{service.precision}). POST an image to /predict.")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(RequestValidationError)
@@ -583,12 +643,16 @@ def _uvicorn_protocol(header_timeout: float):
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-          explain_method: str | None = "rollout", limits: ServeLimits | None = None) -> None:
-    """Load the model and serve it until interrupted."""
+          explain_method: str | None = "rollout", limits: ServeLimits | None = None, *, backend: str = "torch",
+          precision: str = "fp32", calibration_images: int = DEFAULT_CALIBRATION_IMAGES, threads: int | None = None
+          ) -> None:
+    """Load the model, build its runtime and serve it until interrupted."""
     import uvicorn
 
     limits = limits or ServeLimits()
-    uvicorn.run(create_app(run, max_upload_bytes, explain_method, limits=limits), host=host, port=port,
+    app = create_app(run, max_upload_bytes, explain_method, limits=limits, backend=backend, precision=precision,
+                     calibration_images=calibration_images, threads=threads)
+    uvicorn.run(app, host=host, port=port,
                 log_level="info", http=_uvicorn_protocol(limits.header_timeout),
                 limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive_timeout,
                 h11_max_incomplete_event_size=limits.max_header_bytes)
