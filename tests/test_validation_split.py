@@ -38,3 +38,20 @@ def test_training_picks_on_validation_and_reads_test_once(tmp_path):
     assert all(h["eval_count"] == summary["final"]["count"] for h in history if "eval_count" in h)
     with pytest.raises(ConfigError, match=r"data.val_fraction=1.0 must be in \[0, 1\)"):
         train("configs/fmnist/vit_tiny.yaml", [*TINY, "data.val_fraction=1.0", f"output_dir={tmp_path}/x"])
+
+
+def test_pretraining_probes_of_the_test_reading_use_the_test_images(tmp_path):
+    """The k-NN / linear probes of a pretraining task score the split being evaluated: the final test reading
+    probes the test images, not the validation split the task context holds during training."""
+    encoder = dict(img_size=8, patch_size=2, embed_dim=16, depth=2, num_heads=2)
+    summary = train(None, [
+        "task.name=contrastive", "data.name=digits", "model.name=simclr_vit_fmnist_tiny",
+        *(f"model.args.encoder_args.{k}={v}" for k, v in encoder.items()),
+        "model.args.proj_hidden_dim=32", "model.args.proj_dim=16", "train.batch_size=64", "train.progress=false",
+        "train.epochs=1", "task.args.probe_epochs=5", "data.val_fraction=0.2", f"output_dir={tmp_path}"])
+    test_size = len(build_dataset("digits", "test"))
+    assert summary["test"]["count"] == test_size
+    # both readings score a probe; they were fitted on the same training features, so they only differ when the
+    # scored images differ (validation: 20% of the training images; test: the test images)
+    assert summary["test"]["knn_top1"] != summary["final"]["knn_top1"] or \
+        summary["test"]["linear_top1"] != summary["final"]["linear_top1"]

@@ -152,6 +152,7 @@ class Trainer:
         self.eval_set = self.task.eval_dataset(source_eval)
         # with a validation split: the test set, read once after the last epoch
         self.test_set = self.task.eval_dataset(source_test) if source_test is not None else None
+        self._source_test = source_test  # what ctx.eval_set is while the test set is evaluated (probes read it)
         self.test_metrics: dict[str, Any] | None = None
         self.model = self.task.build_model(cfg.model).to(self.dist.device)
         self.model.pretrained_cfg = {**self.model.pretrained_cfg, "task": self.task.name}
@@ -386,16 +387,27 @@ class Trainer:
         for batch in self.task.ctx.iterate(dataset, self.cfg.train.eval_batch_size, desc=desc):
             yield self.task.prepare_batch(batch, train=False)
 
-    def evaluate(self, dataset=None, desc: str | None = None) -> dict[str, Any]:
-        """The task's evaluation of the current (EMA) model on ``dataset`` (default: the evaluation split)."""
+    def evaluate(self, dataset=None, desc: str | None = None, source=None) -> dict[str, Any]:
+        """The task's evaluation of the current (EMA) model on ``dataset`` (default: the evaluation split).
+
+        ``source``: the labelled dataset ``dataset`` was made from; the task context's ``eval_set`` points at it
+        meanwhile, so that whatever a task evaluates beyond the batches (k-NN and linear probes) reads the same
+        split."""
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
         desc = desc or f"eval {self.epoch}/{self.cfg.train.epochs}"
-        with self._autocast(), gathered(model):  # fsdp: no collective per batch, so shards may differ in length
-            metrics = self.task.evaluate(model, self._eval_batches(self.eval_set if dataset is None else dataset,
-                                                                   desc))
-        model.train(was_training)
+        ctx = self.task.ctx
+        previous = ctx.eval_set
+        if source is not None:
+            ctx.eval_set = source
+        try:
+            with self._autocast(), gathered(model):  # fsdp: no collective per batch, so shards may differ in length
+                metrics = self.task.evaluate(model, self._eval_batches(self.eval_set if dataset is None else dataset,
+                                                                       desc))
+        finally:
+            ctx.eval_set = previous
+            model.train(was_training)
         return metrics
 
     def fit(self) -> dict[str, Any]:
@@ -439,7 +451,8 @@ class Trainer:
         if self.test_set is not None and not stopped and self.epoch >= t.epochs:  # (none with eval_split=null)
             # the one reading of the test set: the final model, after every choice was made on validation
             split = self.cfg.data.eval_split
-            self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})"))
+            self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})",
+                                                                source=self._source_test))
             self.loggers.log_metrics({f"test_{k}": v for k, v in self.test_metrics.items()}, self.step)
             self._log(f"test ({split}, final model): " +
                       " ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "count"))
