@@ -320,6 +320,7 @@ def test_every_shipped_recipe_loads_and_builds(recipe):
 
     cfg = load_config(REPO / "configs" / "fmnist" / recipe)
     cfg.model.pretrained = None  # fine-tuning recipes point at a pretraining run
+    cfg.task.args.pop("distill_teacher", None)  # distillation recipes at a teacher run (tests/test_distill.py)
     stand_in = build_dataset("digits", "train", image_size=28, num_channels=1)
     ctx = TaskContext(augment=AugmentConfig(**vars(cfg.augment)), train_set=stand_in, eval_set=stand_in)
     task = build_task(cfg.task.name, cfg.task.args, ctx)

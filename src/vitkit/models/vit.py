@@ -284,16 +284,29 @@ class DistilledVisionTransformer(VisionTransformer):
 
     A class rather than a switch, because its head reads two tokens: code that computes the last block for the
     CLS token only (``tools.inference``) sees the overridden ``forward_head`` and keeps to the full forward.
+
+    Training with a teacher (the classify task's ``distill_teacher``) calls :meth:`set_distilled_training`: in
+    training mode the model then returns both heads' logits ``(cls, dist)``, one per DeiT loss term. In eval mode,
+    or without that call, it returns their mean, so evaluation, export and serving see one logits tensor.
     """
 
     distilled = True
+    distilled_training = False  # not a constructor argument: a saved model always answers with the mean
     head_prefixes = ("head.", "head_dist.")
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Return ``(cls_logits, dist_logits)`` in training mode from now on (the distillation loss needs both)."""
+        self.distilled_training = enable
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cls, dist = (self.head_drop(self.pre_logits(x[:, i])) for i in (0, 1))
         if pre_logits:
             return (cls + dist) / 2
-        return (self.head(cls) + self.head_dist(dist)) / 2
+        cls, dist = self.head(cls), self.head_dist(dist)
+        if self.distilled_training and self.training:
+            return cls, dist
+        return (cls + dist) / 2
 
     def reset_classifier(self, num_classes: int, pool: str | None = None,
                          class_names: list[str] | None = None) -> None:
@@ -351,3 +364,6 @@ _FMNIST_CONFIGS = {
 }
 for _name, _cfg in _FMNIST_CONFIGS.items():
     register_config(_name, VisionTransformer, _FMNIST_CFG, **{**_FMNIST_BASE, **_cfg})
+# DeiT's distilled student at vit_fmnist_tiny's size (a teacher: the classify task's distill_teacher).
+register_config("deit_fmnist_tiny_distilled", DistilledVisionTransformer, _FMNIST_CFG,
+                **{**_FMNIST_BASE, **_FMNIST_CONFIGS["vit_fmnist_tiny"]})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from .base import Batch, TaskContext, register_task
+from .base import Batch, NoArgs, TaskContext, register_task
 from .classify import ClassificationTask, _images_labels
 
 
@@ -38,6 +38,7 @@ class MultiLabelTask(ClassificationTask):
     name = "multilabel"
     primary_metric = "mAP"
     mode = "max"
+    Args = NoArgs  # classify's distillation settings do not apply
 
     def __init__(self, args: Any = None, ctx: TaskContext | None = None) -> None:
         super().__init__(args, ctx)
