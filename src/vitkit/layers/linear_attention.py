@@ -12,6 +12,12 @@ back to the input dtype.
 :func:`relu_linear_attention` is shared: :class:`ReLULinearAttention` below (tokens-first, no multi-scale
 aggregation or depthwise convolutions) and EfficientViT's :class:`~vitkit.layers.lite_mla.LiteMLA` (channels-first
 maps, passed transposed) both call it.
+
+Attention maps: the normalised ReLU attention is a distribution over keys for every query,
+``A_ij = q_i·k_j / Σ_j q_i·k_j`` (:func:`relu_attention_map`, formed explicitly: N×N, for small N). While
+:func:`~vitkit.layers.attention.capture_attention` is active, :class:`ReLULinearAttention` records it like a softmax
+layer records its probabilities (the output still comes from the linear path), so sharpness statistics
+(:mod:`vitkit.viz.attention_stats`) compare softmax and ReLU attention through one mechanism.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import AttentionMapSource
 
 
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
@@ -36,10 +44,29 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps
     return (out[..., :-1, :] / (out[..., -1:, :] + eps)).transpose(-2, -1).to(dtype)
 
 
-class ReLULinearAttention(nn.Module):
+def rows_as_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """(..., N_query, N_key) non-negative scores -> rows that sum to exactly 1.
+
+    A query whose ReLU'd q is zero has no attention at all (0/0; the eps of the linear path makes its output
+    zero): its row becomes uniform, the distribution that prefers no key, so consumers such as attention rollout
+    and the sharpness statistics always get probabilities.
+    """
+    total = scores.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), 1.0 / scores.shape[-1])
+
+
+def relu_attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention matrix ReLU linear attention implies, formed explicitly in fp32: (..., N_q, d) q and
+    (..., N_k, d) k (already non-negative) -> (..., N_q, N_k), ``A_ij = q_i·k_j / Σ_j q_i·k_j``, rows summing to
+    1 (:func:`rows_as_probabilities`). O(N²) memory: for inspection on small token counts, not for the forward."""
+    return rows_as_probabilities(q.float() @ k.float().transpose(-2, -1))
+
+
+class ReLULinearAttention(AttentionMapSource, nn.Module):
     """Multi-head ReLU linear attention with a fused ``qkv`` Linear and ``proj`` (names as in ``Attention``).
 
-    (B, N, C) -> (B, N, C); cost linear in N. A token whose q is all zero (ReLU) gets a zero output.
+    (B, N, C) -> (B, N, C); cost linear in N. A token whose q is all zero (ReLU) gets a zero output. While maps
+    are captured it also records :func:`relu_attention_map` (B, heads, N, N).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
@@ -57,5 +84,8 @@ class ReLULinearAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = relu_linear_attention(F.relu(q), F.relu(k), v, self.eps)
+        q, k = F.relu(q), F.relu(k)
+        if self.attn_sink is not None:
+            self._record(relu_attention_map(q, k))
+        out = relu_linear_attention(q, k, v, self.eps)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

@@ -13,7 +13,9 @@ x (B, C, H, W) -> 1×1 conv to q, k, v -> multi-scale aggregation -> ReLU linear
   runs in fp32 with autocast disabled: sums over N overflow or lose precision in fp16/bf16.
 * **Multi-scale aggregation.** For each scale s (official default ``(5,)``) the qkv map also goes through a
   depthwise s×s conv and a grouped 1×1 conv (groups = 3·heads, so it mixes channels within each head's q, k or
-  v only); the aggregated tokens form extra heads that attend alongside the base heads.
+  v only); the aggregated tokens form extra heads that attend alongside the base heads. ``scales=()`` is no
+  aggregation at all (the ablation of EfficientViT's multi-scale tokens): the base heads alone, and ``proj``
+  takes heads·dim channels instead of (1 + len(scales))·heads·dim.
 * **Channel layout** (as the official code): after concatenating [qkv, aggregated qkv...] along channels, the
   map is read as (B, heads_total, 3·dim, H·W), so each head owns [q (dim), k (dim), v (dim)] consecutive
   channels, and the aggregated branches' heads come after the base heads.
@@ -21,7 +23,8 @@ x (B, C, H, W) -> 1×1 conv to q, k, v -> multi-scale aggregation -> ReLU linear
 Attention maps: while :func:`~vitkit.layers.attention.capture_attention` is active, every LiteMLA takes the
 explicit N×N path (whatever the map size; the output is the same function) and records its normalised map
 (B, heads_total, N_query, N_key), rows summing to 1. A query whose ReLU'd q is all zero attends to nothing (its
-output is zero); its row is recorded as uniform (see :func:`_as_probabilities`).
+output is zero); its row is recorded as uniform (see
+:func:`~vitkit.layers.linear_attention.rows_as_probabilities`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMapSource
-from .linear_attention import relu_linear_attention
+from .linear_attention import relu_linear_attention, rows_as_probabilities
 from .mbconv import ConvNormAct
 
 
@@ -44,17 +47,6 @@ def relu_quadratic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     attn = k.transpose(-2, -1) @ q
     attn = attn / (attn.sum(dim=-2, keepdim=True) + eps)
     return v @ attn, attn
-
-
-def _as_probabilities(attn: torch.Tensor) -> torch.Tensor:
-    """(..., N_query, N_key) normalised ReLU attention -> rows that sum to exactly 1 for ``attention_maps``.
-
-    A query whose ReLU'd q is zero has no attention at all (0/0; the official eps makes its output zero): its
-    row is recorded as uniform, the distribution that prefers no key, so consumers such as attention rollout
-    always get probabilities.
-    """
-    total = attn.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, attn / total.clamp_min(torch.finfo(attn.dtype).tiny), 1.0 / attn.shape[-1])
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -120,7 +112,7 @@ class LiteMLA(AttentionMapSource, nn.Module):
                 return relu_linear_attention(q, k, v, self.eps).transpose(-2, -1)
             out, attn = relu_quadratic_attention(q, k, v, self.eps)
             if self.attn_sink is not None:
-                self._record(_as_probabilities(attn.transpose(-2, -1)))
+                self._record(rows_as_probabilities(attn.transpose(-2, -1)))
             return out
 
     def extra_repr(self) -> str:

@@ -24,6 +24,11 @@ weights load through ``vitkit convert efficientvit``):
 * Activation names are vitkit's: the official ``hswish`` is ``hardswish``.
 * ``attn_eps`` is the linear attention's normaliser eps: the official 1e-15 by default; timm's port uses 1e-5
   (``vitkit convert timm`` sets it).
+* Ablation switches (the paper's answer to ReLU linear attention's blunt, global maps): ``local_dwconv=False``
+  drops the depthwise 3×3 conv (and its activation) from the MBConv after every LiteMLA, leaving a pointwise FFN
+  of the same expand ratio (1×1 expand + act -> 1×1 project); ``scales=()`` drops the multi-scale aggregation
+  (see :mod:`vitkit.layers.lite_mla`). The defaults are the official model, with the official state-dict keys;
+  ``local_dwconv=False`` only removes the ``local_module.depth_conv`` keys of the attention stages.
 """
 
 from __future__ import annotations
@@ -71,15 +76,21 @@ def _local_block(in_channels: int, out_channels: int, stride: int, expand_ratio:
 
 
 class EfficientViTBlock(nn.Module):
-    """Global context then local detail, each a residual branch: ``x + LiteMLA(x)``, then ``x + MBConv(x)``."""
+    """Global context then local detail, each a residual branch: ``x + LiteMLA(x)``, then ``x + MBConv(x)``.
+
+    ``local_dwconv=False`` (an ablation) makes the local branch a pointwise FFN: the MBConv without its depthwise
+    conv, so the block mixes positions only inside LiteMLA (its attention and multi-scale aggregation)."""
 
     def __init__(self, channels: int, dim: int, expand_ratio: float, scales: tuple[int, ...], act: str,
-                 heads_ratio: float = 1.0, drop_path: tuple[float, float] = (0.0, 0.0), eps: float = 1e-15) -> None:
+                 heads_ratio: float = 1.0, drop_path: tuple[float, float] = (0.0, 0.0), eps: float = 1e-15,
+                 local_dwconv: bool = True) -> None:
         super().__init__()
         self.context_module = LiteMLA(channels, channels, dim=dim, heads_ratio=heads_ratio, scales=scales, eps=eps)
         self.context_drop = DropPath(drop_path[0]) if drop_path[0] > 0 else nn.Identity()
         self.local_module = MBConv(channels, channels, expand_ratio=expand_ratio, act=act, fewer_norm=True,
                                    residual=True, drop_path=drop_path[1])
+        if not local_dwconv:  # 1×1 expand (+act) -> 1×1 project; the other keys stay the official ones
+            self.local_module.depth_conv = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.context_drop(self.context_module(x))
@@ -148,8 +159,11 @@ class EfficientViT(VitkitModel):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_eps: float = 1e-15,
+        local_dwconv: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(local_dwconv, bool):
+            raise ValueError(f"local_dwconv must be true or false, got {local_dwconv!r}")
         check_model_args(num_classes, dict(img_size=img_size, in_chans=in_chans, dim=dim, expand_ratio=expand_ratio,
                                            heads_ratio=heads_ratio, attn_eps=attn_eps),
                          dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate))
@@ -177,7 +191,7 @@ class EfficientViT(VitkitModel):
             else:  # attention stages
                 blocks = [_local_block(in_ch, w, 2, expand_ratio, act, fewer_norm=True)]
                 blocks += [EfficientViTBlock(w, dim, expand_ratio, tuple(scales), act, heads_ratio,
-                                             (next(rates), next(rates)), attn_eps) for _ in range(d)]
+                                             (next(rates), next(rates)), attn_eps, local_dwconv) for _ in range(d)]
             self.stages.append(EfficientViTStage(blocks))
             in_ch = w
         self.head = ClsHead(widths[-1], tuple(head_widths) if head_widths else None, num_classes, act, drop_rate)

@@ -169,7 +169,7 @@ def _variant_overrides(study: Study, variant: Variant, lr_mult: float, base_cfg,
 # so they stay out of the key and every recorded run keeps its key (a flag set otherwise is part of it).
 LATER_FLAGS: dict[str, Any] = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "pre_norm": False,
                                "attn_eps": 1e-15, "vision_act": None, "text_act": None, "vision_norm_eps": None,
-                               "text_norm_eps": None}
+                               "text_norm_eps": None, "local_dwconv": True}
 
 
 def run_key(cfg) -> str:
