@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 # the torchvision release built for torch 2.13 (timm imports it); pinned like torch so no other torch comes in
 TORCHVISION := 0.28.0
 
-.PHONY: install test demo data lint bench clean browser-deps browser-test
+.PHONY: install test demo data lint bench bench-peers clean browser-deps browser-test
 
 install: $(STAMP)
 
@@ -61,7 +61,14 @@ data: install
 demo: data
 	$(VENV)/bin/vitkit train --config configs/fmnist/demo.yaml --set output_dir=$(DEMO_DIR) --if-exists resume
 
+# CPU inference against onnxruntime and OpenVINO (ViT-S/16, Swin-T; fp32, bf16; batch 1, 32) and int8, appended
+# to benchmarks/results/runtimes.jsonl (benchmarks/RESULTS.md); BENCH_RUN=RUN adds a trained classifier's int8
+# accuracy. Needs a quiet machine: samples taken while other processes use the CPU are discarded and re-taken.
 bench: install
+	$(PY) benchmarks/bench_runtimes.py --int8 $(if $(BENCH_RUN),--run $(BENCH_RUN))
+
+# vitkit against transformers' and timm's ViTs (the earlier comparison, vitkit.tools.bench)
+bench-peers: install
 	$(PY) benchmarks/bench_inference.py
 
 clean:

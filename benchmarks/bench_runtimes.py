@@ -120,6 +120,50 @@ def _build(model: torch.nn.Module, backend: str, precision: str, onnx_path: Path
     return rt
 
 
+def _profile_torch(rt: Runtime, x: torch.Tensor, calls: int) -> list[dict[str, Any]]:
+    """Self CPU time per operator of ``calls`` calls of a torch runtime (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            rt(x)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_call": e.self_cpu_time_total / 1e3 / calls}
+            for e in top]
+
+
+def _profile_openvino(rt: Runtime, x: torch.Tensor, calls: int) -> list[dict[str, Any]]:
+    """OpenVINO's own per-node timings (``PERF_COUNT``), summed by node type, largest first."""
+    model = rt.model.clone()
+    model.reshape({model.inputs[0].get_any_name(): list(x.shape)})
+    request = rt.core.compile_model(model, "CPU", {**rt.config, "PERF_COUNT": "YES"}).create_infer_request()
+    totals: dict[str, float] = {}
+    for _ in range(calls):
+        request.infer(x.numpy())
+        for info in request.get_profiling_info():
+            key = f"{info.node_type} ({info.exec_type})"
+            totals[key] = totals.get(key, 0.0) + info.real_time.total_seconds()
+    total = sum(totals.values()) or 1.0
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
+    return [{"op": k, "share": v / total, "ms_per_call": 1e3 * v / calls} for k, v in top]
+
+
+def _profile_cell(rts: list[Runtime], rows: list[dict[str, Any]], x: torch.Tensor) -> dict[str, Any] | None:
+    """Where the time goes in a cell vitkit loses (below the goal): the best torch runtime and the best peer."""
+    ms = {r["runtime"]: statistics.median(r["samples_ms"]) for r in rows}
+    ours = min((rt for rt in rts if rt.backend == "torch"), key=lambda rt: ms[rt.name])
+    peer = min((rt for rt in rts if rt.backend != "torch"), key=lambda rt: ms[rt.name])
+    if ms[peer.name] / ms[ours.name] >= GOAL:
+        return None
+    calls = max(3, min(20, int(2000 / ms[ours.name])))
+    out = {"torch_runtime": ours.name, "torch_ops": _profile_torch(ours, x, calls), "peer_runtime": peer.name}
+    if peer.backend == "openvino":
+        out["peer_ops"] = _profile_openvino(peer, x, calls)
+    return out
+
+
 def run(args: argparse.Namespace, log) -> str:
     torch.set_num_threads(args.threads)
     meter = ContentionMeter()
@@ -127,7 +171,7 @@ def run(args: argparse.Namespace, log) -> str:
     meta = {"kind": "meta", "run_id": run_id, "machine": machine(), "command": args.command,
             "settings": {k: getattr(args, k) for k in ("models", "precisions", "batches", "samples",
                                                        "min_sample_seconds", "max_contention", "threads",
-                                                       "compile", "int8", "run", "quick")},
+                                                       "compile", "int8", "run", "quick", "profile")},
             "load_before": machine_load()}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     _append(args.results, [meta])
@@ -156,6 +200,10 @@ def run(args: argparse.Namespace, log) -> str:
                                             "batch": batch, "cell_precision": precision, **r} for r in rows])
                     log(f"{key} {precision} batch {batch}: " + "  ".join(
                         f"{r['runtime']} {statistics.median(r['samples_ms']):.1f} ms" for r in rows))
+                    losing = _profile_cell(rts, rows, x) if args.profile else None
+                    if losing:
+                        _append(args.results, [{"kind": "profile", "run_id": run_id, "model": key, "batch": batch,
+                                                "cell_precision": precision, **losing}])
                     del rts
             if args.int8 and key == "vit_s16":
                 _int8_section(model, onnx_path, args, meter, run_id, log)
@@ -300,7 +348,23 @@ def render_runtimes(doc_dir: str | Path, plots: bool = True, results: str = "res
                 text += "; test top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc["top1"].items())
             lines.append(text if len(lines) > 2 + len(rows) else "\n" + text)
         return "\n".join(lines)
-    raise ConfigError(f"part={part!r}: one of cells, int8, machine")
+    if part == "profile":
+        lines = []
+        for r in (r for r in recs if r.get("kind") == "profile"):
+            lines.append(f"**{r['model']} {r['cell_precision']} batch {r['batch']}** — {r['torch_runtime']} "
+                         f"(torch.profiler, self CPU time) vs {r['peer_runtime']} (OpenVINO PERF_COUNT, by node type):")
+            lines += ["", "| torch op | share | ms/call | OpenVINO node | share | ms/call |",
+                      "|---|---:|---:|---|---:|---:|"]
+            peer = r.get("peer_ops") or []
+            for i in range(max(len(r["torch_ops"]), len(peer))):
+                a = r["torch_ops"][i] if i < len(r["torch_ops"]) else None
+                b = peer[i] if i < len(peer) else None
+                left = f"{a['op']} | {100 * a['share']:.0f}% | {a['ms_per_call']:.2f}" if a else " | | "
+                right = f"{b['op']} | {100 * b['share']:.0f}% | {b['ms_per_call']:.2f}" if b else " | | "
+                lines.append(f"| {left} | {right} |")
+            lines.append("")
+        return "\n".join(lines).strip() or "Every cell met the goal: nothing was profiled."
+    raise ConfigError(f"part={part!r}: one of cells, int8, profile, machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile candidate")
     p.add_argument("--int8", action="store_true", help="the int8 section (ViT-S batch 32, torch PT2E and NNCF)")
     p.add_argument("--run", help="a trained classifier run: int8 test top-1 and agreement with fp32")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip profiling the cells vitkit loses (torch.profiler and OpenVINO's PERF_COUNT)")
     p.add_argument("--quick", action="store_true", help="ViT-S fp32 batch 1, 3 samples (recorded as quick)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines the records are appended to")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -326,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             ["vit_s16"], ["fp32"], [1], 3, 0.1)
     run_id = run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
     results = os.path.abspath(args.results)
-    for part in ("machine", "cells") + (("int8",) if args.int8 else ()):
+    for part in ("machine", "cells") + (("int8",) if args.int8 else ()) + (("profile",) if args.profile else ()):
         print(render_runtimes("/", False, results, part, run_id) + "\n")
     return 0
 
