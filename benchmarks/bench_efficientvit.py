@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="configs/fmnist/demo.yaml", help="training recipe (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help=f"more recipe overrides for the trainings (always: {' '.join(TRAIN_OVERRIDES)})")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="only the training runs (e.g. a second process training other --train-model's meanwhile)")
     ap.add_argument("--runs", default="runs/eff", help="folder of the training runs (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.train_seeds and not args.results:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} logical CPUs, avx512_bf16 {'avx512_bf16' in flags}, AMX {'amx_bf16' in flags}; "
           f"{args.threads} threads; torch {torch.__version__}; 1-min load {machine_load()}")
     print("\n| model | params | batch | ms/batch | img/s | × first |\n|---|---:|---:|---:|---:|---:|")
-    for batch in args.batch or [1, 64]:
+    for batch in [] if args.no_timing else args.batch or [1, 64]:
         cands, params = [], {}
         for name in names:
             torch.manual_seed(0)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{first / med[name]:.2f} |")
         if args.results:
             append(args.results, [timing_record(c, batch, params[c.name], args, machine, invocation) for c in cands])
-    if args.results:
+    if args.results and not args.no_timing:
         print(f"appended the timings to {args.results}")
     return train_runs(args) if args.train_seeds else 0
 
