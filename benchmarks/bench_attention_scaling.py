@@ -65,6 +65,7 @@ from vitkit.layers.linear_attention import ReLULinearAttention
 from vitkit.layers.sparse_window import SparseWindowAttention, build_groups, grid_coords
 from vitkit.tools.ablate import read_results
 from vitkit.tools.inference import native_bf16_supported
+from vitkit.tools.report import select_run_meta
 from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.utils import amx_supported
 
@@ -332,18 +333,8 @@ def select_run(records: list[dict[str, Any]], run: str = "latest"
                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
     """(meta, cell records, end record or None) of one run: ``run`` is a run_id, or ``latest``: the last run in the
     file that finished (has its ``end`` record) and is not a ``--quick`` one."""
-    metas = [r for r in records if r.get("kind") == "meta"]
+    meta = select_run_meta(records, run)
     ends = {r["run_id"]: r for r in records if r.get("kind") == "end"}
-    if run == "latest":
-        done = [m for m in metas if m["run_id"] in ends and not m["settings"].get("quick")]
-        if not done:
-            raise ConfigError(f"no finished full run among the {len(metas)} run(s) of the results file")
-        meta = done[-1]
-    else:
-        found = [m for m in metas if m["run_id"] == run]
-        if not found:
-            raise ConfigError(f"no run {run!r} in the results file; runs: {[m['run_id'] for m in metas]}")
-        meta = found[-1]
     cells = [r for r in records if r.get("kind") == "cell" and r["run_id"] == meta["run_id"]]
     if not cells:
         raise ConfigError(f"run {meta['run_id']} has no cell records")

@@ -50,6 +50,7 @@ from vitkit.errors import ConfigError
 from vitkit.models import create_model
 from vitkit.tools.ablate import read_results
 from vitkit.tools.bench import realistic_images
+from vitkit.tools.report import select_run_meta
 from vitkit.tools.runtimes import Runtime, build_runtime, export_for_runtimes
 from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
 from vitkit.utils import amx_supported, cpu_flags, native_bf16_supported
@@ -275,18 +276,7 @@ def _run_accuracy(args: argparse.Namespace, log) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- from the results file: the tables
 def _select(records: list[dict[str, Any]], run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    metas = [r for r in records if r.get("kind") == "meta"]
-    ends = {r["run_id"] for r in records if r.get("kind") == "end"}
-    if run == "latest":
-        done = [m for m in metas if m["run_id"] in ends and not m["settings"].get("quick")]
-        if not done:
-            raise ConfigError(f"no finished full run among the {len(metas)} run(s) of the results file")
-        meta = done[-1]
-    else:
-        found = [m for m in metas if m["run_id"] == run]
-        if not found:
-            raise ConfigError(f"no run {run!r} in the results file; runs: {[m['run_id'] for m in metas]}")
-        meta = found[-1]
+    meta = select_run_meta(records, run)
     return meta, [r for r in records if r.get("run_id") == meta["run_id"] and r.get("kind") != "meta"]
 
 

@@ -198,3 +198,37 @@ def call(model: torch.nn.Module, x: torch.Tensor):
     result = _Outputs(v for v in out.values() if torch.is_tensor(v) and v.is_floating_point())
     result.loss = out["mlm_logits"].logsumexp(-1).mean() + out["itm_score"].mean()
     return result
+
+
+# ---------------------------------------------------------------------------- tiny checkpoints the tools serve
+def save_tiny_clip(folder) -> None:
+    """A tiny zero-shot CLIP checkpoint with its own tokenizer (task ``clip``), saved to ``folder``."""
+    import vitkit
+    from vitkit.data.captions import train_tokenizer
+
+    tok = train_tokenizer(["a shirt on the left", "a bag on the right", "a coat"], vocab_size=80)
+    torch.manual_seed(0)
+    clip = vitkit.create_model("clip_fmnist_tiny", vision_width=24, vision_layers=1, vision_heads=2, text_width=16,
+                               text_layers=1, text_heads=2, vocab_size=80, eos_token_id=tok.token_to_id("[SEP]"),
+                               tokenizer=tok.to_str())
+    clip.pretrained_cfg = {**clip.pretrained_cfg, "task": "clip"}
+    clip.save_pretrained(folder)
+
+
+def save_tiny_var(root) -> None:
+    """A tiny VAR generator as training leaves it, in ``root / "var"``, with its tokenizer in ``root / "vq"`` (the
+    recipe beside the weights names the task and the tokenizer)."""
+    import yaml
+
+    import vitkit
+    from vitkit.models.vqvae import MultiScaleVQVAE
+
+    vq = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, in_channels=1, patch_nums=(1, 2, 4))
+    MultiScaleVQVAE(**vq).eval().save_pretrained(root / "vq")
+    args = dict(depth=2, embed_dim=32, num_heads=2, vocab_size=16, c_vae=4, patch_nums=[1, 2, 4])
+    var = vitkit.create_model("var_fmnist_tiny", **args)
+    var.pretrained_cfg = {**var.pretrained_cfg, "mean": (0.5,), "std": (0.5,), "input_size": (1, 8, 8)}
+    var.save_pretrained(root / "var")
+    (root / "var" / "train_config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "var_fmnist_tiny", "args": args},
+         "task": {"name": "var", "args": {"tokenizer": str(root / "vq")}}, "data": {"name": "digits"}}))

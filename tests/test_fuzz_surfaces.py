@@ -23,10 +23,10 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import vitkit
+from _tiny import save_tiny_clip, save_tiny_var
 from vitkit.errors import ConfigError, DataError
 
 SEED = 28
@@ -45,8 +45,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A classifier run folder, a CLIP checkpoint and a VAR generator checkpoint (with its tokenizer)."""
-    from vitkit.data.captions import train_tokenizer
-    from vitkit.models.vqvae import MultiScaleVQVAE
 
     root = tmp_path_factory.mktemp("fuzz_runs")
     torch.manual_seed(0)
@@ -54,24 +52,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         root / "vit" / "checkpoints" / "best")
     (root / "vit" / "summary.json").write_text(json.dumps({"epochs_done": 1, "final": {"top1": 0.5}}))
 
-    tok = train_tokenizer(["a shirt on the left", "a bag on the right", "a coat"], vocab_size=80)
-    clip = vitkit.create_model("clip_fmnist_tiny", vision_width=24, vision_layers=1, vision_heads=2, text_width=16,
-                               text_layers=1, text_heads=2, vocab_size=80, eos_token_id=tok.token_to_id("[SEP]"),
-                               tokenizer=tok.to_str())
-    clip.pretrained_cfg = {**clip.pretrained_cfg, "task": "clip"}
-    clip.save_pretrained(root / "clip")
-
-    # a generator checkpoint as training leaves it: the recipe beside the weights names the task and tokenizer
-    vq = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, in_channels=1, patch_nums=(1, 2, 4))
-    MultiScaleVQVAE(**vq).eval().save_pretrained(root / "vq")
-    args = dict(depth=2, embed_dim=32, num_heads=2, vocab_size=16, c_vae=4, patch_nums=[1, 2, 4])
-    var = vitkit.create_model("var_fmnist_tiny", **args)
-    var.pretrained_cfg = {**var.pretrained_cfg, "mean": (0.5,), "std": (0.5,), "input_size": (1, 8, 8)}
-    var.save_pretrained(root / "var")
-    (root / "var" / "train_config.yaml").write_text(yaml.safe_dump(
-        {"model": {"name": "var_fmnist_tiny", "args": args}, "task": {"name": "var", "args": {"tokenizer":
-                                                                                           str(root / "vq")}},
-         "data": {"name": "digits"}}))
+    save_tiny_clip(root / "clip")
+    save_tiny_var(root)  # a generator checkpoint as training leaves it
     return {"vit": root / "vit", "clip": root / "clip", "var": root / "var", "root": root}
 
 

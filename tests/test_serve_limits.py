@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import vitkit
+from _tiny import save_tiny_clip
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -41,16 +42,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from vitkit.data.captions import train_tokenizer
-
     folder = tmp_path_factory.mktemp("clip") / "clip"
-    tok = train_tokenizer(["a shirt on the left", "a bag on the right", "a coat"], vocab_size=80)
-    torch.manual_seed(0)
-    clip = vitkit.create_model("clip_fmnist_tiny", vision_width=24, vision_layers=1, vision_heads=2, text_width=16,
-                               text_layers=1, text_heads=2, vocab_size=80, eos_token_id=tok.token_to_id("[SEP]"),
-                               tokenizer=tok.to_str())
-    clip.pretrained_cfg = {**clip.pretrained_cfg, "task": "clip"}
-    clip.save_pretrained(folder)
+    save_tiny_clip(folder)
     return folder
 
 

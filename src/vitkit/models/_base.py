@@ -211,6 +211,18 @@ def select_blocks(indices: int | list[int] | tuple[int, ...] | None, depth: int,
     return sorted({i % depth for i in indices})
 
 
+def stage_intermediates(model: nn.Module, x: torch.Tensor, indices: Any, output_fmt: str,
+                        intermediates_only: bool) -> Any:
+    """``forward_intermediates`` of a convolutional family whose ``_run_stages(x, take, stop)`` returns the last
+    map and the maps of the stages in ``take`` (stage 0 = the stem), stopping after ``stop`` when given."""
+    take = select_blocks(indices, model.num_stages, f"{type(model).__name__} (stages)")
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    x, collected = model._run_stages(x, set(take), max(take) if intermediates_only else None)
+    if output_fmt == "NHWC":
+        collected = [m.permute(0, 2, 3, 1) for m in collected]
+    return collected if intermediates_only else (x, collected)
+
 class TokenizerMixin:
     """A text model that may carry the ``tokenizers`` tokenizer it was trained with (CLIP, ViLT).
 

@@ -46,7 +46,7 @@ from ..layers.mbconv import ConvNormAct, DSConv, MBConv, build_act
 from ..layers.patch_embed import check_image_batch
 from ..layers.weight_init import trunc_normal_linears_
 from ..utils import to_2tuple
-from ._base import VitkitModel, check_model_args, select_blocks
+from ._base import VitkitModel, check_model_args, stage_intermediates
 from ._registry import register_config
 
 
@@ -254,13 +254,7 @@ class EfficientViT(VitkitModel):
         accepted for interface compatibility; EfficientViT has no final norm. Returns the list, or
         ``(last map, list)`` unless ``intermediates_only``.
         """
-        take = select_blocks(indices, self.num_stages, f"{type(self).__name__} (stages)")
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        x, collected = self._run_stages(x, set(take), max(take) if intermediates_only else None)
-        if output_fmt == "NHWC":
-            collected = [m.permute(0, 2, 3, 1) for m in collected]
-        return collected if intermediates_only else (x, collected)
+        return stage_intermediates(self, x, indices, output_fmt, intermediates_only)
 
     # ------------------------------------------------------------------ heads, training switches
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:

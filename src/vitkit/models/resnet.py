@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..layers.drop import DropPath
 from ..layers.patch_embed import check_image_batch
 from ..utils import to_2tuple
-from ._base import VitkitModel, check_model_args, select_blocks
+from ._base import VitkitModel, check_model_args, stage_intermediates
 from ._registry import register_config
 
 BLOCKS = ("basic", "bottleneck")
@@ -246,13 +246,7 @@ class ResNet(VitkitModel):
         accepted for interface compatibility; a ResNet has no final norm. Returns the list, or
         ``(last map, list)`` unless ``intermediates_only``.
         """
-        take = select_blocks(indices, self.num_stages, f"{type(self).__name__} (stages)")
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        x, collected = self._run_stages(x, set(take), max(take) if intermediates_only else None)
-        if output_fmt == "NHWC":
-            collected = [m.permute(0, 2, 3, 1) for m in collected]
-        return collected if intermediates_only else (x, collected)
+        return stage_intermediates(self, x, indices, output_fmt, intermediates_only)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, **forward_kwargs: Any) -> list[torch.Tensor]:

@@ -509,11 +509,14 @@ def format_report(report: dict[str, Any]) -> str:
                      f"({each})")
     else:
         lines.append("not checked against onnxruntime (--no-check)")
-    meta = report["metadata"]
-    lines.append(f"metadata: input_size {meta['input_size']}, mean {meta['mean']}, std {meta['std']}, "
-                 f"interpolation {meta['interpolation']}, "
-                 f"{len(meta['class_names']) if meta['class_names'] else 'no'} class names")
+    lines.append(metadata_line(report["metadata"]))
     return "\n".join(lines)
+
+
+def metadata_line(meta: dict[str, Any]) -> str:
+    """The preprocessing an export carries, in one line of its report."""
+    return (f"metadata: input_size {meta['input_size']}, mean {meta['mean']}, std {meta['std']}, interpolation "
+            f"{meta['interpolation']}, {len(meta['class_names']) if meta['class_names'] else 'no'} class names")
 
 
 def run_export_args(args: argparse.Namespace) -> int:

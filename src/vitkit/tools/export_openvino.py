@@ -53,6 +53,7 @@ from .export import (
     _metadata,
     _name,
     export_onnx,
+    metadata_line,
 )
 from .export_hf import MARKER, _new_sibling, _swap_in, check_destination
 from .runtimes import DEFAULT_CALIBRATION, OpenVinoRuntime, quantize_openvino
@@ -285,10 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{q['top1_agreement']:.1%} (>= {q['min_agreement']:.0%}), max |Δ| {q['max_abs_diff']:.2g}")
     if not report["checks"] and not report["int8"]:
         lines.append("not checked against PyTorch (--no-check)")
-    meta = report["metadata"]
-    lines.append(f"metadata: input_size {meta['input_size']}, mean {meta['mean']}, std {meta['std']}, "
-                 f"interpolation {meta['interpolation']}, "
-                 f"{len(meta['class_names']) if meta['class_names'] else 'no'} class names")
+    lines.append(metadata_line(report["metadata"]))
     return "\n".join(lines)
 
 

@@ -46,6 +46,23 @@ SECTIONS: dict[str, Callable[..., str]] = {}
 DEFAULT_DOCS = ("docs/*.md", "benchmarks/RESULTS.md")
 
 
+def select_run_meta(records: list[dict[str, Any]], run: str = "latest") -> dict[str, Any]:
+    """The ``meta`` record of one run of a benchmark's results file (records ``{"kind": "meta" | ... | "end",
+    "run_id"}``): ``run`` is a run_id, or ``latest``: the last run that finished (has its ``end`` record) and is
+    not a ``--quick`` one."""
+    metas = [r for r in records if r.get("kind") == "meta"]
+    ends = {r["run_id"] for r in records if r.get("kind") == "end"}
+    if run == "latest":
+        done = [m for m in metas if m["run_id"] in ends and not m["settings"].get("quick")]
+        if not done:
+            raise ConfigError(f"no finished full run among the {len(metas)} run(s) of the results file")
+        return done[-1]
+    found = [m for m in metas if m["run_id"] == run]
+    if not found:
+        raise ConfigError(f"no run {run!r} in the results file; runs: {[m['run_id'] for m in metas]}")
+    return found[-1]
+
+
 def section(name: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
     def register(fn: Callable[..., str]) -> Callable[..., str]:
         SECTIONS[name] = fn
