@@ -25,7 +25,9 @@ one ``cell`` record per candidate with every sample and its contention, ``accura
 :func:`render_runtimes` (the ``vitkit report`` block ``script script=benchmarks/bench_runtimes.py
 function=render_runtimes``) builds the tables from that file alone.
 
-    python benchmarks/bench_runtimes.py --int8 --run RUN     # the full comparison (make bench), ≈ 10-15 min
+    python benchmarks/bench_runtimes.py --int8 --run RUN     # the full comparison (make bench)
+
+(The run in RESULTS.md took 16.5 minutes with 7 samples of ≥ 0.5 s; the defaults are now 5 of ≥ 0.4 s.)
     python benchmarks/bench_runtimes.py --quick              # ViT-S fp32 batch 1 only, 3 samples (recorded as quick)
 """
 
@@ -363,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--samples", type=int, default=7, help="kept samples per runtime and cell (the median is shown)")
-    p.add_argument("--min-sample-seconds", type=float, default=0.5)
+    p.add_argument("--samples", type=int, default=5, help="kept samples per runtime and cell (the median is shown)")
+    p.add_argument("--min-sample-seconds", type=float, default=0.4)
     p.add_argument("--max-contention", type=float, default=MAX_CONTENTION)
     p.add_argument("--max-wait", type=float, default=60.0, help="seconds to wait for a quiet machine per cell")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile candidate")
