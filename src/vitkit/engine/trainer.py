@@ -390,9 +390,9 @@ class Trainer:
     def evaluate(self, dataset=None, desc: str | None = None, source=None) -> dict[str, Any]:
         """The task's evaluation of the current (EMA) model on ``dataset`` (default: the evaluation split).
 
-        ``source``: the labelled dataset ``dataset`` was made from; the task context's ``eval_set`` points at it
-        meanwhile, so that whatever a task evaluates beyond the batches (k-NN and linear probes) reads the same
-        split."""
+        ``source``: the dataset ``dataset`` was made from, as the recipe built it; the task context's
+        ``eval_set`` points at it meanwhile, so that whatever a task evaluates beyond the batches (k-NN and
+        linear probes) reads the same split."""
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
