@@ -33,7 +33,7 @@ class AttentionMapSource:
         """softmax(q kᵀ · scale + bias) v: SDPA normally, written out when maps are captured (or SDPA is slow)."""
         if attn_bias is not None and attn_bias.dtype not in (q.dtype, torch.bool):
             attn_bias = attn_bias.to(q.dtype)
-        if self.attn_sink is None and not _slow_sdpa_backward(q):
+        if self.attn_sink is None and not _slow_sdpa_backward(q) and not _explicit_is_faster(q, k):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
         logits = (q * scale) @ k.transpose(-2, -1)
         if attn_bias is not None:
@@ -72,6 +72,19 @@ def _slow_sdpa_backward(q: torch.Tensor) -> bool:
     """True where SDPA's backward is known to be slow: bf16 on CPU (torch 2.13's CPU flash-attention backward
     measured 5x slower than the explicit softmax path for ViT-sized sequences). Forward-only calls keep SDPA."""
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
+
+
+EXPLICIT_BF16_MAX_KEYS = 256  # the longest key sequence the explicit bf16 path was measured faster for (197)
+
+
+def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True for bf16 CPU inference on short sequences, where the explicit q kᵀ -> softmax -> @ v (two bf16 GEMMs
+    through oneDNN) beats torch 2.13's CPU flash-attention kernel: 11.0 vs 17.4-21.1 ms (two runs) for
+    (32, 6, 197, 64) on a 2-core AVX512-BF16 EPYC, same max |Δ| to an fp32 reference; whole-model effect in
+    benchmarks/RESULTS.md. The full (N, N) map is
+    materialised, so long sequences keep SDPA."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and k.shape[-2] <= EXPLICIT_BF16_MAX_KEYS)
 
 
 class Attention(AttentionMapSource, nn.Module):
