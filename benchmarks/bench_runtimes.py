@@ -27,7 +27,8 @@ function=render_runtimes``) builds the tables from that file alone.
 
     python benchmarks/bench_runtimes.py --int8 --run RUN     # the full comparison (make bench)
 
-(The run in RESULTS.md took 16.5 minutes with 7 samples of ≥ 0.5 s; the defaults are now 5 of ≥ 0.4 s.)
+(The recorded runs took 14.5 minutes with 7 samples of ≥ 0.5 s and 13.2 minutes with the defaults, 5 of ≥ 0.4 s,
+by their ``end`` records; start-up adds about half a minute.)
     python benchmarks/bench_runtimes.py --quick              # ViT-S fp32 batch 1 only, 3 samples (recorded as quick)
 """
 
