@@ -258,10 +258,11 @@ def _run_accuracy(args: argparse.Namespace, log) -> dict[str, Any]:
     dataset = build_dataset(name, split, image_size=size, num_channels=channels, **settings)
     task = task_for_model(model, folder)
     task.setup(model)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    labels = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items])
     x = task.prepare_batch(images, train=False).float()
-    calibration = calibration_images(folder, 300)
+    calibration = calibration_images(folder, 300, model=model)
     out: dict[str, Any] = {"what": f"trained run {args.run}", "model": getattr(model, "model_name", None),
                            "test_images": len(labels)}
     with torch.inference_mode():

@@ -137,9 +137,9 @@ def test_int8_on_openvino_calibrates_on_the_runs_training_images(run_dir, torch_
     asked = []
     real = serve_app.calibration_images
 
-    def spy(run, count):
+    def spy(run, count, **kw):
         asked.append(count)
-        return real(run, count)
+        return real(run, count, **kw)
 
     monkeypatch.setattr(serve_app, "calibration_images", spy)
     client = TestClient(create_app(run_dir, explain_method=None, backend="openvino", precision="int8",

@@ -309,7 +309,7 @@ def run_export_openvino_args(args: argparse.Namespace) -> int:
     _require_extras(precision)
     folder = resolve_model_dir(args.run)
     model = load_model(folder)
-    calibration = calibration_images(folder, count) if precision == "int8" else None
+    calibration = calibration_images(folder, count, model=model) if precision == "int8" else None
     report = export_openvino(model, args.output, precision, calibration, check=not args.no_check, atol=args.atol,
                              opset=args.opset, source=str(folder))
     print(format_report(report))

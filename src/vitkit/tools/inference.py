@@ -338,17 +338,6 @@ def _inductor_freezing() -> contextlib.AbstractContextManager:
     return inductor_config.patch(freezing=True)
 
 
-class _ShortcutForward(nn.Module):
-    """``model`` with the forward :class:`InferenceModel` runs (the CLS shortcut or not), as one module to export."""
-
-    def __init__(self, model: nn.Module, cls_shortcut: bool) -> None:
-        super().__init__()
-        self.model, self.cls_shortcut = model, cls_shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_cls_shortcut(self.model, x) if self.cls_shortcut else self.model(x)
-
-
 def _import_pt2e() -> tuple[Any, Any, Any]:
     """torchao's PT2E entry points, with its import-time notes about CUDA kernels kept off the console."""
     import logging
@@ -369,8 +358,7 @@ def _import_pt2e() -> tuple[Any, Any, Any]:
     return prepare_pt2e, convert_pt2e, xiq
 
 
-def quantize_int8(model: nn.Module, calibration: torch.Tensor, cls_shortcut: bool = False,
-                  batch_size: int = 32) -> nn.Module:
+def quantize_int8(model: nn.Module, calibration: torch.Tensor, batch_size: int = 32) -> nn.Module:
     """The PT2E int8 graph of ``model`` (x86 Inductor quantizer), calibrated on ``calibration`` (N, C, H, W).
 
     Returns an exported ``GraphModule`` with quantize/dequantize nodes around every Linear and Conv; it runs
@@ -384,7 +372,7 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, cls_shortcut: boo
         raise ValueError(f"int8 needs at least {MIN_CALIBRATION} calibration images (a few hundred is usual), got "
                          f"{calibration.shape[0]}")
     prepare_pt2e, convert_pt2e, xiq = _import_pt2e()
-    module = _ShortcutForward(model, cls_shortcut).eval()
+    module = model.eval()
     calibration = calibration.float()
     example = calibration[:2]
     batch = torch.export.Dim("batch", min=1)
@@ -445,7 +433,7 @@ def prepare_for_inference(
     info["cls_shortcut"] = shortcut
     wrapper = InferenceModel(model, dtype, shortcut, info)
     if int8:
-        graph = quantize_int8(model, calibration, shortcut)
+        graph = quantize_int8(model, calibration)
         info["quantized_ops"] = sum(1 for n in graph.graph.nodes if "quantize_per_tensor" in str(n.target))
         info["calibration_images"] = int(calibration.shape[0])
         wrapper._compiled = torch.compile(graph, dynamic=False)

@@ -69,6 +69,7 @@ class TorchRuntime(Runtime):
         from .inference import prepare_for_inference
 
         super().__init__(precision, threads)
+        torch.set_num_threads(threads)  # torch's pool is process-wide; the peers keep their own pools
         self.prepared = prepare_for_inference(model, precision, compile=compile, calibration=calibration)
         self.info = dict(self.prepared.info)
 
@@ -78,7 +79,6 @@ class TorchRuntime(Runtime):
                                             else "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        torch.set_num_threads(self.threads)
         return self.prepared(x)
 
 
@@ -197,10 +197,12 @@ class RuntimeModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------- calibration data
-def calibration_images(run: str | Path, count: int = DEFAULT_CALIBRATION, seed: int = 0) -> torch.Tensor:
+def calibration_images(run: str | Path, count: int = DEFAULT_CALIBRATION, seed: int = 0,
+                       model: nn.Module | None = None) -> torch.Tensor:
     """``count`` normalised training images of the run a checkpoint came from (a seeded random subset), prepared
     as its task prepares evaluation batches: what int8 calibration needs. A checkpoint without a training
-    config (a converted one) has no training data to take them from: a ConfigError says so."""
+    config (a converted one) has no training data to take them from: a ConfigError says so. ``model``: the
+    checkpoint's model when the caller has loaded it already (it is not read again)."""
     from ..data import build_dataset
     from .evaluate import _input_spec, eval_data_settings, load_model, resolve_model_dir, run_config, task_for_model
 
@@ -210,7 +212,7 @@ def calibration_images(run: str | Path, count: int = DEFAULT_CALIBRATION, seed: 
     if run_config(folder) is None:
         raise ConfigError(f"{folder}: no train_config.yaml beside the weights, so no training images to calibrate "
                           f"int8 on; quantize a vitkit training run (or pass calibration= in Python)")
-    model = load_model(folder)
+    model = model if model is not None else load_model(folder)
     channels, size = _input_spec(model)
     name, _, settings = eval_data_settings(folder, split="train")
     dataset = build_dataset(name, "train", image_size=size, num_channels=channels, **settings)

@@ -241,7 +241,7 @@ class ModelService:
             self.backend, self.precision = "torch", "fp32"
             return self.model
         example = torch.randn(1, self.channels, *self.size, generator=torch.Generator().manual_seed(0))
-        data = calibration_images(self.run, calibration) if precision == "int8" else None
+        data = calibration_images(self.run, calibration, model=self.model) if precision == "int8" else None
         if backend == "auto":
             runtime, seconds = fastest_runtime(self.model, precision, example, threads=threads, calibration=data,
                                                log=log)
