@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import math
 import os
 import platform
@@ -66,7 +65,16 @@ from vitkit.layers.sparse_window import SparseWindowAttention, build_groups, gri
 from vitkit.tools.ablate import read_results
 from vitkit.tools.inference import native_bf16_supported
 from vitkit.tools.report import select_run_meta
-from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
+from vitkit.tools.timing import (
+    Candidate,
+    ContentionMeter,
+    append_jsonl,
+    cpu_name,
+    machine_load,
+    time_alternating,
+    utc_now,
+    wait_for_quiet,
+)
 from vitkit.utils import amx_supported
 
 METHODS = ("global", "window", "linear", "sparse", "global-sdpa")
@@ -254,16 +262,6 @@ def measure_cell(side: int, precision: str, args: argparse.Namespace, meter: Con
             for c in cands]
 
 
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _append(path: str | Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
-
-
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every cell, appending its raw records to ``args.results`` as soon as it is done (an interrupted run
     keeps what it measured; only a run with its ``end`` record counts as ``latest``). Returns the run's id and
@@ -279,7 +277,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     sparse = SparseWindowAttention(args.dim, args.heads, args.group, args.window).eval()
     _share_weights(base, linear)
     _share_weights(base, sparse)
-    run_id = _utc_now()
+    run_id = utc_now()
     meta = {
         "kind": "meta", "run_id": run_id,
         "machine": {"cpu": cpu_name(), "cpu_flags": _simd_flags(), "cores": os.cpu_count(),
@@ -295,7 +293,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "command": args.command, "load_before": machine_load(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    _append(args.results, [meta])
+    append_jsonl(args.results, [meta])
     mach = meta["machine"]
     log(f"attention scaling, run {run_id}: {mach['cpu']} ({mach['cpu_flags']}), {mach['threads']} threads, torch "
         f"{mach['torch']}; native bf16: {mach['native_bf16']}; records -> {args.results}")
@@ -307,7 +305,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             for precision in args.precisions:
                 for side in order:
                     rows = measure_cell(side, precision, args, meter, window, base, linear, sparse)
-                    _append(args.results, [{"kind": "cell", "run_id": run_id, "pass": p + 1, **r} for r in rows])
+                    append_jsonl(args.results, [{"kind": "cell", "run_id": run_id, "pass": p + 1, **r} for r in rows])
                     r0 = rows[0]
                     log(f"pass {p + 1} {precision} {side:3d}x{side:<3d}: " + "  ".join(
                         f"{r['method']} {statistics.median(r['samples_ms']):8.2f} ms" + ("!" if r["note"] else "")
@@ -316,8 +314,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                         f"{100 * r0['cell_contention']:.0f}%, discarded {sum(r['discarded'] for r in rows)}, "
                         f"waited {r0['waited_s']:.0f} s" + (f", {len(r0['samples_ms'])} samples (slow cell)"
                                                             if r0["slow"] else ""))
-    _append(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - t_start, 1),
-                            "load_after": machine_load(), "finished_at": _utc_now()}])
+    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - t_start, 1),
+                            "load_after": machine_load(), "finished_at": utc_now()}])
     return {"run_id": run_id, "meta": meta}
 
 

@@ -35,10 +35,8 @@ by their ``end`` records; start-up adds about half a minute.)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -55,8 +53,16 @@ from vitkit.tools.ablate import read_results
 from vitkit.tools.bench import realistic_images
 from vitkit.tools.report import select_run_meta
 from vitkit.tools.runtimes import Runtime, build_runtime, export_for_runtimes
-from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
-from vitkit.utils import amx_supported, cpu_flags, native_bf16_supported
+from vitkit.tools.timing import (
+    Candidate,
+    ContentionMeter,
+    append_jsonl,
+    machine_load,
+    machine_record,
+    time_alternating,
+    utc_now,
+    wait_for_quiet,
+)
 
 MODELS = {"vit_s16": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 MAX_CONTENTION = 0.1
@@ -66,27 +72,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "runtimes.jsonl"
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _append(path: str | Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
 def machine() -> dict[str, Any]:
     import onnxruntime
     import openvino
 
-    flags = cpu_flags()
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cpu_flags": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                                              "amx_int8") if f in flags),
-            "native_bf16": native_bf16_supported(), "amx": amx_supported(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
-            "python": platform.python_version()}
+    return {**machine_record(), "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -103,7 +93,8 @@ def _measure(runtimes: list[Runtime], x: torch.Tensor, ref: torch.Tensor, args: 
         with torch.inference_mode():
             out = rt(x)
         rows.append({"runtime": rt.name, "backend": rt.backend, "precision": rt.precision,
-                     "samples_ms": [1e3 * s for s in c.samples], "contention": c.contention,
+                     "samples_ms": [1e3 * s for s in c.samples],
+                     "contention": [None if math.isnan(v) else v for v in c.contention],
                      "discarded": c.discarded, "note": c.note, "waited_s": round(waited, 1),
                      "compile_s": rt.info.get("compile_s"),
                      "max_abs_diff": float((out - ref).abs().max()),
@@ -171,14 +162,14 @@ def _profile_cell(rts: list[Runtime], rows: list[dict[str, Any]], x: torch.Tenso
 def run(args: argparse.Namespace, log) -> str:
     torch.set_num_threads(args.threads)
     meter = ContentionMeter()
-    run_id = _now()
+    run_id = utc_now()
     meta = {"kind": "meta", "run_id": run_id, "machine": machine(), "command": args.command,
             "settings": {k: getattr(args, k) for k in ("models", "precisions", "batches", "samples",
                                                        "min_sample_seconds", "max_contention", "threads",
                                                        "compile", "int8", "run", "quick", "profile")},
             "load_before": machine_load()}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    _append(args.results, [meta])
+    append_jsonl(args.results, [meta])
     m = meta["machine"]
     log(f"runtimes, run {run_id}: {m['cpu']} ({m['cpu_flags']}), {args.threads} threads; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}, openvino {m['openvino']}")
@@ -200,20 +191,20 @@ def run(args: argparse.Namespace, log) -> str:
                         rts.append(_build(model, "onnxruntime", "fp32", onnx_path, args.threads, None, x))
                     rts.append(_build(model, "openvino", precision, onnx_path, args.threads, None, x))
                     rows = _measure(rts, x, ref, args, meter, log)
-                    _append(args.results, [{"kind": "cell", "run_id": run_id, "section": "runtimes", "model": key,
+                    append_jsonl(args.results, [{"kind": "cell", "run_id": run_id, "section": "runtimes", "model": key,
                                             "batch": batch, "cell_precision": precision, **r} for r in rows])
                     log(f"{key} {precision} batch {batch}: " + "  ".join(
                         f"{r['runtime']} {statistics.median(r['samples_ms']):.1f} ms" for r in rows))
                     losing = _profile_cell(rts, rows, x) if args.profile else None
                     if losing:
-                        _append(args.results, [{"kind": "profile", "run_id": run_id, "model": key, "batch": batch,
+                        append_jsonl(args.results, [{"kind": "profile", "run_id": run_id, "model": key, "batch": batch,
                                                 "cell_precision": precision, **losing}])
                     del rts
             if args.int8 and key == "vit_s16":
                 _int8_section(model, onnx_path, args, meter, run_id, log)
         if args.int8 and args.run:
-            _append(args.results, [{"kind": "accuracy", "run_id": run_id, **_run_accuracy(args, log)}])
-    _append(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
+            append_jsonl(args.results, [{"kind": "accuracy", "run_id": run_id, **_run_accuracy(args, log)}])
+    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
                             "load_after": machine_load()}])
     return run_id
 
@@ -230,7 +221,7 @@ def _int8_section(model: torch.nn.Module, onnx_path: Path, args: argparse.Namesp
            _build(model, "openvino", "fp32", onnx_path, args.threads, None, x),
            _build(model, "openvino", "int8", onnx_path, args.threads, calibration, x)]
     rows = _measure(rts, x, ref, args, meter, log)
-    _append(args.results, [{"kind": "cell", "run_id": run_id, "section": "int8", "model": "vit_s16", "batch": 32,
+    append_jsonl(args.results, [{"kind": "cell", "run_id": run_id, "section": "int8", "model": "vit_s16", "batch": 32,
                             "cell_precision": "int8", **r} for r in rows])
     log("int8 vit_s16 batch 32: " + "  ".join(f"{r['runtime']} {statistics.median(r['samples_ms']):.1f} ms"
                                               for r in rows))
@@ -241,8 +232,8 @@ def _int8_section(model: torch.nn.Module, onnx_path: Path, args: argparse.Namesp
         for rt in rts[1::2]:
             agree[rt.name] = float((torch.cat([rt(images[i:i + 32]) for i in range(0, 1000, 32)]).argmax(-1)
                                     == fp32).float().mean())
-    _append(args.results, [{"kind": "accuracy", "run_id": run_id, "what": "vit_s16 random weights, 1000 image-like "
-                            "inputs", "top1_agree_with_fp32": agree}])
+    what = "vit_s16 random weights, 1000 image-like inputs"
+    append_jsonl(args.results, [{"kind": "accuracy", "run_id": run_id, "what": what, "top1_agree_with_fp32": agree}])
 
 
 def _run_accuracy(args: argparse.Namespace, log) -> dict[str, Any]:

@@ -40,7 +40,7 @@ RECIPE = [
     "train.progress=false", "optim.lr=3e-3", "schedule.warmup_epochs=0.5", "train.epochs=3",
     "train.checkpoint_every_steps=5", "train.threads=1",
 ]
-TIMING = ("train_img_s", "epoch_time_s")
+TIMING = ("train_img_s", "epoch_time_s", "fit_elapsed_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -119,7 +119,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _records(run: Path) -> list[dict]:
-    timing = ("train_img_s", "epoch_time_s")
+    timing = ("train_img_s", "epoch_time_s", "fit_elapsed_s")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 

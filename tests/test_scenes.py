@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_data import data_no_system_dirs, write_fake_fmnist  # noqa: F401  (fixture)
 from vitkit.data.scenes import ITEM, MultiLabelImageDataset, compose_scenes
 from vitkit.errors import ConfigError, DataError
 from vitkit.tasks import TaskContext, build_task
@@ -98,3 +99,24 @@ def test_multilabel_task_refuses_mixup_and_smoothing():
     for aug in (AugmentConfig(mixup_alpha=0.8), AugmentConfig(label_smoothing=0.1)):
         with pytest.raises(ConfigError, match="multilabel"):
             build_task("multilabel", None, TaskContext(augment=aug, train_set=_Scenes()))
+
+
+def test_val_scenes_hold_out_the_training_images_they_use(tmp_path, data_no_system_dirs):  # noqa: F811
+    from vitkit.data.scenes import load_fmnist_scenes
+
+    write_fake_fmnist(tmp_path / "fm", n_train=100, n_test=10)
+    kw = {"data_dir": str(tmp_path / "fm"), "num_scenes": 60, "num_eval_scenes": 30, "canvas": 64, "max_items": 2}
+
+    def items(ds: MultiLabelImageDataset) -> set[bytes]:
+        out = set()
+        for scene, box in zip(ds.images[:, 0].numpy(), ds.boxes.numpy()):
+            for _cls, r, c, h, w in box[box[:, 0] >= 0]:
+                out.add(scene[r:r + h, c:c + w].tobytes())
+        return out
+
+    train, val = items(load_fmnist_scenes("train", **kw)), items(load_fmnist_scenes("val", **kw))
+    assert train and val and not train & val  # no item of a val scene was seen in training
+    old_train = items(load_fmnist_scenes("train", val_fraction=0, **kw))
+    assert old_train & items(load_fmnist_scenes("val", val_fraction=0, **kw))  # the old behaviour shared them
+    with pytest.raises(DataError, match="val_fraction"):
+        load_fmnist_scenes("val", val_fraction=1.5, **kw)

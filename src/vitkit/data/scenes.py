@@ -15,8 +15,10 @@ Generator (seeded, documented, deterministic for a given seed and split):
 * ``boxes`` (N, max_items, 5) keeps (class, row, col, height, width) per item, -1 where absent, for pictures
   and localisation checks.
 
-The train split uses ``seed``, the test split ``seed + 1`` and the val split (scenes of training images, for
-searches that must not see the test split) ``seed + 2``, so no two share a random stream.
+The train split uses ``seed``, the test split ``seed + 1`` and the val split ``seed + 2``, so no two share a random
+stream. The val split (for choices that must not see the test split: best epoch, searches) is made from a
+seeded tenth of the training images that the train scenes never use (``val_fraction``), so its items are
+unseen in training, as the test split's are.
 """
 
 from __future__ import annotations
@@ -107,20 +109,28 @@ class MultiLabelImageDataset(InMemoryImageDataset):
 
 def load_fmnist_scenes(split: str = "train", data_dir: str | None = None, download: bool = False,
                        canvas: int = 112, num_scenes: int = 20_000, num_eval_scenes: int | None = None,
-                       min_items: int = 1, max_items: int = 4, seed: int = 0) -> MultiLabelImageDataset:
+                       min_items: int = 1, max_items: int = 4, seed: int = 0,
+                       val_fraction: float = 0.1) -> MultiLabelImageDataset:
     """The scene dataset of ``split``, generated from the Fashion-MNIST images of that split.
 
-    ``split`` "val" is a third set of scenes made from the *training* images (another seed), for choices that
-    must not look at the test split (SparseViT's search). ``num_scenes`` is the size of the train split,
-    ``num_eval_scenes`` that of test and val (default 4,000 / 2,000). Generation takes a few seconds per 10,000
-    scenes; nothing is cached.
+    ``split`` "val" is a third set of scenes for choices that must not look at the test split (best epoch,
+    SparseViT's search). It is made from a class-stratified, seeded ``val_fraction`` of the Fashion-MNIST
+    *training* images that the train scenes never use, so that validation scores are not flattered by items the
+    model was trained on (``val_fraction=0``: the old behaviour, val scenes from the same images as train).
+    ``num_scenes`` is the size of the train split, ``num_eval_scenes`` that of test and val (default 4,000 /
+    2,000). Generation takes a few seconds per 10,000 scenes; nothing is cached.
     """
     from .fashion_mnist import load_fashion_mnist
 
     offsets = {"train": 0, "test": 1, "val": 2}
     if split not in offsets:
         raise DataError(f"fmnist_scenes: split must be one of {sorted(offsets)}, got {split!r}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"fmnist_scenes: val_fraction must be in [0, 1), got {val_fraction!r}")
     source = load_fashion_mnist("test" if split == "test" else "train", data_dir, download)
+    if split != "test" and val_fraction > 0:
+        rest, held_out = source.split_off(val_fraction, seed=seed)
+        source = held_out if split == "val" else rest
     n = num_scenes if split == "train" else num_eval_scenes or {"test": 4_000, "val": 2_000}[split]
     if not isinstance(n, int) or n < 1:
         raise DataError(f"scenes: num_scenes must be an integer >= 1, got {n!r}")

@@ -446,6 +446,7 @@ class Trainer:
                       + (" (train.bf16=auto)" if t.bf16 == "auto" else ""))
         self.model.train()
         stopped = False
+        self._fit_started = time.perf_counter()
         while self.epoch < t.epochs and not stopped:
             stopped = self._run_epoch()
         if self.test_set is not None and not stopped and self.epoch >= t.epochs:  # (none with eval_split=null)
@@ -523,6 +524,8 @@ class Trainer:
             shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "count")
             self._log(f"epoch {self.epoch}: train loss {record.get('train_loss', math.nan):.4f} | eval {shown} | "
                       f"{record['train_img_s']:.0f} img/s")
+        # seconds since this process began fitting, evaluations included: time-to-accuracy curves read it
+        record["fit_elapsed_s"] = time.perf_counter() - getattr(self, "_fit_started", start)
         self.history.append(record)
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:

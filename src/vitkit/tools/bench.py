@@ -44,9 +44,12 @@ from ..utils import make_torchvision_importable
 from .timing import (
     Candidate,
     ContentionMeter,
+    append_jsonl,
     cpu_name,
     machine_load,
+    machine_record,
     time_alternating,
+    utc_now,
     wait_for_quiet,
 )
 
@@ -546,6 +549,9 @@ class Row:
     kernels: str = ""
     note: str = ""
     executed_gflops: float | None = None  # below gflops where vitkit's CLS shortcut skips part of the last block
+    candidate: str = ""  # the candidate's kind (a key of KIND_LABELS)
+    samples_ms: list[float] = field(default_factory=list)  # every kept sample (ms per call): the raw figures
+    contention: list[float | None] = field(default_factory=list)  # other processes' CPU share during each
 
 
 @dataclass
@@ -608,11 +614,15 @@ def format_row_log(r: Row) -> str:
             f"  {100 * r.peak_fraction:4.0f}% peak" + (f"  rss {r.rss_peak_mb:.0f} MiB" if r.rss_peak_mb else ""))
 
 
-def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print, results: str | None = None,
+                  command: str = "") -> dict[str, Any]:
     """Run every cell; return ``{"meta": ..., "rows": [Row...], "accuracy": [...]}``.
 
     The matmul peaks are measured once, before any case, on every GEMM shape and kernel the models run; every
-    "% of peak" (the log lines and the table) is :func:`peak_fraction` of those peaks."""
+    "% of peak" (the log lines and the table) is :func:`peak_fraction` of those peaks. With ``results``, the raw
+    records are appended to that JSON-lines file as they are measured (a ``meta`` record, one ``row`` record per
+    case with its samples, the accuracy records, an ``end`` record): :func:`result_from_records` rebuilds the
+    returned dict from them, so ``vitkit report`` renders the tables without timing anything."""
     from .inference import amx_supported, native_bf16_supported, tune_cpu_allocator
 
     started = time.perf_counter()
@@ -651,6 +661,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         log(f"peak {name} matmul: {peaks[name]['gflops']:.0f} GFLOP/s ({peaks[name]['kernel']}, M,K,N = "
             f"{peaks[name]['shape']}; {len(shapes)} shapes)")
     meta["peak"] = peaks
+    run_id = utc_now()
+    if results:
+        append_jsonl(results, [{"kind": "meta", "run_id": run_id, "command": command, "settings": asdict(cfg),
+                                "machine": machine_record(), "bench": meta}])
     rows: list[Row] = []
     for key in cfg.models:
         spec = MODEL_SPECS[key]
@@ -682,6 +696,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                             r.rss_base_mb, r.rss_peak_mb = mem["base_mb"], mem["peak_mb"]
                 for r in cell:
                     log(format_row_log(r))
+                if results:
+                    append_jsonl(results, [{"kind": "row", "run_id": run_id, **asdict(r)} for r in cell])
                 rows += cell
                 del cands
                 gc.collect()
@@ -692,6 +708,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     digits = digits_accuracy_report() if cfg.accuracy else []
     meta["load_after"] = machine_load()
     meta["wall_s"] = time.perf_counter() - started
+    if results:
+        append_jsonl(results, [*({"kind": "accuracy", "run_id": run_id, **a} for a in accuracy),
+                               *({"kind": "digits", "run_id": run_id, **a} for a in digits),
+                               {"kind": "end", "run_id": run_id, "seconds": round(meta["wall_s"], 1),
+                                "load_after": meta["load_after"], "finished_at": utc_now()}])
     noisy = sum("noisy" in r.note for r in rows)
     log(f"measured in {meta['wall_s']:.0f} s" + (f"; {noisy} of {len(rows)} cases never had a quiet sample (noisy): "
                                                  f"other processes were busy" if noisy else ""))
@@ -729,7 +750,10 @@ def _cell_rows(key: str, batch: int, precision: str, kinds: list[str], cands: li
                         is_peer=c.is_peer, img_s=img_s, ms=1000 * med[k], spread=spread,
                         ratio=(img_s / peer_best) if peer_best else None, gflops=gflops,
                         peak_fraction=fraction, samples=len(c.samples), discarded=c.discarded,
-                        compile_s=c.compile_s, kernels=kernels.get(k, ""), note=note, executed_gflops=executed))
+                        compile_s=c.compile_s, kernels=kernels.get(k, ""), note=note, executed_gflops=executed,
+                        candidate=k,
+                        samples_ms=[1e3 * v for v in c.samples],
+                        contention=[None if math.isnan(v) else v for v in c.contention]))
     return rows
 
 
@@ -741,6 +765,54 @@ def _peak_text(peaks: dict[str, Any], name: str) -> str:
     where = ", ".join(filter(None, [peak.get("kernel"), "x".join(str(v) for v in shape) if shape else None]))
     square = f"; square GEMMs {peak['square_gflops']:.0f}" if peak.get("square_gflops") else ""
     return f"{name} {peak['gflops']:.0f} GFLOP/s" + (f" ({where}{square})" if where or square else "")
+
+
+# ---------------------------------------------------------------------------- from the records
+def result_from_records(records: list[dict[str, Any]], run: str = "latest") -> dict[str, Any]:
+    """The dict :func:`run_benchmark` returned, rebuilt from run ``run`` of its records (see ``results``). Every
+    timing figure is recomputed from the raw samples (median ms, img/s, × best peer, GFLOP/s, % of peak)."""
+    from .report import select_run_meta
+
+    meta = select_run_meta(records, run)
+    own = [r for r in records if r.get("run_id") == meta["run_id"]]
+    end = next((r for r in own if r["kind"] == "end"), {})
+    rows = [{k: v for k, v in r.items() if k not in ("kind", "run_id")} for r in own if r["kind"] == "row"]
+    for r in rows:
+        ms = statistics.median(r["samples_ms"])
+        scale = r["ms"] / ms  # 1.0 for records of this code; the derived figures follow the samples either way
+        r.update(ms=ms, img_s=1e3 * r["batch"] / ms, gflops=r["gflops"] * scale,
+                 peak_fraction=r["peak_fraction"] * scale, samples=len(r["samples_ms"]))
+    for r in rows:
+        best = max((p["img_s"] for p in rows if p["is_peer"] and (p["model"], p["batch"]) == (r["model"], r["batch"])
+                    and p["precision"] == ("fp32" if r["precision"] == "int8" else r["precision"])), default=None)
+        r["ratio"] = r["img_s"] / best if best else None
+    strip = lambda kind: [{k: v for k, v in r.items() if k not in ("kind", "run_id")}  # noqa: E731
+                          for r in own if r["kind"] == kind]
+    bench = {**meta["bench"], "run_id": meta["run_id"], "machine": meta["machine"], "settings": meta["settings"],
+             "wall_s": end.get("seconds"), "load_after": end.get("load_after")}
+    return {"meta": bench, "rows": rows, "accuracy": strip("accuracy"), "digits": strip("digits")}
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Markdown: per (model, batch, precision), the best peer against vitkit's prepared model, eager and compiled."""
+    rows = result["rows"]
+    lines = ["| model | batch | precision | best peer (img/s) | vitkit eager | × | vitkit compiled | × "
+             "| % of matmul peak (best vitkit) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    cells = dict.fromkeys((r["model"], r["batch"], r["precision"]) for r in rows if r["precision"] != "int8")
+    bold = lambda v: f"**{v:.2f}**" if v >= 1 else f"{v:.2f}"  # noqa: E731
+    for model, batch, precision in cells:
+        here = [r for r in rows if (r["model"], r["batch"], r["precision"]) == (model, batch, precision)]
+        peer = max((r["img_s"] for r in here if r["is_peer"]), default=None)
+        ours = {r["candidate"]: r for r in here if not r["is_peer"]}
+        eager, compiled = ours.get("vitkit"), ours.get("vitkit-compile")
+        if peer is None or eager is None:
+            continue
+        cols = [f"{eager['img_s']:.1f}", bold(eager["img_s"] / peer)]
+        cols += [f"{compiled['img_s']:.1f}", bold(compiled["img_s"] / peer)] if compiled else ["-", "-"]
+        best = max((r for r in (eager, compiled) if r), key=lambda r: r["img_s"])
+        lines.append(f"| {model} | {batch} | {precision} | {peer:.1f} | {' | '.join(cols)} "
+                     f"| {100 * best['peak_fraction']:.0f}% |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -830,6 +902,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="under a minute on a quiet 2-core machine: ViT-S/16 at batch 1 and 8, fp32 and bf16, "
                              "vitkit against every transformers variant, 3 samples; no compile, int8, plain model, "
                              "RSS or accuracy")
+    parser.add_argument("--results", default=None, metavar="JSONL",
+                        help="append the raw records (every sample, its contention, the machine) to this JSON-lines "
+                             "file, e.g. benchmarks/results/inference.jsonl; `vitkit report` renders them")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--markdown", help="also write the markdown table to this file")
 
@@ -858,7 +933,9 @@ def run_bench_args(args: argparse.Namespace) -> int:
     except ImportError:
         print("vitkit bench needs transformers (pip install 'vitkit[hf]') for the peer comparison", file=sys.stderr)
         return 2
-    result = run_benchmark(config_from_args(args), log=lambda s: print(s, flush=True))
+    command = " ".join(["vitkit bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])])
+    result = run_benchmark(config_from_args(args), log=lambda s: print(s, flush=True), results=args.results,
+                           command=command)
     table = format_table(result)
     print()
     print(table)

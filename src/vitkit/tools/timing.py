@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -185,3 +186,43 @@ def cpu_name() -> str:
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
 
+
+
+# ---------------------------------------------------------------------------- raw records of a benchmark run
+# Every benchmark appends JSON lines to a committed results file (docs/method.md §1): a ``meta`` record (run_id,
+# command, settings, machine), one record per measured cell with its raw samples and their contention, and an
+# ``end`` record; ``vitkit report`` renders a run from them (``select_run_meta``: the latest finished run).
+
+
+def utc_now() -> str:
+    """A run id / timestamp: ISO-8601 UTC to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def append_jsonl(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Append ``records`` to the JSON-lines file ``path`` (folders made), one strict-JSON line each (no NaN)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+
+
+def machine_record() -> dict[str, Any]:
+    """What a timing depends on: CPU and its flags, cores, threads, bf16/AMX support, torch and Python."""
+    from ..utils import amx_supported, cpu_flags, native_bf16_supported
+
+    flags = cpu_flags()
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_flags": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                                  if f in flags),
+            "native_bf16": native_bf16_supported(), "amx": amx_supported(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def candidate_record(c: Candidate, **fields: Any) -> dict[str, Any]:
+    """One timed candidate's raw figures: every kept sample (ms per call) with its contention, and the discards."""
+    return {**fields, "name": c.name, "library": c.library, "precision": c.precision,
+            "samples_ms": [s * 1e3 for s in c.samples],
+            "contention": [None if math.isnan(x) else x for x in c.contention], "discarded": c.discarded,
+            "note": c.note.strip()}
