@@ -44,7 +44,7 @@ from vitkit.models import create_model
 from vitkit.tools.ablate import read_results
 from vitkit.tools.export import export_onnx
 from vitkit.tools.inference import prepare_for_inference
-from vitkit.tools.report import select_run_meta
+from vitkit.tools.report import run_records
 from vitkit.tools.timing import (
     Candidate,
     ContentionMeter,
@@ -144,11 +144,6 @@ def run(args: argparse.Namespace, log) -> str:
 
 
 # ---------------------------------------------------------------------------- from the results file: the table
-def _select(records: list[dict[str, Any]], run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    meta = select_run_meta(records, run)
-    return meta, [r for r in records if r.get("run_id") == meta["run_id"] and r.get("kind") != "meta"]
-
-
 def cell_ms(r: dict[str, Any]) -> float:
     """A cell's figure: the median of all its kept samples (ms per batch)."""
     return statistics.median(r["samples_ms"])
@@ -179,7 +174,7 @@ def render_export(doc_dir: str | Path, plots: bool = True, results: str = "resul
     path = Path(doc_dir) / results
     if not path.is_file():
         raise ConfigError(f"{path}: results file not found")
-    meta, recs = _select(read_results(path), run)
+    meta, recs = run_records(read_results(path), run)
     m, s = meta["machine"], meta["settings"]
     limit = s["max_contention"]
     end = next((r for r in recs if r.get("kind") == "end"), {})

@@ -45,7 +45,7 @@ from vitkit.engine.optim import build_optimizer
 from vitkit.errors import ConfigError
 from vitkit.models import MaskedAutoencoderViT
 from vitkit.tools.ablate import read_results
-from vitkit.tools.report import select_run_meta
+from vitkit.tools.report import contention_mark, median_contention, select_run_meta
 from vitkit.tools.timing import (
     Candidate,
     ContentionMeter,
@@ -214,19 +214,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> str:
 
 
 # ---------------------------------------------------------------------------- from the results file: the tables
-def _median_contention(r: dict[str, Any]) -> float | None:
-    measured = [c for c in r["contention"] if c is not None]
-    return statistics.median(measured) if measured else None
-
-
-def _mark(r: dict[str, Any], limit: float) -> str:
-    """† no clean sample (an estimate), * kept samples whose median contention is above the threshold."""
-    if "noisy" in (r.get("note") or ""):
-        return "†"
-    cont = _median_contention(r)
-    return "*" if cont is not None and cont > limit else ""
-
-
 def _ms(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
@@ -282,10 +269,10 @@ def render_mae_step(doc_dir: str | Path, plots: bool = True, results: str = "res
             continue
         mae, full = pair["mae"], pair["full"]
         mae_ms, full_ms = statistics.median(mae["samples_ms"]), statistics.median(full["samples_ms"])
-        cont = " / ".join("—" if c is None else f"{100 * c:.1f}%" for c in map(_median_contention, (mae, full)))
+        cont = " / ".join("—" if c is None else f"{100 * c:.1f}%" for c in map(median_contention, (mae, full)))
         lines.append(f"| {mae['label']} (`{mae['mae_model']}`, decoder {mae['decoder']}) | {mae['batch']} | "
                      f"{PRECISIONS.get(key[1], key[1])} | {mae['encoder_tokens']} / {full['encoder_tokens']} | "
-                     f"{_ms(mae_ms)}{_mark(mae, limit)} | {_ms(full_ms)}{_mark(full, limit)} | "
+                     f"{_ms(mae_ms)}{contention_mark(mae, limit)} | {_ms(full_ms)}{contention_mark(full, limit)} | "
                      f"**{full_ms / mae_ms:.2f}** | {100 * max(spread(mae), spread(full)):.0f}% | {cont} |")
     if not any(r.get("kind") == "end" for r in recs):
         lines.append(f"\nRun {meta['run_id']} did not finish: the table shows the cells it measured.")

@@ -51,7 +51,7 @@ from vitkit.errors import ConfigError
 from vitkit.models import create_model
 from vitkit.tools.ablate import read_results
 from vitkit.tools.bench import realistic_images
-from vitkit.tools.report import select_run_meta
+from vitkit.tools.report import contention_mark, run_records
 from vitkit.tools.runtimes import Runtime, build_runtime, export_for_runtimes
 from vitkit.tools.timing import (
     Candidate,
@@ -270,20 +270,8 @@ def _run_accuracy(args: argparse.Namespace, log) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- from the results file: the tables
-def _select(records: list[dict[str, Any]], run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    meta = select_run_meta(records, run)
-    return meta, [r for r in records if r.get("run_id") == meta["run_id"] and r.get("kind") != "meta"]
-
-
 def _ms(r: dict[str, Any]) -> float:
     return statistics.median(r["samples_ms"])
-
-
-def _mark(r: dict[str, Any], limit: float) -> str:
-    cont = [c for c in r["contention"] if c is not None and not math.isnan(c)]
-    if "noisy" in (r.get("note") or ""):
-        return "†"
-    return "*" if cont and statistics.median(cont) > limit else ""
 
 
 def render_runtimes(doc_dir: str | Path, plots: bool = True, results: str = "results/runtimes.jsonl",
@@ -291,7 +279,7 @@ def render_runtimes(doc_dir: str | Path, plots: bool = True, results: str = "res
     """Markdown for ``vitkit report`` (kind ``script``) from the results file alone (``results`` relative to
     ``doc_dir``): ``part=cells`` the 8-cell comparison, ``part=int8`` the int8 speed and accuracy,
     ``part=machine`` the machine line."""
-    meta, recs = _select(read_results(Path(doc_dir) / results), run)
+    meta, recs = run_records(read_results(Path(doc_dir) / results), run)
     m, s = meta["machine"], meta["settings"]
     limit = s["max_contention"]
     if part == "machine":
@@ -313,7 +301,8 @@ def render_runtimes(doc_dir: str | Path, plots: bool = True, results: str = "res
             ours = min((r for r in rows if r["backend"] == "torch"), key=_ms)
             peer = min((r for r in rows if r["backend"] != "torch"), key=_ms)
             ratio = _ms(peer) / _ms(ours)
-            each = "; ".join(f"{r['runtime']} {_ms(r):.1f}{_mark(r, limit)} ({r['max_abs_diff']:.1e})" for r in rows)
+            each = "; ".join(f"{r['runtime']} {_ms(r):.1f}{contention_mark(r, limit)} ({r['max_abs_diff']:.1e})"
+                             for r in rows)
             lines.append(f"| {model} | {precision} | {batch} | {ours['runtime']} {_ms(ours):.1f} | {peer['runtime']} "
                          f"{_ms(peer):.1f} | {ratio:.2f}× | {'met' if ratio >= GOAL else 'not met'} | {each} |")
         return "\n".join(lines)
@@ -324,7 +313,7 @@ def render_runtimes(doc_dir: str | Path, plots: bool = True, results: str = "res
         for name, r in rows.items():
             base = rows.get(name.replace("int8", "fp32"))
             speed = f"{_ms(base) / _ms(r):.2f}×" if r["precision"] == "int8" and base else ""
-            lines.append(f"| {name} | {_ms(r):.1f}{_mark(r, limit)} | {32e3 / _ms(r):.1f} | {speed} | "
+            lines.append(f"| {name} | {_ms(r):.1f}{contention_mark(r, limit)} | {32e3 / _ms(r):.1f} | {speed} | "
                          f"{r['max_abs_diff']:.2e} | {100 * r['top1_agree']:.1f}% |")
         for acc in (r for r in recs if r.get("kind") == "accuracy"):
             agree = ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc["top1_agree_with_fp32"].items())

@@ -40,7 +40,7 @@ from torch import nn
 
 from vitkit.errors import ConfigError
 from vitkit.tools.ablate import read_results
-from vitkit.tools.report import select_run_meta
+from vitkit.tools.report import contention_mark, median_contention, run_records
 from vitkit.tools.timing import (
     Candidate,
     ContentionMeter,
@@ -181,24 +181,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> str:
 
 
 # ---------------------------------------------------------------------------- from the results file: the table
-def _select(records: list[dict[str, Any]], run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    meta = select_run_meta(records, run)
-    return meta, [r for r in records if r.get("run_id") == meta["run_id"] and r.get("kind") == "cell"]
-
-
-def _median_contention(r: dict[str, Any]) -> float | None:
-    measured = [c for c in r["contention"] if c is not None]
-    return statistics.median(measured) if measured else None
-
-
-def _mark(r: dict[str, Any], limit: float) -> str:
-    """† no clean sample (an estimate), * kept samples whose median contention is above the threshold."""
-    if "noisy" in (r.get("note") or ""):
-        return "†"
-    cont = _median_contention(r)
-    return "*" if cont is not None and cont > limit else ""
-
-
 def img_per_s(r: dict[str, Any]) -> float:
     """Training throughput of a cell record: batch / median ms per step."""
     return r["batch_size"] * 1e3 / statistics.median(r["samples_ms"])
@@ -209,7 +191,7 @@ def render_train_step(doc_dir: str | Path, plots: bool = True, results: str = "r
     """Markdown for ``vitkit report`` (kind ``script``) from the results file alone (``results`` relative to
     ``doc_dir``): ``part=table`` the throughput table, ``part=machine`` the machine and method line."""
     records = read_results(Path(doc_dir) / results)
-    meta, cells = _select(records, run)
+    meta, cells = run_records(records, run, kind="cell")
     m, s = meta["machine"], meta["settings"]
     limit = s["max_contention"]
     if part == "machine":
@@ -236,9 +218,9 @@ def render_train_step(doc_dir: str | Path, plots: bool = True, results: str = "r
         ratio = img_per_s(r) / img_per_s(peer) if peer else None
         vs = "—" if ratio is None else (f"{ratio:.2f}×" if r["model"] == "transformers" else f"**{ratio:.2f}×**")
         rss = "—" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
-        cont = _median_contention(r)
+        cont = median_contention(r)
         lines.append(f"| {r['model']} | {PRECISIONS.get(r['precision'], r['precision'])} | {r['params'] / 1e6:.3f}M | "
-                     f"{img_per_s(r):.0f}{_mark(r, limit)} | {vs} | {rss} | "
+                     f"{img_per_s(r):.0f}{contention_mark(r, limit)} | {vs} | {rss} | "
                      f"{'—' if cont is None else f'{100 * cont:.1f}%'} |")
     return "\n".join(lines) + note
 

@@ -5,6 +5,7 @@ Every family file gets an entry here; a registered model without one fails the r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,6 +202,16 @@ def call(model: torch.nn.Module, x: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------- tiny checkpoints the tools serve
+def save_tiny_classifier_run(run) -> None:
+    """A tiny untrained Fashion-MNIST ViT as training leaves it: ``run/checkpoints/best`` (what serve, predict and
+    the benchmarks load)."""
+    import vitkit
+
+    torch.manual_seed(0)
+    vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2).save_pretrained(
+        Path(run) / "checkpoints" / "best")
+
+
 def save_tiny_clip(folder) -> None:
     """A tiny zero-shot CLIP checkpoint with its own tokenizer (task ``clip``), saved to ``folder``."""
     import vitkit

@@ -10,9 +10,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
-import vitkit
+from _tiny import save_tiny_classifier_run
 from vitkit.errors import ConfigError
 from vitkit.tools.ablate import read_results
 from vitkit.tools.report import load_script
@@ -128,9 +127,7 @@ def serve_bench():
 def run_dir(tmp_path_factory):
     """A tiny run folder as training leaves it (see tests/test_serve.py)."""
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2)
-    model.save_pretrained(run / "checkpoints" / "best")
+    save_tiny_classifier_run(run)
     (run / "config.yaml").write_text("data:\n  name: fashion_mnist\n")
     return run
 

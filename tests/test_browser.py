@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vitkit
@@ -29,6 +28,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from _tiny import save_tiny_classifier_run  # noqa: E402
 from vitkit.tools.serve import create_app  # noqa: E402
 
 # The README's screenshot: VITKIT_SERVE_RUN=<a trained run> VITKIT_SCREENSHOT_DIR=docs/img pytest tests/test_browser.py
@@ -63,9 +63,7 @@ def _free_port() -> int:
 def server(tmp_path):
     run = Path(SERVE_RUN) if SERVE_RUN else tmp_path / "run"
     if not SERVE_RUN:  # a small untrained model: the page is what is tested
-        torch.manual_seed(0)
-        model = vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2)
-        model.save_pretrained(run / "checkpoints" / "best")
+        save_tiny_classifier_run(run)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -25,8 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-import vitkit
-from _tiny import save_tiny_clip, save_tiny_var
+from _tiny import save_tiny_classifier_run, save_tiny_clip, save_tiny_var
 from vitkit.errors import ConfigError, DataError
 
 SEED = 28
@@ -47,9 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """A classifier run folder, a CLIP checkpoint and a VAR generator checkpoint (with its tokenizer)."""
 
     root = tmp_path_factory.mktemp("fuzz_runs")
-    torch.manual_seed(0)
-    vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2).save_pretrained(
-        root / "vit" / "checkpoints" / "best")
+    save_tiny_classifier_run(root / "vit")
     (root / "vit" / "summary.json").write_text(json.dumps({"epochs_done": 1, "final": {"top1": 0.5}}))
 
     save_tiny_clip(root / "clip")

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from _tiny import save_tiny_classifier_run
 from vitkit.tools.serve import create_app  # noqa: E402
 
 
@@ -26,9 +27,7 @@ from vitkit.tools.serve import create_app  # noqa: E402
 def run_dir(tmp_path_factory):
     """A run folder as training leaves it: checkpoints/best, summary.json, config.yaml."""
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2)
-    model.save_pretrained(run / "checkpoints" / "best")
+    save_tiny_classifier_run(run)
     (run / "summary.json").write_text(json.dumps({"epochs_done": 3, "final": {"top1": 0.8512, "epoch": 3},
                                                   "best": {"top1": 0.86}, "train_wall_clock_s": 12.0}))
     (run / "config.yaml").write_text("data:\n  name: fashion_mnist\n")

@@ -18,11 +18,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import vitkit
-from _tiny import save_tiny_clip
+from _tiny import save_tiny_classifier_run, save_tiny_clip
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -34,9 +32,7 @@ from vitkit.tools.serve import create_app  # noqa: E402
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2).save_pretrained(
-        run / "checkpoints" / "best")
+    save_tiny_classifier_run(run)
     return run
 
 

@@ -63,6 +63,33 @@ def select_run_meta(records: list[dict[str, Any]], run: str = "latest") -> dict[
     return found[-1]
 
 
+def run_records(records: list[dict[str, Any]], run: str = "latest", kind: str | None = None
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(meta, records) of one run of a benchmark's results file (:func:`select_run_meta`): the run's records other
+    than its meta record, or only those of ``kind``."""
+    meta = select_run_meta(records, run)
+    own = [r for r in records if r.get("run_id") == meta["run_id"] and r.get("kind") != "meta"]
+    return meta, [r for r in own if kind is None or r.get("kind") == kind]
+
+
+def median_contention(record: dict[str, Any]) -> float | None:
+    """The median over a timed record's samples of the CPU share other processes took (None: never measured)."""
+    import math
+    import statistics
+
+    measured = [c for c in record.get("contention") or [] if c is not None and not math.isnan(c)]
+    return statistics.median(measured) if measured else None
+
+
+def contention_mark(record: dict[str, Any], limit: float) -> str:
+    """A timed figure's mark in a table (method.md §5): "†" no clean sample was ever taken (an estimate), "*" its
+    kept samples' median contention is above ``limit``, "" a clean figure."""
+    if "noisy" in (record.get("note") or ""):
+        return "†"
+    cont = median_contention(record)
+    return "*" if cont is not None and cont > limit else ""
+
+
 def section(name: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
     def register(fn: Callable[..., str]) -> Callable[..., str]:
         SECTIONS[name] = fn
