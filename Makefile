@@ -67,9 +67,10 @@ demo: data
 bench: install
 	$(PY) benchmarks/bench_runtimes.py --int8 $(if $(BENCH_RUN),--run $(BENCH_RUN))
 
-# vitkit against transformers' and timm's ViTs (the earlier comparison, vitkit.tools.bench)
+# vitkit against transformers' and timm's ViTs (vitkit.tools.bench), its samples appended to
+# benchmarks/results/inference.jsonl (benchmarks/RESULTS.md, "vitkit vs transformers")
 bench-peers: install
-	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_inference.py --no-int8 --no-rss --results benchmarks/results/inference.jsonl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
