@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from vitkit.tools import bench
 from vitkit.tools.report import load_script
 
 pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_records_hold_every_sample_and_rebuild_the_tables(tiny_run):
 
 def test_render_inference_reads_the_results_file(tiny_run, tmp_path):
     results, _ = tiny_run
-    module = load_script("benchmarks/bench_inference.py")
+    module = load_script(ROOT / "benchmarks" / "bench_inference.py")
     summary = module.render_inference(tmp_path, results="results/inference.jsonl")
     assert "| tiny | 2 | fp32 |" in summary and "threads" in summary
     full = module.render_inference(tmp_path, results="results/inference.jsonl", part="full")
