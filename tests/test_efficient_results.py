@@ -26,12 +26,16 @@ def study():
     return _script("sparsevit_study")
 
 
-def test_results_file_holds_both_variants_each_from_one_source():
+def test_results_file_holds_every_variant_each_from_one_source():
     records = [r for r in read_results(RESULTS) if r["study"] == "sparsevit"]
-    sources = {v: {r["source"] for r in records if r["variant"] == v} for v in ("adapt", "adapt8")}
+    sources = {v: {r["source"] for r in records if r["variant"] == v} for v in ("adapt", "adapt8", "heldout")}
     assert sources == {"adapt": {"0b7155c:docs/efficient/sparsevit.json"},
-                       "adapt8": {"0b7155c:docs/efficient/sparsevit_adapt8.json"}}
+                       "adapt8": {"0b7155c:docs/efficient/sparsevit_adapt8.json"},
+                       "heldout": {"benchmarks/sparsevit_study.py --out runs/eff2/study.json"}}
     for r in records:
+        if r["record"] == "lr_probe":  # the dense recipe's learning rate, checked on val (one epoch each)
+            assert r["variant"] == "heldout_lr_probe" and r["epoch"] == 1 and 0 < r["val"]["mAP"] < 1
+            continue
         assert r["machine"]["cpu"] and r["threads"] == 2 and r["record"] in ("eval", "pick", "timing")
         if r["record"] in ("eval", "pick") and r.get("ratios") is not None:
             assert 0 < r["test"]["mAP"] < 1 and "exact_match" in r["test"]
@@ -39,7 +43,7 @@ def test_results_file_holds_both_variants_each_from_one_source():
 
 def test_picks_agree_with_the_evaluations_and_every_configuration_is_timed(study):
     records = read_results(RESULTS)
-    for variant in ("adapt", "adapt8"):
+    for variant in ("adapt", "adapt8", "heldout"):
         mine = [r for r in records if r.get("variant") == variant]
         evals = {(r["seed"], r["model"], tuple(r["ratios"])): r["test"] for r in mine
                  if r["record"] == "eval" and r["ratios"] is not None}
