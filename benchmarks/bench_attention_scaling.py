@@ -70,6 +70,7 @@ from vitkit.tools.timing import (
     ContentionMeter,
     append_jsonl,
     cpu_name,
+    end_record,
     machine_load,
     time_alternating,
     utc_now,
@@ -314,8 +315,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                         f"{100 * r0['cell_contention']:.0f}%, discarded {sum(r['discarded'] for r in rows)}, "
                         f"waited {r0['waited_s']:.0f} s" + (f", {len(r0['samples_ms'])} samples (slow cell)"
                                                             if r0["slow"] else ""))
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - t_start, 1),
-                            "load_after": machine_load(), "finished_at": utc_now()}])
+    append_jsonl(args.results, [end_record(run_id, t_start)])
     return {"run_id": run_id, "meta": meta}
 
 

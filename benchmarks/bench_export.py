@@ -50,6 +50,7 @@ from vitkit.tools.timing import (
     ContentionMeter,
     append_jsonl,
     candidate_record,
+    end_record,
     machine_load,
     machine_record,
     time_alternating,
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace, log) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model:
             bench_model(name, args, Path(tmp), meter, run_id, log)
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
-                                 "load_after": machine_load(), "finished_at": utc_now()}])
+    append_jsonl(args.results, [end_record(run_id, start)])
     return run_id
 
 

@@ -51,6 +51,7 @@ from vitkit.tools.timing import (
     ContentionMeter,
     append_jsonl,
     candidate_record,
+    end_record,
     machine_load,
     machine_record,
     time_alternating,
@@ -208,8 +209,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> str:
         found = profile_mae_step(CASES[name], precisions[0] == "bf16", args.profile_rows)
         append_jsonl(args.results, [{"kind": "profile", "run_id": run_id, "case": name, "label": CASES[name].label,
                                      "batch": CASES[name].batch, "precision": precisions[0], **found}])
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
-                                 "finished_at": utc_now(), "load_after": machine_load()}])
+    append_jsonl(args.results, [end_record(run_id, start)])
     return run_id
 
 

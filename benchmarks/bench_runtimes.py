@@ -57,6 +57,7 @@ from vitkit.tools.timing import (
     Candidate,
     ContentionMeter,
     append_jsonl,
+    end_record,
     machine_load,
     machine_record,
     time_alternating,
@@ -204,8 +205,7 @@ def run(args: argparse.Namespace, log) -> str:
                 _int8_section(model, onnx_path, args, meter, run_id, log)
         if args.int8 and args.run:
             append_jsonl(args.results, [{"kind": "accuracy", "run_id": run_id, **_run_accuracy(args, log)}])
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
-                            "load_after": machine_load()}])
+    append_jsonl(args.results, [end_record(run_id, start)])
     return run_id
 
 

@@ -42,7 +42,7 @@ from PIL import Image
 from vitkit.errors import ConfigError
 from vitkit.tools.ablate import read_results
 from vitkit.tools.report import select_run_meta
-from vitkit.tools.timing import append_jsonl, machine_load, machine_record, utc_now
+from vitkit.tools.timing import append_jsonl, end_record, machine_load, machine_record, utc_now
 
 OVERLAYS = ["rollout", "last", "grad", "none"]
 HERE = Path(__file__).resolve().parent
@@ -61,9 +61,9 @@ def wait_until_up(server: subprocess.Popen, base: str, timeout_s: float = 120.0,
         except httpx.HTTPError:
             pass
         if server.poll() is not None or time.time() > deadline:
+            if log_file is not None:
+                log_file.seek(0)
             source = log_file if log_file is not None else server.stderr
-            if source is log_file:
-                source.seek(0)
             err = source.read() if source is not None else b""
             raise SystemExit(f"server did not start: {err.decode(errors='replace')[-2000:]}")
         time.sleep(0.2)
@@ -162,8 +162,7 @@ def run(args: argparse.Namespace, log) -> str:
         figures = load_figures(record)
         log(f"{explain}: {figures['ok']}/{args.requests} answered (errors: {figures['errors']}) in "
             f"{record['wall_s']:.1f} s, p50 {_num(figures['p50'], '.1f')} ms")
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
-                                 "load_after": machine_load(), "finished_at": utc_now()}])
+    append_jsonl(args.results, [end_record(run_id, start)])
     return run_id
 
 

@@ -46,6 +46,7 @@ from vitkit.tools.timing import (
     ContentionMeter,
     append_jsonl,
     candidate_record,
+    end_record,
     machine_load,
     machine_record,
     time_alternating,
@@ -175,8 +176,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> str:
             for k, c in zip(trainers, cands)])
         log(f"{precision}: " + "  ".join(f"{c.name} {statistics.median(c.samples) * 1e3:.1f} ms/step" for c in cands))
         del trainers, cands
-    append_jsonl(args.results, [{"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - start, 1),
-                                 "finished_at": utc_now(), "load_after": machine_load()}])
+    append_jsonl(args.results, [end_record(run_id, start)])
     return run_id
 
 

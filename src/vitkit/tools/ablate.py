@@ -206,16 +206,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """What a timing or a training speed depends on: CPU, cores, bf16/AMX support, torch."""
-    import platform
+    """What a training speed depends on: CPU, cores, bf16/AMX support, torch, Python (the part of
+    :func:`~vitkit.tools.timing.machine_record` a training record keeps)."""
+    from .timing import machine_record
 
-    import torch
-
-    from ..utils import amx_supported, native_bf16_supported
-    from .timing import cpu_name
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": native_bf16_supported(),
-            "amx": amx_supported(), "torch": torch.__version__, "python": platform.python_version()}
+    machine = machine_record()
+    return {k: machine[k] for k in ("cpu", "cores", "native_bf16", "amx", "torch", "python")}
 
 
 def _load_1m() -> float | None:

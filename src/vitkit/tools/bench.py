@@ -776,7 +776,11 @@ def result_from_records(records: list[dict[str, Any]], run: str = "latest") -> d
     meta = select_run_meta(records, run)
     own = [r for r in records if r.get("run_id") == meta["run_id"]]
     end = next((r for r in own if r["kind"] == "end"), {})
-    rows = [{k: v for k, v in r.items() if k not in ("kind", "run_id")} for r in own if r["kind"] == "row"]
+
+    def strip(kind: str) -> list[dict[str, Any]]:  # the run's records of ``kind``, as run_benchmark returned them
+        return [{k: v for k, v in r.items() if k not in ("kind", "run_id")} for r in own if r["kind"] == kind]
+
+    rows = strip("row")
     for r in rows:
         ms = statistics.median(r["samples_ms"])
         scale = r["ms"] / ms  # 1.0 for records of this code; the derived figures follow the samples either way
@@ -786,8 +790,6 @@ def result_from_records(records: list[dict[str, Any]], run: str = "latest") -> d
         best = max((p["img_s"] for p in rows if p["is_peer"] and (p["model"], p["batch"]) == (r["model"], r["batch"])
                     and p["precision"] == ("fp32" if r["precision"] == "int8" else r["precision"])), default=None)
         r["ratio"] = r["img_s"] / best if best else None
-    strip = lambda kind: [{k: v for k, v in r.items() if k not in ("kind", "run_id")}  # noqa: E731
-                          for r in own if r["kind"] == kind]
     bench = {**meta["bench"], "run_id": meta["run_id"], "machine": meta["machine"], "settings": meta["settings"],
              "wall_s": end.get("seconds"), "load_after": end.get("load_after")}
     return {"meta": bench, "rows": rows, "accuracy": strip("accuracy"), "digits": strip("digits")}

@@ -208,6 +208,13 @@ def append_jsonl(path: str | os.PathLike[str], records: list[dict[str, Any]]) ->
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
 
 
+def end_record(run_id: str, started: float) -> dict[str, Any]:
+    """The record that closes a run (``started``: its ``time.perf_counter()``): only a run with one counts as
+    finished (``report.select_run_meta``)."""
+    return {"kind": "end", "run_id": run_id, "seconds": round(time.perf_counter() - started, 1),
+            "load_after": machine_load(), "finished_at": utc_now()}
+
+
 def machine_record() -> dict[str, Any]:
     """What a timing depends on: CPU and its flags, cores, threads, bf16/AMX support, torch and Python."""
     from ..utils import amx_supported, cpu_flags, native_bf16_supported
