@@ -28,19 +28,24 @@ A generator spec is ``NAME=RUN[,RUN...][@key=value,...]``: several runs are trai
         --generator raster=runs/gen_ar_raster_s0,runs/gen_ar_raster_s1 --generator masked=runs/gen_ar_masked_s0 \\
         --generator var=runs/gen_var_s0,runs/gen_var_s1 --results docs/generation/results.jsonl
 
-``--results FILE`` appends one JSON record per measured thing (docs/method.md, rule 1): the judge
-(``kind: classifier``), the ``floor``, each ``tokenizer`` run, each (generator, training run) ``quality`` set and
-each (generator, batch) ``speed`` cell, every one with the machine, threads, 1-min load, the benchmark process
-(``process``: speed ratios are only taken between records of one process) and when it finished. A quality set or
-tokenizer already in the file with the same key (generator, run, settings, judge, N, sampling seed) is not measured
-again, so adding a training seed measures only the new run; delete its line to re-measure. ``vitkit report``
-rebuilds docs/generation.md from that file with the ``render_*`` functions at the end of this script.
+``--results FILE --campaign NAME`` appends one JSON record per measured thing (docs/method.md, rule 1): each
+training run's own summary (``kind: training``: parameters, steps, the best epoch's validation metric, the test
+metric read once, wall-clock), the judge (``kind: classifier``), the ``floor``, each ``tokenizer`` run, each
+(generator, training run) ``quality`` set and each (generator, batch) ``speed`` cell, every one with the machine,
+threads, 1-min load, the benchmark process (``process``: speed ratios are only taken between records of one
+process), when it finished and its ``campaign``: the set of trainings it belongs to (the doc shows one campaign;
+retraining everything is a new one). A run is identified by its folder and the hash of its weights (``run_id``,
+``judge_id``), so a run retrained in the same folder is measured anew, while a quality set or tokenizer already in
+the file with the same key (generator, run and weights, settings, judge, N, sampling seed) is not measured again:
+adding a training seed measures only the new run. ``vitkit report`` rebuilds docs/generation.md from that file
+with the ``render_*`` functions at the end of this script.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -57,6 +62,7 @@ import numpy as np
 import torch
 
 from vitkit.data import build_dataset
+from vitkit.errors import CheckpointError
 from vitkit.tasks.generative import frechet_distance, gaussian, to_unit
 from vitkit.tools.evaluate import evaluate_checkpoint, load_model, resolve_model_dir
 from vitkit.tools.inference import cpu_flags
@@ -144,7 +150,8 @@ def tokenizer_rows(judge: Judge, specs: list[str], test01: torch.Tensor, test_la
                 f = vq.encode((test01[subset] - mean) / std)
                 rec = to_unit(vq.idx_to_img(vq.quantize.f_to_idx_or_fhat(f, to_fhat=False), last_one=True), cfg)
                 cont = to_unit(vq.decode(f), cfg)
-            row = {"tokenizer": name, "run": run, "params": count_params(vq), "scales": list(vq.patch_nums),
+            row = {"tokenizer": name, "run": run, "run_id": weights_id(run), "params": count_params(vq),
+                   "scales": list(vq.patch_nums),
                    "psnr": metrics["psnr"],
                    "psnr_continuous": metrics["psnr_continuous"], "codebook_usage": metrics["codebook_usage"],
                    "perplexity": metrics["codebook_perplexity"],
@@ -188,13 +195,53 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------- records
 STUDY = "generation"
-RECORD_FACTS = ("kind", "study", "judge", "n", "sample_seed", "threads", "load_1m", "machine", "process",
-                "finished_at", "elapsed_s", "command", "source", "note")
-# what makes two records the same measurement; a speed cell is new in every process
-KEYS = {"classifier": ("judge",), "floor": ("judge", "n", "sample_seed"),
-        "tokenizer": ("tokenizer", "run", "judge", "n", "sample_seed"),
-        "quality": ("generator", "run", "settings", "judge", "n", "sample_seed"),
+RECORD_FACTS = ("kind", "study", "judge", "judge_id", "n", "sample_seed", "threads", "load_1m", "machine", "process",
+                "finished_at", "elapsed_s", "command", "source", "note", "campaign")
+# what makes two records the same measurement (runs by folder and weights); a speed cell is new in every process
+KEYS = {"classifier": ("judge", "judge_id", "campaign"), "floor": ("judge", "judge_id", "n", "sample_seed", "campaign"),
+        "training": ("run", "run_id", "campaign"),
+        "tokenizer": ("tokenizer", "run", "run_id", "judge", "judge_id", "n", "sample_seed", "campaign"),
+        "quality": ("generator", "run", "run_id", "settings", "judge", "judge_id", "n", "sample_seed", "campaign"),
         "speed": ("generator", "batch", "process")}
+
+
+def weights_id(run: str) -> str | None:
+    """The first 16 hex digits of the sha256 of the weights a run folder (its best checkpoint) or checkpoint
+    folder holds: which training a record measured. None where there are none (a stand-in model)."""
+    try:
+        weights = resolve_model_dir(run) / "model.safetensors"
+    except (CheckpointError, OSError):
+        return None
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def training_record(run: str, role: str) -> dict[str, Any] | None:
+    """What a training run's own ``summary.json`` and resolved ``config.yaml`` say about it (None for a
+    checkpoint folder, which keeps neither): the setup figures the doc quotes, traceable to a record."""
+    from vitkit.engine.config import load_config
+    from vitkit.tools.ablate import run_key
+
+    folder = Path(run)
+    if not (folder / "summary.json").is_file() or not (folder / "config.yaml").is_file():
+        return None
+    s = json.loads((folder / "summary.json").read_text())
+    cfg = load_config(folder / "config.yaml")
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (folder / "metrics.jsonl").is_file() else []
+    metric = s.get("primary_metric")
+    return {"kind": "training", "role": role, "run": run, "run_id": weights_id(run), "config_key": run_key(cfg),
+            "model": s["model"], "task": s["task"], "model_args": dict(cfg.model.args), "params": s["params"],
+            "seed": cfg.train.seed, "train_threads": cfg.train.threads, "batch_size": cfg.train.batch_size,
+            "epochs": s["epochs_done"], "steps": s["steps"], "val_fraction": cfg.data.val_fraction,
+            "eval_split": s.get("eval_split"), "primary_metric": metric, "mode": s.get("mode"),
+            "best_epoch": s["best"].get("epoch"), "best": s["best"].get(metric),
+            "test": (s.get("test") or {}).get(metric), "train_wall_clock_s": s["train_wall_clock_s"],
+            "fit_elapsed_s": next((x["fit_elapsed_s"] for x in reversed(lines) if "fit_elapsed_s" in x), None),
+            "train_img_s": s["train_img_s"], "finished": s.get("finished")}
 
 
 def seed_of(run: str) -> int | None:
@@ -282,9 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="JSON-lines file the records are appended to (docs/generation/results.jsonl); quality "
                          "sets and tokenizers already recorded there are not measured again")
+    ap.add_argument("--campaign", default=None,
+                    help="the set of trainings the records belong to (needed with --results): docs/generation.md "
+                         "shows one campaign")
     ap.add_argument("--only", choices=["all", "quality", "speed"], default="all",
                     help="quality sets and tokenizers only, or speed only (e.g. on a quieter machine)")
     args = ap.parse_args(argv)
+    if args.results is not None and not args.campaign:
+        ap.error("--results needs --campaign NAME: the set of trainings these records belong to")
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load_before = machine_load()
@@ -306,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                        "test_acc": float((test_preds == test_labels).float().mean()),
                        "feature_dim": int(test_feats.shape[1])},
         "n": n}
-    keyed = {"judge": args.classifier, "n": n, "sample_seed": args.sample_seed}
+    keyed = {"judge": args.classifier, "judge_id": weights_id(args.classifier), "n": n,
+             "sample_seed": args.sample_seed, "campaign": args.campaign}
 
     def recorded(kind: str, **fields: Any) -> dict[str, Any] | None:
         return done.get(record_key({"kind": kind, **keyed, **fields}))
@@ -319,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"classifier {result['classifier']}; floor (N={n} real training images) {result['floor']} "
             f"[{time.perf_counter() - t0:.0f} s]")
         result["tokenizers"] = tokenizer_rows(judge, args.tokenizer, test01, test_labels, subset, ref, log,
-                                              known=lambda name, run: recorded("tokenizer", tokenizer=name, run=run))
+                                              known=lambda name, run: recorded("tokenizer", tokenizer=name, run=run,
+                                                                               run_id=weights_id(run)))
         c = result["classifier"]
-        records += [{"kind": "classifier", "judge": args.classifier, "model": c["model"], "test_acc": c["test_acc"],
+        records += [{"kind": "classifier", **keyed, "model": c["model"], "test_acc": c["test_acc"],
                      "feature_dim": c["feature_dim"], "params": count_params(judge.model)},
                     {"kind": "floor", **result["floor"], **keyed},
                     *({"kind": "tokenizer", **{k: v for k, v in t.items() if k not in RECORD_FACTS}, **keyed}
@@ -336,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         per_run = []
         for i, run in enumerate(runs):
             model, task, names = load_generator(run, seed=args.sample_seed, **settings)
-            if quality and (old := recorded("quality", generator=name, run=run, settings=settings)) is not None:
+            run_id = weights_id(run)
+            if quality and (old := recorded("quality", generator=name, run=run, run_id=run_id,
+                                            settings=settings)) is not None:
                 per_run.append({"run": run, "fd": old["fd"], "class_acc": old["class_acc"]})
                 log(f"{name} ({run}): already in the results file, not measured again: {per_run[-1]}")
             elif quality:
@@ -345,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - t1
                 per_run.append({"run": run, **score(judge, images, labels, ref), "quality_set_s": seconds})
                 log(f"{name} ({run}): {per_run[-1]}")
-                records.append({"kind": "quality", "generator": name, "run": run, "seed": seed_of(run),
+                records.append({"kind": "quality", "generator": name, "run": run, "run_id": run_id,
+                                "seed": seed_of(run),
                                 "settings": settings, "steps": describe_steps(model, task),
                                 "params": count_params(model), **per_run[-1], **keyed})
             if i == 0:
@@ -363,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(fd=mean_std([r["fd"] for r in per_run]), class_acc=mean_std([r["class_acc"] for r in per_run]))
         generators.append(entry)
     result["generators"] = generators
+    if quality:  # each run's own training summary, for the setup the doc describes
+        roles = {args.classifier: "judge", **{run: f"tokenizer {name}" for spec in args.tokenizer
+                                              for name, runs, _ in [parse_spec(spec)] for run in runs}}
+        for g in generators:
+            roles.update({r["run"]: g["name"] for r in g["runs"] if r["run"] not in roles})
+        for run, role in roles.items():
+            if (t := training_record(run, role)) is not None:
+                records.append({**t, "campaign": args.campaign})
 
     if speed_cands:
         meter = ContentionMeter()
@@ -397,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
         facts = {"threads": args.threads, "load_1m": [load_before, result["machine"]["load_after"]],
                  "machine": {**machine_facts(), "avx512_bf16": "avx512_bf16" in flags}, "process": process,
+                 "campaign": args.campaign,
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "elapsed_s": round(time.time() - started, 1), "command": sys.argv[1:] if argv is None else argv}
         written = append_records(args.results, [{**r, "study": STUDY, **facts} for r in records])
@@ -460,11 +526,17 @@ GENERATOR_LABELS = {"raster": "raster AR", "random": "random-order AR", "masked"
 TOKENIZER_LABELS = {"vq": "single-scale (for AR)", "msvq": "multi-scale, hybrid-trained (for VAR and HART)"}
 
 
-def _records(doc_dir: str | Path, results: str) -> list[dict[str, Any]]:
+def _records(doc_dir: str | Path, results: str, campaign: str | None = None) -> list[dict[str, Any]]:
+    """The records of the results file; of one ``campaign`` (set of trainings) when one is named."""
     path = Path(doc_dir) / results
     if not path.is_file():
         raise FileNotFoundError(f"{path}: results file not found")
-    return read_records(path)
+    records = read_records(path)
+    if campaign is not None:
+        records = [r for r in records if r.get("campaign") == campaign]
+        if not records:
+            raise ValueError(f"{path}: no records of campaign {campaign!r}")
+    return records
 
 
 def _latest(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -490,10 +562,11 @@ def _sig3(x: float) -> str:
     return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0"
 
 
-def render_machine(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl") -> str:
+def render_machine(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
+                   campaign: str | None = None) -> str:
     """One line per machine the records name, with the threads and 1-min load of each benchmark process."""
     lines = []
-    records = _records(doc_dir, results)
+    records = _records(doc_dir, results, campaign)
     machines = dict.fromkeys(json.dumps(r["machine"], sort_keys=True) for r in records)
     for m in machines:
         facts = json.loads(m)
@@ -512,11 +585,37 @@ def render_machine(doc_dir: str | Path, plots: bool = True, results: str = "gene
     return "\n".join(lines)
 
 
-def render_tokenizers(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl") -> str:
+def render_training(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
+                    campaign: str | None = None, order: str | None = None) -> str:
+    """The training runs as their own summaries recorded them: size, budget, the best epoch's validation metric
+    (the checkpoint the benchmark used), the test metric read once at the end, and wall-clock."""
+    runs = _latest(_records(doc_dir, results, campaign), "training")
+    roles = order.split(",") if order else list(dict.fromkeys(r["role"] for r in runs))
+    runs.sort(key=lambda r: (roles.index(r["role"]) if r["role"] in roles else len(roles), r["seed"], r["run"]))
+    out = ["| role | run | model | params | seed | epochs (steps) | metric | best on val (epoch) | test, read once | "
+           "wall-clock: training / with evaluations |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
+    for r in runs:
+        best = f"{r['best']:.4g} ({r['best_epoch']})" if r["eval_split"] == "val" else "— (no validation split)"
+        test = f"{r['test']:.4g}" if r["test"] is not None else "—"
+        clock = f"{r['train_wall_clock_s'] / 60:.1f} min" + (
+            f" / {r['fit_elapsed_s'] / 60:.1f} min" if r["fit_elapsed_s"] is not None else "")
+        out.append(f"| {r['role']} | `{r['run']}` | {r['model']} | {r['params'] / 1e6:.2f}M | {r['seed']} | "
+                   f"{r['epochs']} ({r['steps']}) | {r['primary_metric']} ({'↑' if r['mode'] == 'max' else '↓'}) | "
+                   f"{best} | {test} | {clock} |")
+    threads = sorted({r["train_threads"] for r in runs})
+    fractions = sorted({r["val_fraction"] for r in runs})
+    return "\n".join(out) + (f"\n\n{len(runs)} runs, {'/'.join(map(str, threads))} training thread(s) each; "
+                             f"validation split: {'/'.join(f'{100 * f:g}%' for f in fractions)} of the training "
+                             f"images (data.val_fraction), which picks each run's best checkpoint; records from "
+                             f"{_origin(runs)}.")
+
+
+def render_tokenizers(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
+                      campaign: str | None = None) -> str:
     """The tokenizer table: PSNR through the codes and decoding f, the judge on their reconstructions, codebook."""
     out = ["| tokenizer | codes per image | PSNR (codes) | PSNR (decoding f) | FD of reconstructions: codes / f | "
            "judge acc.: codes / f | codebook usage | perplexity |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    toks = _latest(_records(doc_dir, results), "tokenizer")
+    toks = _latest(_records(doc_dir, results, campaign), "tokenizer")
     for t in toks:
         multi = len(t["scales"]) > 1
         codes = "+".join(f"{p}²" for p in t["scales"]) + f" = {sum(p * p for p in t['scales'])}"
@@ -529,9 +628,9 @@ def render_tokenizers(doc_dir: str | Path, plots: bool = True, results: str = "g
 
 
 def render_quality(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
-                   order: str | None = None) -> str:
+                   campaign: str | None = None, order: str | None = None) -> str:
     """The sample-quality table: the floor, then mean ± std over training runs of FD and the judge's accuracy."""
-    records = _records(doc_dir, results)
+    records = _records(doc_dir, results, campaign)
     quality = _latest(records, "quality")
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in quality:
@@ -568,10 +667,11 @@ def _speed_processes(records: list[dict[str, Any]], batches: list[int]) -> dict[
 
 
 def render_speed(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
-                 order: str | None = None, batches: str = "1,50", baseline: str = "raster") -> str:
+                 campaign: str | None = None, order: str | None = None, batches: str = "1,50",
+                 baseline: str = "raster") -> str:
     """Sampling speed per batch; × raster is the baseline's time over the method's, both from the same process."""
     bs = [int(b) for b in batches.split(",")]
-    chosen = _speed_processes(_records(doc_dir, results), bs)
+    chosen = _speed_processes(_records(doc_dir, results, campaign), bs)
     names = order.split(",") if order else list(dict.fromkeys(r["generator"] for b in bs for r in chosen[b]))
     out = ["| method | steps | " + " | ".join(f"batch {b}: ms / image | img/s | × {baseline}" for b in bs) + " |",
            "|---|---|" + "---:|---:|---:|" * len(bs)]
@@ -602,9 +702,10 @@ def render_speed(doc_dir: str | Path, plots: bool = True, results: str = "genera
 
 
 def render_speed_goal(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
-                      generator: str = "var", baseline: str = "raster", goal: str = "5", batches: str = "1,50") -> str:
+                      campaign: str | None = None, generator: str = "var", baseline: str = "raster", goal: str = "5",
+                      batches: str = "1,50") -> str:
     """A speed goal as a measured ratio of one process per batch: no seed interval, so not judged by the seed rule."""
-    chosen = _speed_processes(_records(doc_dir, results), [int(b) for b in batches.split(",")])
+    chosen = _speed_processes(_records(doc_dir, results, campaign), [int(b) for b in batches.split(",")])
     lines = []
     for b, rs in chosen.items():
         by = {r["generator"]: r for r in rs}
@@ -618,12 +719,12 @@ def render_speed_goal(doc_dir: str | Path, plots: bool = True, results: str = "g
 
 
 def render_reconstruction(doc_dir: str | Path, plots: bool = True, results: str = "generation/results.jsonl",
-                          tokenizer: str = "msvq") -> str:
+                          campaign: str | None = None, tokenizer: str = "msvq") -> str:
     """Decoding the continuous latent f vs the codes, per tokenizer run, judged by the verdict rule (the generic
     ``verdict`` block contrasts groups of records, not two fields of one record)."""
     from vitkit.tools.verdict import contrast_interval, decide
 
-    toks = [t for t in _latest(_records(doc_dir, results), "tokenizer") if t["tokenizer"] == tokenizer]
+    toks = [t for t in _latest(_records(doc_dir, results, campaign), "tokenizer") if t["tokenizer"] == tokenizer]
     runs = f"{len(toks)} tokenizer run{'s' if len(toks) > 1 else ''}"
     lines = []
     for name, f_key, codes_key, unit, expect, scale, fmt in (

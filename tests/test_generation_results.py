@@ -160,6 +160,9 @@ def test_main_appends_records_and_measures_only_new_runs(bench, tmp_path, monkey
     argv = ["--classifier", "runs/judge", "--generator", "raster=runs/r_s0", "--generator", "var=runs/v_s0,runs/v_s1",
             "--per-class", "2", "--batch", "20", "--speed-batch", "2", "--repeats", "1", "--min-sample-seconds", "0",
             "--max-contention", "1", "--threads", "1", "--results", str(results)]
+    with pytest.raises(SystemExit):  # records without the campaign they belong to
+        bench.main(argv)
+    argv += ["--campaign", "t"]
     assert bench.main(argv) == 0
     first = [json.loads(line) for line in results.read_text().splitlines()]
     kinds = [r["kind"] for r in first]
@@ -168,6 +171,7 @@ def test_main_appends_records_and_measures_only_new_runs(bench, tmp_path, monkey
     for r in first:
         assert r["study"] == "generation" and r["machine"]["cores"] and "native_bf16" in r["machine"]
         assert r["threads"] == 1 and len(r["load_1m"]) == 2 and r["process"] and r["finished_at"]
+        assert r["campaign"] == "t"
     (v1,) = [r for r in first if r["kind"] == "quality" and r["run"] == "runs/v_s1"]
     assert v1["seed"] == 1 and v1["n"] == 20 and v1["sample_seed"] == 0 and v1["params"] == 6
     (sv,) = [r for r in first if r["kind"] == "speed" and r["generator"] == "var"]
@@ -184,3 +188,43 @@ def test_main_appends_records_and_measures_only_new_runs(bench, tmp_path, monkey
     assert [r["run"] for r in second if r["kind"] == "quality"] == ["runs/v_s2"]
     assert sum(r["kind"] == "speed" for r in second) == 2  # a new process: new speed cells
     assert not any(r["kind"] in ("floor", "classifier") for r in second)
+
+
+def test_training_records_trace_the_setup_to_the_run_and_its_weights(bench, tmp_path):
+    """A run's summary and config become a ``training`` record; its weights' hash tells a retrained run apart, so
+    it is measured anew; the training table and every block read one campaign."""
+    from tests._tiny import save_tiny_classifier_run
+    from vitkit.engine.config import config_to_yaml, load_config
+
+    run = tmp_path / "runs" / "judge"
+    save_tiny_classifier_run(run)
+    cfg = load_config(ROOT / "configs" / "fmnist" / "demo.yaml", ["data.val_fraction=0.1", "train.threads=1"])
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+    summary = {"model": "vit_fmnist_tiny", "task": "classification", "primary_metric": "top1", "mode": "max",
+               "finished": True, "epochs_done": 3, "steps": 1266, "best": {"epoch": 2, "top1": 85.5},
+               "eval_split": "val", "test": {"top1": 84.75}, "train_wall_clock_s": 300.0, "train_img_s": 500.0,
+               "params": 12345}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 3, "fit_elapsed_s": 360.0}) + "\n")
+    r = bench.training_record(str(run), "judge")
+    assert r["run_id"] == bench.weights_id(str(run)) and len(r["run_id"]) == 16
+    assert (r["best"], r["best_epoch"], r["test"], r["val_fraction"], r["train_threads"]) == (85.5, 2, 84.75, 0.1, 1)
+    assert r["params"] == 12345 and r["fit_elapsed_s"] == 360.0 and r["steps"] == 1266
+    assert bench.training_record(str(run / "checkpoints" / "best"), "judge") is None  # a checkpoint: no summary
+    assert bench.weights_id(str(tmp_path / "nowhere")) is None
+
+    import vitkit
+
+    torch.manual_seed(1)
+    vitkit.create_model("vit_fmnist_tiny", embed_dim=24, depth=2, num_heads=2).save_pretrained(
+        run / "checkpoints" / "best")
+    again = bench.training_record(str(run), "judge")
+    assert again["run_id"] != r["run_id"] and again["config_key"] == r["config_key"]
+    path = tmp_path / "r.jsonl"
+    assert len(bench.append_records(path, [{**r, "campaign": "a", "process": "p"},
+                                           {**again, "campaign": "b", "process": "p", "seed": 1}])) == 2
+    table = bench.render_training(tmp_path, results="r.jsonl", campaign="a")
+    assert "| judge | `" in table and "| 85.5 (2) | 84.75 | 5.0 min / 6.0 min |" in table and "| 1 |" not in table
+    assert "1 runs, 1 training thread(s) each; validation split: 10% of the training images" in table
+    with pytest.raises(ValueError, match="no records of campaign 'c'"):
+        bench.render_training(tmp_path, results="r.jsonl", campaign="c")
