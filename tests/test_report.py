@@ -81,6 +81,34 @@ def test_blocks_are_rebuilt_from_results_and_check_fails_on_drift(tmp_path, caps
     assert cli_main(["report", str(doc), "--check"]) == 1
 
 
+def test_a_summary_lists_a_docs_verdicts_as_its_results_give_them_now(tmp_path):
+    """``verdicts doc=...`` (the README's summary) repeats the study's verdict lines, rebuilt from the study's
+    results, so a changed result makes the summary stale too; prose list items are not verdicts."""
+    doc = _doc(tmp_path, "- a prose item → not generated\n\n"
+               "<!-- report: verdict results=results.jsonl group=name value=m.acc*100 contrast=a:1,b:-1 "
+               'expect=above says="a beats b" -->\n<!-- /report -->\n'
+               "<!-- report: verdict results=results.jsonl group=name value=m.acc*100 contrast=b:1,a:-1 "
+               'expect=above says="b beats a" -->\n<!-- /report -->\n')
+    summary = tmp_path / "README.md"
+    summary.write_text("<!-- report: verdicts doc=docs/study.md -->\n<!-- /report -->\n"
+                       "<!-- report: verdicts doc=docs/study.md match=\"b beats\" -->\n<!-- /report -->\n")
+    assert cli_main(["report", str(summary)]) == 0  # the study doc itself is still stale: not needed
+    text = summary.read_text()
+    both = ("- a beats b (a − b > 0): +9.50 [+0.53, +18.47] points → **holds**\n"
+            "- b beats a (b − a > 0): -9.50 [-18.47, -0.53] points → **fails**\n")
+    assert text.startswith("<!-- report: verdicts doc=docs/study.md -->\n" + both) and "prose item" not in text
+    assert text.count("b beats a") == 2 and text.count("a beats b") == 1
+    results = doc.parent / "results.jsonl"
+    results.write_text(results.read_text().replace("0.83", "0.93"))
+    assert cli_main(["report", str(summary), "--check"]) == 1
+    summary.write_text("<!-- report: verdicts doc=docs/study.md match=nothing -->\n<!-- /report -->\n")
+    with pytest.raises(ConfigError, match="no generated verdict line containing 'nothing'"):
+        report.report([summary], check=True)
+    summary.write_text("<!-- report: verdicts doc=docs/missing.md -->\n<!-- /report -->\n")
+    with pytest.raises(ConfigError, match="missing.md: doc not found"):
+        report.report([summary], check=True)
+
+
 def test_bad_markers_name_the_doc_and_line(tmp_path):
     doc = _doc(tmp_path, "x\n<!-- report: nonsense a=1 -->\n<!-- /report -->\n")
     with pytest.raises(ConfigError, match=r"study.md:2: unknown report kind 'nonsense'"):

@@ -18,7 +18,9 @@ Paths in the arguments are relative to the doc's folder (``results=ablations/res
   ``where``, ``baseline``, ``unit``): one claim judged by the verdict rule of :mod:`vitkit.tools.verdict`,
   e.g. ``contrast=gap:1,cls:-1 expect=within margin=1``;
 * ``script`` (``script``, ``function``, more arguments): ``function(doc_dir, **arguments)`` of a repository
-  script (a benchmark's own tables), returning Markdown.
+  script (a benchmark's own tables), returning Markdown;
+* ``verdicts`` (``doc``, optional ``match``): the verdict lines of another doc, rebuilt from that doc's results,
+  for a summary (the README's) that cannot fall behind its studies.
 
 ``vitkit report --check`` changes nothing and fails (exit 1) listing every doc whose blocks differ from what its
 results give, so tables cannot drift from their data; the test suite runs it.
@@ -43,7 +45,9 @@ from ..utils import atomic_write_text
 # a marker starts its line (an indented one is an example in a code block, left alone)
 BLOCK = re.compile(r"^(<!-- report: (?P<head>[^\n]*?) -->\n)(?P<body>.*?)^(<!-- /report -->)", re.S | re.M)
 SECTIONS: dict[str, Callable[..., str]] = {}
-DEFAULT_DOCS = ("docs/*.md", "benchmarks/RESULTS.md")
+DEFAULT_DOCS = ("docs/*.md", "benchmarks/RESULTS.md", "README.md")
+# a generated verdict line: a list item with "→ **verdict**" (or a goal's "→ goal **reached**")
+VERDICT_LINE = re.compile(r"^\s*- .* → (goal )?\*\*")
 
 
 def select_run_meta(records: list[dict[str, Any]], run: str = "latest") -> dict[str, Any]:
@@ -349,6 +353,28 @@ def script_section(doc_dir: Path, script: str, function: str, plots: bool = True
     if fn is None:
         raise ConfigError(f"{path} has no function {function!r}")
     return fn(doc_dir, plots=plots, **args)
+
+
+@section("verdicts")
+def verdicts_section(doc_dir: Path, doc: str, match: str | None = None, plots: bool = True) -> str:
+    """Every verdict line of ``doc`` (relative to this doc's folder; nested goal lines keep their indent), as
+    that doc's own blocks give them from its results now; ``match``: only lines containing this text."""
+    path = doc_dir / doc
+    if not path.is_file():
+        raise ConfigError(f"{path}: doc not found")
+    text = render_text(read_doc(path), path, plots=False)
+    in_block = False
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("<!-- report:"):
+            in_block = True
+        elif line.startswith("<!-- /report -->"):
+            in_block = False
+        elif in_block and VERDICT_LINE.match(line) and (match is None or match in line):
+            lines.append(line)
+    if not lines:
+        raise ConfigError(f"{path}: no generated verdict line" + (f" containing {match!r}" if match else ""))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- command line
