@@ -91,6 +91,37 @@ def test_full_grid_equals_window_attention():
     torch.testing.assert_close(out32.reshape(B, H, W, DIM).double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_window_grouping_is_window_attention_on_the_kept_tokens(shift):
+    """grouping="window" (the padded baseline): each non-empty window is one group padded to M², so the result is
+    attention among each window's kept tokens (non-cyclic shifted windows with shift); it costs a whole group
+    per window however few tokens it keeps, more groups than equal-size grouping at the same kept tokens."""
+    module = _attn(grouping="window", shift=shift)
+    gen = torch.Generator().manual_seed(3)
+    H = W = 14
+    coords = torch.cat([_random_keep(H, W, 0.3, 0, gen), _random_keep(H, W, 0.6, 1, gen)])
+    x = torch.randn(coords.shape[0], DIM, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        out = module(x, coords)
+    s = M // 2 if shift else 0
+    window = coords[:, 0] * 100 + ((coords[:, 1] + s) // M) * 10 + (coords[:, 2] + s) // M
+    ref = torch.zeros_like(x)
+    with torch.no_grad():
+        for w in window.unique():
+            idx = (window == w).nonzero().flatten()
+            ref[idx] = _softmax_attention(x[idx][None], module.qkv, module.proj, HEADS)[0]
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    layout = module.layout(coords)
+    assert layout.num_groups == window.unique().numel() and layout.grouping == "window"
+    assert layout.num_groups > build_groups(coords, M * M, M, shift=shift).num_groups
+    with pytest.raises(ValueError, match="groups by 'equal'"):
+        module(x, layout=build_groups(coords, M * M, M, shift=shift))
+    with pytest.raises(ValueError, match="group_size must be 49"):
+        SparseWindowAttention(DIM, HEADS, 32, M, grouping="window")
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        build_groups(coords, M * M, M, grouping="windows")
+
+
 def test_full_grid_column_major_equals_window_attention():
     """Column-major sorting visits the same windows (in another order): the same result."""
     module = _attn(sort_axis="col")

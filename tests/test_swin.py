@@ -254,6 +254,31 @@ def test_sparse_stage_computes_kept_tokens_only():
         _tiny()(x, keep=keep)
 
 
+def test_token_keep_ratio_keeps_the_patches_with_content():
+    """token_keep_ratio < 1: the model masks its own input, keeping the patches that differ most from the image's
+    background (its median pixel), and trains on those tokens; both groupings run; bad settings are refused."""
+    model = _tiny(sparse_stages=(0, 1), token_keep_ratio=0.1)
+    x = torch.zeros(2, 1, 32, 32)
+    x[0, :, 4:8, 10:14] = 1.0  # an item covering 2×2 patches (patch 2) of a 16×16 grid
+    x[1, :, 20:30, 0:6] = 0.5
+    keep = model.content_keep(x)
+    assert keep.shape == (2, 16, 16) and keep.sum(dim=(1, 2)).tolist() == [26, 26]  # round(0.1 · 256)
+    assert keep[0, 2:4, 5:7].all() and keep[1, 10:15, 0:3].all()  # every patch with content is kept
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, keep=keep))
+    model.train()
+    model(x).sum().backward()
+    assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
+    padded = _tiny(sparse_stages=(0, 1), token_keep_ratio=0.5, sparse_grouping="window")
+    assert padded.stages[0].blocks[0].attn.grouping == "window" and padded(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="needs sparse_stages"):
+        _tiny(token_keep_ratio=0.5)
+    with pytest.raises(ValueError, match="token_keep_ratio must be in"):
+        _tiny(sparse_stages=(0,), token_keep_ratio=0.0)
+    with pytest.raises(ValueError, match="group_size must be"):
+        _tiny(sparse_stages=(0,), sparse_grouping="window", group_size=8)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     x = torch.randn(2, 1, 32, 32)
     grads = []

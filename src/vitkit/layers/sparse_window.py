@@ -28,6 +28,11 @@ With every token of an image kept, image sides multiples of M, G = M², unshifte
 (non-shifted) windows and the result equals plain window attention. In general a group is a run of G
 neighbours in window order: it may span two windows and, at 50% kept tokens, covers about two windows' area.
 
+``grouping="window"`` is the baseline equal-size grouping replaces (FlatFormer's "equal-window" grouping): every
+non-empty window is one group, padded to M² with masked repeats of its own tokens, so a window with few kept
+tokens costs as much as a full one. It needs G = M² and gives the same output as plain window attention on the
+kept tokens.
+
 Relative position bias: not used. Equal-size groups do not align with windows, so the offsets between the tokens
 of a group are not bounded by the window (FlatFormer drops the bias for the same reason). A Swin block's weights
 load into :class:`SparseWindowBlock` after :func:`swin_to_sparse_state_dict` removes the bias table and index:
@@ -49,6 +54,7 @@ from .attention import AttentionMapSource
 from .block import add_residual_branches
 
 SORT_AXES = ("row", "col")
+GROUPINGS = ("equal", "window")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class GroupLayout:
     window_size: int
     sort_axis: str
     shift: bool
+    grouping: str = "equal"
 
     @property
     def num_groups(self) -> int:
@@ -107,12 +114,18 @@ def sort_key(coords: torch.Tensor, window_size: int, sort_axis: str = "row", shi
 
 
 def build_groups(coords: torch.Tensor, group_size: int, window_size: int, sort_axis: str = "row",
-                 shift: bool = False, num_images: int | None = None) -> GroupLayout:
-    """Sort the tokens by window order and cut every image's tokens into groups of exactly ``group_size``.
+                 shift: bool = False, num_images: int | None = None, grouping: str = "equal") -> GroupLayout:
+    """Sort the tokens by window order and cut every image's tokens into groups of exactly ``group_size``
+    (``grouping="window"``: one group per non-empty window instead, padded to ``group_size`` = M²).
 
     ``coords``: (N_total, 3) integer (batch, row, col), non-negative, unique. ``num_images`` defaults to the
     largest batch index + 1 (images without tokens are allowed, they get no group).
     """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    if grouping == "window" and group_size != window_size**2:
+        raise ValueError(f"grouping='window' pads every window to M² tokens: group_size must be {window_size**2} "
+                         f"for window {window_size}, got {group_size}")
     if coords.ndim != 2 or coords.shape[1] != 3:
         raise ValueError(f"coords must be (N_total, 3) = (batch, row, col), got {tuple(coords.shape)}")
     if coords.dtype.is_floating_point or coords.dtype == torch.bool:
@@ -130,26 +143,33 @@ def build_groups(coords: torch.Tensor, group_size: int, window_size: int, sort_a
         raise ValueError("a (batch, row, col) position appears more than once in coords")
     batch = coords[:, 0]
     n_img = num_images if num_images is not None else (int(batch.max()) + 1 if n_tok else 0)
-    counts = torch.bincount(batch, minlength=n_img)  # tokens per image
-    starts = counts.cumsum(0) - counts  # first sorted position of each image
+    # A segment is cut into groups of G: an image (equal-size groups) or a window of an image (padded windows).
+    # Segments are numbered in sorted order, so each one is a contiguous run of the sorted tokens.
+    if grouping == "equal":
+        segment, seg_batch = batch, torch.arange(n_img, device=device)
+    else:
+        windows, segment = torch.unique(key // (window_size * window_size), return_inverse=True)
+        seg_batch = torch.zeros(windows.shape[0], dtype=torch.long, device=device).scatter_(0, segment, batch)
+    counts = torch.bincount(segment, minlength=seg_batch.shape[0])  # tokens per segment
+    starts = counts.cumsum(0) - counts  # first sorted position of each segment
     n_groups = (counts + g - 1) // g
-    group_starts = n_groups.cumsum(0) - n_groups  # first group of each image
-    group_batch = torch.repeat_interleave(torch.arange(n_img, device=device), n_groups)
-    local = torch.arange(group_batch.shape[0], device=device) - group_starts[group_batch]  # group index in image
+    group_starts = n_groups.cumsum(0) - n_groups  # first group of each segment
+    group_seg = torch.repeat_interleave(torch.arange(seg_batch.shape[0], device=device), n_groups)
+    local = torch.arange(group_seg.shape[0], device=device) - group_starts[group_seg]  # group index in segment
     slot = torch.arange(g, device=device)
-    pos = local[:, None] * g + slot  # position inside the image's sorted run, (num_groups, G)
-    count = counts[group_batch][:, None]
+    pos = local[:, None] * g + slot  # position inside the segment's sorted run, (num_groups, G)
+    count = counts[group_seg][:, None]
     valid = pos < count
     real = (count - local[:, None] * g).clamp(max=g)  # real tokens in this group (>= 1)
     pos = torch.where(valid, pos, local[:, None] * g + slot % real)  # fill with the group's own tokens
-    gather_index = order[(starts[group_batch][:, None] + pos).reshape(-1)]
-    sorted_batch = batch[order]
-    flat = group_starts[sorted_batch] * g + torch.arange(n_tok, device=device) - starts[sorted_batch]
+    gather_index = order[(starts[group_seg][:, None] + pos).reshape(-1)]
+    sorted_seg = segment[order]
+    flat = group_starts[sorted_seg] * g + torch.arange(n_tok, device=device) - starts[sorted_seg]
     scatter_index = torch.empty_like(flat)
     scatter_index[order] = flat
     key_mask = None if bool(valid.all()) else valid[:, None, None, :]
-    return GroupLayout(gather_index, scatter_index, key_mask, group_batch, order, batch, n_img, g, int(window_size),
-                       sort_axis, bool(shift))
+    return GroupLayout(gather_index, scatter_index, key_mask, seg_batch[group_seg], order, batch, n_img, g,
+                       int(window_size), sort_axis, bool(shift), grouping)
 
 
 class SparseWindowAttention(AttentionMapSource, nn.Module):
@@ -173,12 +193,18 @@ class SparseWindowAttention(AttentionMapSource, nn.Module):
         proj_bias: bool = True,
         sort_axis: str = "row",
         shift: bool = False,
+        grouping: str = "equal",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed dim {dim} must be divisible by num_heads {num_heads}")
         if sort_axis not in SORT_AXES:
             raise ValueError(f"sort_axis must be one of {SORT_AXES}, got {sort_axis!r}")
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        if grouping == "window" and group_size != window_size**2:
+            raise ValueError(f"grouping='window' pads every window to M² tokens: group_size must be "
+                             f"{window_size**2} for window {window_size}, got {group_size}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
@@ -186,18 +212,22 @@ class SparseWindowAttention(AttentionMapSource, nn.Module):
         self.window_size = int(window_size)
         self.sort_axis = sort_axis
         self.shift = bool(shift)
+        self.grouping = grouping
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def layout(self, coords: torch.Tensor, num_images: int | None = None) -> GroupLayout:
-        return build_groups(coords, self.group_size, self.window_size, self.sort_axis, self.shift, num_images)
+        return build_groups(coords, self.group_size, self.window_size, self.sort_axis, self.shift, num_images,
+                            self.grouping)
 
     def _check_layout(self, layout: GroupLayout, n_tokens: int) -> None:
         if layout.group_size != self.group_size or layout.num_tokens != n_tokens:
             raise ValueError(f"layout is for G={layout.group_size} and {layout.num_tokens} tokens; this layer has "
                              f"G={self.group_size} and got {n_tokens} tokens")
+        if layout.grouping != self.grouping:
+            raise ValueError(f"layout groups by {layout.grouping!r}; this layer by {self.grouping!r}")
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None, layout: GroupLayout | None = None
                 ) -> torch.Tensor:
@@ -244,6 +274,7 @@ class SparseWindowBlock(nn.Module):
         window_size: int = 7,
         sort_axis: str = "row",
         shift: bool = False,
+        grouping: str = "equal",
         mlp_ratio: float = 4.0,
         mlp_dim: int | None = None,
         qkv_bias: bool = True,
@@ -259,7 +290,7 @@ class SparseWindowBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SparseWindowAttention(dim, num_heads, group_size, window_size, qkv_bias=qkv_bias,
                                           attn_drop=attn_drop, proj_drop=proj_drop, qk_scale=qk_scale,
-                                          sort_axis=sort_axis, shift=shift)
+                                          sort_axis=sort_axis, shift=shift, grouping=grouping)
         add_residual_branches(self, dim, mlp_ratio, mlp_dim, proj_drop, drop_path, init_values, norm_eps, act)
 
     @property

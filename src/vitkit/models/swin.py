@@ -33,7 +33,10 @@ half-window shift alternating as in FlatFormer). ``forward(x, keep=mask)`` then 
 tokens only; the others pass through them unchanged (``keep`` is (B, h, w) bool on the patch grid, and a merged
 token is kept when any of its four children is). Sparse blocks have no relative position bias, so a dense
 Swin's stage loads into a sparse one without its tables
-(:func:`~vitkit.layers.sparse_window.swin_to_sparse_state_dict`).
+(:func:`~vitkit.layers.sparse_window.swin_to_sparse_state_dict`). ``sparse_grouping="window"`` pads every window
+to M² instead of cutting equal-size groups (the baseline FlatFormer's grouping replaces), and
+``token_keep_ratio`` < 1 makes the mask itself when none is given: each image keeps that share of its patches
+with the most content (:meth:`SwinTransformer.content_keep`), so the model trains and predicts on sparse inputs.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class SwinStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool,
                  qk_scale: float | None, drop: float, attn_drop: float, drop_path: list[float], norm_eps: float,
                  act: str, downsample: bool, sparse: bool = False, group_size: int | None = None,
-                 shift_windows: bool = True) -> None:
+                 shift_windows: bool = True, grouping: str = "equal") -> None:
         super().__init__()
         self.sparse = sparse
         common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=drop,
@@ -74,7 +77,7 @@ class SwinStage(nn.Module):
         if sparse:
             self.blocks = nn.ModuleList([
                 SparseWindowBlock(dim, num_heads, group_size or window_size**2, window_size, sort_axis=axis,
-                                  shift=shift, drop_path=drop_path[i], **common)
+                                  shift=shift, grouping=grouping, drop_path=drop_path[i], **common)
                 for i, (axis, shift) in enumerate(alternating_schedule(depth))])
         else:
             self.blocks = nn.ModuleList([
@@ -172,6 +175,8 @@ class SwinTransformer(VitkitModel):
         group_size: int | None = None,
         window_keep_ratios: tuple[float, ...] | None = None,
         keep_ratio_choices: tuple[float, ...] | None = None,
+        sparse_grouping: str = "equal",
+        token_keep_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         check_model_args(num_classes, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -190,6 +195,10 @@ class SwinTransformer(VitkitModel):
             raise ValueError(f"sparse_stages {sparse_stages} must index the {len(depths)} stages")
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not 0 < token_keep_ratio <= 1:
+            raise ValueError(f"token_keep_ratio must be in (0, 1], got {token_keep_ratio}")
+        if token_keep_ratio < 1 and not sparse_stages:
+            raise ValueError("token_keep_ratio < 1 computes only the kept tokens, which needs sparse_stages=[...]")
         for what, ratios in (("window_keep_ratios", window_keep_ratios), ("keep_ratio_choices", keep_ratio_choices)):
             if ratios is not None and (not ratios or any(not 0 < float(r) <= 1 for r in ratios)):
                 raise ValueError(f"{what} must hold keep ratios in (0, 1], got {ratios}")
@@ -205,6 +214,7 @@ class SwinTransformer(VitkitModel):
         self.num_stages = len(depths)
         self.num_features = dims[-1]
         self.sparse_stages = tuple(sparse_stages)
+        self.token_keep_ratio = float(token_keep_ratio)
         self.grid = tuple(-(-s // patch_size) for s in self.img_size)
         self.grad_checkpointing = False
 
@@ -218,7 +228,7 @@ class SwinTransformer(VitkitModel):
             SwinStage(dims[i], depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias, qk_scale, drop_rate,
                       attn_drop_rate, dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_eps, act,
                       downsample=i < len(depths) - 1, sparse=i in sparse_stages, group_size=group_size,
-                      shift_windows=shift_windows)
+                      shift_windows=shift_windows, grouping=sparse_grouping)
             for i in range(len(depths))])
         if window_keep_ratios is not None:
             self.set_keep_ratios(window_keep_ratios)
@@ -253,6 +263,24 @@ class SwinTransformer(VitkitModel):
                                       f"{self.img_size[0]}x{self.img_size[1]} images, got {H}x{W}")
             x = x + self.absolute_pos_embed.to(x.dtype)
         return self.pos_drop(x)
+
+    def content_keep(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) bool: each image's ``token_keep_ratio`` share of patches (at least one) with the most content.
+
+        A patch's score is the energy of its pixels around the image's median pixel: on a scene's empty canvas
+        (mostly one background value) the background scores 0 and the items are kept, the role an empty voxel
+        plays for FlatFormer. It reads the input only, so the mask is the same in training and inference."""
+        B = images.shape[0]
+        p = self.patch_size
+        x = images.float()
+        x = (x - x.flatten(1).median(dim=1).values.view(B, 1, 1, 1)).square().sum(1, keepdim=True)
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        score = F.avg_pool2d(x, p)[:, 0]  # (B, h, w)
+        h, w = score.shape[1:]
+        k = max(1, round(self.token_keep_ratio * h * w))
+        idx = score.flatten(1).topk(k, dim=1).indices
+        return torch.zeros(B, h * w, dtype=torch.bool, device=images.device).scatter_(1, idx, True).view(B, h, w)
 
     def _stage_keeps(self, keep: torch.Tensor | None, x: torch.Tensor) -> list[torch.Tensor | None]:
         """One keep mask per stage from a patch-grid mask: a merged token is kept if any of its children is."""
@@ -309,9 +337,12 @@ class SwinTransformer(VitkitModel):
                 x = stage.downsample(x)
         return x, collected
 
+    def _auto_keep(self, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
+        return self.content_keep(images) if keep is None and self.token_keep_ratio < 1 else keep
+
     def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, h·w, C) normalised tokens of the last stage (HF's ``last_hidden_state``)."""
-        x, _ = self._run_stages(self.embed(x), keep)
+        x, _ = self._run_stages(self.embed(x), self._auto_keep(x, keep))
         return self.norm(x.flatten(1, 2))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -340,7 +371,8 @@ class SwinTransformer(VitkitModel):
         take = select_blocks(indices, self.num_stages, f"{type(self).__name__} (stages)")
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        x, collected = self._run_stages(self.embed(x), keep, set(take), max(take) if intermediates_only else None)
+        x, collected = self._run_stages(self.embed(x), self._auto_keep(x, keep), set(take),
+                                        max(take) if intermediates_only else None)
         outputs = []
         for i, fmap in zip(take, collected):
             if norm and i == self.num_stages - 1:

@@ -169,7 +169,8 @@ def _variant_overrides(study: Study, variant: Variant, lr_mult: float, base_cfg,
 # so they stay out of the key and every recorded run keeps its key (a flag set otherwise is part of it).
 LATER_FLAGS: dict[str, Any] = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "pre_norm": False,
                                "attn_eps": 1e-15, "vision_act": None, "text_act": None, "vision_norm_eps": None,
-                               "text_norm_eps": None, "local_dwconv": True}
+                               "text_norm_eps": None, "local_dwconv": True, "sparse_grouping": "equal",
+                               "token_keep_ratio": 1.0}
 
 
 def run_key(cfg) -> str:
