@@ -120,3 +120,25 @@ def test_val_scenes_hold_out_the_training_images_they_use(tmp_path, data_no_syst
     assert old_train & items(load_fmnist_scenes("val", val_fraction=0, **kw))  # the old behaviour shared them
     with pytest.raises(DataError, match="val_fraction"):
         load_fmnist_scenes("val", val_fraction=1.5, **kw)
+
+
+def test_a_dataset_with_its_own_val_split_reads_test_once_at_the_end(tmp_path, data_no_system_dirs):  # noqa: F811
+    """data.test_split: choices on the scenes' val split, the test scenes read once by the final model; a sparse
+    Swin keeping its own tokens (token_keep_ratio) trains on them; test_split cannot be the evaluated split."""
+    from vitkit.engine.trainer import train
+    from vitkit.errors import ConfigError
+
+    write_fake_fmnist(tmp_path / "fm", n_train=100, n_test=20)
+    over = ["task.name=multilabel", "data.name=fmnist_scenes", f"data.data_dir={tmp_path / 'fm'}",
+            "data.args={num_scenes: 32, num_eval_scenes: 12, canvas: 56, max_items: 2}", "data.eval_split=val",
+            "data.test_split=test", "model.name=swin_scenes_tiny", "model.args.img_size=56",
+            "model.args.embed_dim=8", "model.args.depths=[1, 1]", "model.args.num_heads=[1, 2]",
+            "model.args.sparse_stages=[0, 1]", "model.args.token_keep_ratio=0.3", "train.epochs=1",
+            "train.batch_size=16", "train.progress=false", "train.bf16=false", f"output_dir={tmp_path / 'run'}"]
+    summary = train(None, over)
+    assert summary["eval_split"] == "val" and summary["final"]["count"] == 12 and summary["test"]["count"] == 12
+    assert "mAP" in summary["test"]
+    with pytest.raises(ConfigError, match="equals data.eval_split"):
+        train(None, [*over[:-1], "data.eval_split=test", f"output_dir={tmp_path / 'x'}"])
+    with pytest.raises(ConfigError, match="leave data.test_split null"):
+        train(None, [*over[:-1], "data.val_fraction=0.1", f"output_dir={tmp_path / 'y'}"])

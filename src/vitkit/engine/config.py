@@ -51,6 +51,9 @@ class DataConfig:
     # read once, by the final model, after the last epoch. train_fraction then subsets what is left.
     val_fraction: float = 0.0
     val_seed: int = 0
+    # a dataset with its own validation split (eval_split: val, e.g. fmnist_scenes): the split read once, by the
+    # final model, after the last epoch, as with val_fraction (null: none)
+    test_split: str | None = None
     image_size: int | None = None  # resize (None: the dataset's own size)
     download: bool = True
     max_bad_images: int = 0  # unreadable images dropped (and reported) at start or skipped during training
@@ -217,6 +220,13 @@ def _validate(cfg: RunConfig) -> RunConfig:
     t = cfg.train
     if not bad and t.strategy == "fsdp" and t.ema_decay:
         bad.append("train.ema_decay needs train.strategy=ddp (the EMA copy is not sharded)")
+    d = cfg.data
+    if not bad and d.test_split is not None and d.val_fraction > 0:
+        bad.append(f"data.test_split={d.test_split!r} with data.val_fraction={d.val_fraction}: with a held-out "
+                   f"validation fraction the test split is data.eval_split; leave data.test_split null")
+    if not bad and d.test_split is not None and d.test_split == d.eval_split:
+        bad.append(f"data.test_split={d.test_split!r} equals data.eval_split: choices would be made on the test "
+                   f"split; evaluate on a validation split (data.eval_split: val)")
     if not bad and t.batch_size % t.grad_accum:
         bad.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     if bad:

@@ -228,6 +228,8 @@ class Trainer:
                 raise ConfigError(f"data.val_fraction: the {cfg.data.name!r} dataset cannot hold out a validation "
                                   "split (its dataset class has no split_off); leave data.val_fraction at 0")
             test, (train, evals) = evals, train.split_off(cfg.data.val_fraction, seed=cfg.data.val_seed)
+        elif cfg.data.test_split is not None:
+            test = build_dataset(cfg.data.name, cfg.data.test_split, download=download, **common, **extra)
         if cfg.data.train_fraction < 1:
             train = train.subset(cfg.data.train_fraction, seed=cfg.train.seed)
         return train, evals, test
@@ -451,7 +453,7 @@ class Trainer:
             stopped = self._run_epoch()
         if self.test_set is not None and not stopped and self.epoch >= t.epochs:  # (none with eval_split=null)
             # the one reading of the test set: the final model, after every choice was made on validation
-            split = self.cfg.data.eval_split
+            split = self.cfg.data.test_split or self.cfg.data.eval_split
             self.test_metrics = scalar_metrics(self.evaluate(self.test_set, desc=f"test ({split})",
                                                                 source=self._source_test))
             self.loggers.log_metrics({f"test_{k}": v for k, v in self.test_metrics.items()}, self.step)
