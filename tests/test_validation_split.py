@@ -55,3 +55,26 @@ def test_pretraining_probes_of_the_test_reading_use_the_test_images(tmp_path):
     # scored images differ (validation: 20% of the training images; test: the test images)
     assert summary["test"]["knn_top1"] != summary["final"]["knn_top1"] or \
         summary["test"]["linear_top1"] != summary["final"]["linear_top1"]
+
+
+def test_a_class_subset_is_relabelled_and_trains_as_its_own_task(tmp_path):
+    """data.args.classes: only those classes, relabelled 0..k-1 in the given order (a transfer target of classes a
+    pretraining never saw); the model's head follows; bad class lists fail naming the dataset."""
+    from vitkit.errors import DataError
+
+    full = build_dataset("digits", "train")
+    part = build_dataset("digits", "train", classes=[7, "3"] if "3" in full.classes else [7, 3])
+    assert part.classes == [full.classes[7], full.classes[3]] and len(part) == int(((full.labels == 7) |
+                                                                                   (full.labels == 3)).sum())
+    assert torch.equal(part.labels.bincount(), torch.tensor([(full.labels == 7).sum(), (full.labels == 3).sum()]))
+    summary = train("configs/fmnist/vit_tiny.yaml", [*TINY, "train.epochs=1", "data.args={classes: [0, 1, 2]}",
+                                                     "data.val_fraction=0.2", f"output_dir={tmp_path}"])
+    from vitkit.tools.evaluate import load_model
+
+    model = load_model(summary["best_checkpoint"])
+    assert model.num_classes == 3 and model.pretrained_cfg["class_names"] == full.classes[:3]
+    for bad, match in (([], "non-empty list"), ([11], "unknown class 11"), ([1, 1], "twice"), ("0", "list")):
+        with pytest.raises(DataError, match=match):
+            build_dataset("digits", "train", classes=bad)
+    with pytest.raises(DataError, match="does not take"):
+        build_dataset("fmnist_captions", "train", classes=[0])

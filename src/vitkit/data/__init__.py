@@ -33,14 +33,14 @@ DATASETS = ("fashion_mnist", "fmnist_scenes", "fmnist_captions", "caption_folder
 _SPLIT_DIRS = ("train", "val", "validation", "test")
 # Extra keyword arguments each dataset accepts, so a misspelt config key is a clear error.
 _EXTRA_KEYS = {
-    "fashion_mnist": set(),
+    "fashion_mnist": {"classes"},
     "fmnist_captions": {"num", "seed", "two_items"},
     "caption_folder": {"root"},
     "fmnist_scenes": {"canvas", "num_scenes", "num_eval_scenes", "min_items", "max_items", "seed",
                       "val_fraction"},
-    "cifar10": set(),
-    "cifar100": {"label_type"},
-    "digits": set(),
+    "cifar10": {"classes"},
+    "cifar100": {"label_type", "classes"},
+    "digits": {"classes"},
     "image_folder": {"root", "check", "mean", "std", "stats_samples", "limits"},
 }
 # Loaders are imported on first use: ``python -m vitkit.data.fashion_mnist`` must not find its own module
@@ -104,7 +104,9 @@ def build_dataset(
     """Dataset ``name`` for ``split`` ("train"/"test"; image folders also "val").
 
     Extra keywords: ``root`` (image_folder; defaults to ``data_dir``), ``label_type`` ("fine"/"coarse",
-    cifar100), ``check``/``mean``/``std``/``stats_samples``/``limits`` (image_folder).
+    cifar100), ``check``/``mean``/``std``/``stats_samples``/``limits`` (image_folder), ``classes`` (the
+    in-memory sets: keep only these classes, by name or index, relabelled 0..k-1 in the given order, e.g. a
+    transfer target made of classes a pretraining never saw).
     """
     if name not in _EXTRA_KEYS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -113,6 +115,10 @@ def build_dataset(
         raise DataError(
             f"dataset {name!r} does not take {unknown}; extra keys it accepts: {sorted(_EXTRA_KEYS[name]) or 'none'}"
         )
+    classes = kw.pop("classes", None)
+    if classes is not None:
+        data = build_dataset(name, split, data_dir, image_size, num_channels, download, max_bad_images, **kw)
+        return data.select_classes(classes)
     if name == "fashion_mnist":
         from vitkit.data.fashion_mnist import load_fashion_mnist
 

@@ -245,6 +245,28 @@ class InMemoryImageDataset(Dataset):
             name=f"{self.name}[{fraction:g}]",
         )
 
+    def select_classes(self, classes: Sequence[int | str]) -> InMemoryImageDataset:
+        """Only the images of ``classes`` (names or indices), relabelled 0..k-1 in the order given."""
+        if isinstance(classes, (str, int)) or not len(classes):
+            raise DataError(f"{self.name}: classes must be a non-empty list of class names or indices, "
+                            f"got {classes!r}")
+        picked = []
+        for c in classes:
+            if isinstance(c, str) and c in self.classes:
+                picked.append(self.classes.index(c))
+            elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classes):
+                picked.append(c)
+            else:
+                raise DataError(f"{self.name}: unknown class {c!r}; classes are 0..{len(self.classes) - 1} or "
+                                f"{', '.join(self.classes)}")
+        if len(set(picked)) != len(picked):
+            raise DataError(f"{self.name}: classes {list(classes)} name a class twice")
+        new_label = torch.full((len(self.classes),), -1, dtype=torch.int64)
+        new_label[torch.tensor(picked)] = torch.arange(len(picked))
+        idx = torch.nonzero(new_label[self.labels] >= 0).flatten()
+        return InMemoryImageDataset(self.images[idx], new_label[self.labels[idx]], [self.classes[i] for i in picked],
+                                    self._mean, self._std, name=f"{self.name}[{len(picked)} classes]")
+
     def split_off(self, fraction: float, seed: int = 0) -> tuple[InMemoryImageDataset, InMemoryImageDataset]:
         """(rest, held_out): a class-stratified, seeded ``fraction`` held out, e.g. a validation split carved
         from the training set so that choices (learning rate, epoch, pick) never look at the test set."""
