@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import vitkit.tools.ablate as ablate
 from vitkit.cli import main as cli_main
@@ -214,3 +215,43 @@ def test_checks_are_validated(tmp_path):
                     "    checks: [{says: same, contrast: {d2: 1, d1: -1}, expect: within}]\n")
     with pytest.raises(ConfigError, match="needs a 'margin'"):
         ablate.load_studies(mine)
+
+
+@pytest.mark.parametrize("study", ["vit_cnn_data", "sparse_window"])
+def test_every_variant_of_the_new_studies_builds_its_model(study):
+    """Each variant's overrides of the study's own recipe give a valid config whose model builds and runs."""
+    import vitkit
+    from vitkit.engine.config import load_config
+    from vitkit.tools.ablate import _variant_overrides, load_studies
+
+    s = load_studies()[study]
+    recipe = s.recipe
+    base = load_config(recipe)
+    names = set()
+    for variant in s.variants:
+        cfg = load_config(recipe, _variant_overrides(s, variant, 1.0, base))
+        model = vitkit.create_model(cfg.model.name, **cfg.model.args).eval()
+        c, h, w = model.pretrained_cfg["input_size"]
+        with torch.no_grad():
+            assert model(torch.randn(2, c, h, w)).shape == (2, 10)
+        names.add((cfg.model.name, cfg.optim.name))
+    assert len(names) == (3 if study == "vit_cnn_data" else 1)
+
+
+def test_a_study_with_its_own_recipe_runs_on_it(monkeypatch):
+    """A study that names a recipe (scenes, data sizes) is its --recipe's default; `--study all` on another
+    recipe leaves it out; several studies of different recipes need --recipe."""
+    ran = []
+    monkeypatch.setattr(ablate, "run_ablation", lambda recipe, studies, *a, **k: ran.append((recipe, studies)))
+    monkeypatch.setattr(ablate.Path, "read_text", lambda self, *a, **k: "")
+    args = lambda **kw: type("A", (), {"studies_file": None, "pretrained": [], "variants": None, "seeds": 1,  # noqa: E731
+                                        "output_dir": "o", "overrides": [], "jobs": 1, "results": None,
+                                        "backend": "local", "address": None, **kw})()
+    ablate.run_ablate_args(args(study=["sparse_window"], recipe=None))
+    assert ran[-1] == ("configs/scenes/sparse_window.yaml", ["sparse_window"])
+    ablate.run_ablate_args(args(study=["all"], recipe="configs/fmnist/ablation.yaml"))
+    assert "sparse_window" not in ran[-1][1] and "vit_cnn_data" not in ran[-1][1] and "pooling" in ran[-1][1]
+    with pytest.raises(ConfigError, match="different recipes"):
+        ablate.run_ablate_args(args(study=["sparse_window", "vit_cnn_data"], recipe=None))
+    with pytest.raises(ConfigError, match="not every study named"):
+        ablate.run_ablate_args(args(study=["pooling"], recipe=None))

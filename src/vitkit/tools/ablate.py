@@ -62,6 +62,7 @@ class Study:
     # Δ against the first variant with the same label suffix ("..._10pct" vs "scratch_10pct"), not the first row
     compare_within_suffix: bool = False
     checks: tuple[Check, ...] = ()  # the claim, as contrasts judged by the verdict rule (tools/verdict.py)
+    recipe: str | None = None  # the study's own base recipe (the default --recipe), if it needs one
 
     @property
     def needs_pretrained(self) -> bool:
@@ -70,7 +71,7 @@ class Study:
 
 STUDIES_FILE = Path(__file__).with_name("studies.yaml")
 _STUDY_OPTIONS = {"lr_multipliers", "steps_matched_fraction", "reference_fraction", "evals_per_run", "scale_warmup",
-                  "compare_within_suffix", "checks"}
+                  "compare_within_suffix", "checks", "recipe"}
 
 
 def _parse_check(item: Any, where: str, labels: set[str]) -> Check:
@@ -483,7 +484,8 @@ def format_table(study: Study, rows: list[dict[str, Any]]) -> str:
 def add_ablate_args(p: Any) -> None:
     from .commands import positive_int
 
-    p.add_argument("--recipe", "--config", dest="recipe", required=True, help="the base YAML recipe")
+    p.add_argument("--recipe", "--config", dest="recipe",
+                   help="the base YAML recipe (default: the study's own, for a study that names one)")
     p.add_argument("--study", action="append", required=True, metavar="STUDY",
                    help=f"which claim to test (repeatable, or 'all'); vitkit's studies: {', '.join(STUDIES)}")
     p.add_argument("--studies-file", help="a YAML file of studies of your own (same form as vitkit's studies.yaml)")
@@ -508,9 +510,18 @@ def run_ablate_args(args: Any) -> int:
 
     catalogue = load_studies(args.studies_file) if args.studies_file else STUDIES
     pretrained = {k: str(v) for k, v in parse_key_values(args.pretrained).items()}
-    # 'all': every study whose pretrained checkpoints were given
-    studies = ([s for s in catalogue if not catalogue[s].needs_pretrained or pretrained] if "all" in args.study
+    # 'all': every study whose pretrained checkpoints were given and that runs on this recipe (a study with a
+    # recipe of its own, e.g. on scenes, runs only when named or when --recipe is that recipe)
+    studies = ([s for s in catalogue if (not catalogue[s].needs_pretrained or pretrained)
+                and catalogue[s].recipe in (None, args.recipe)] if "all" in args.study
                else list(dict.fromkeys(args.study)))
+    if args.recipe is None:
+        own = {catalogue[s].recipe for s in studies if s in catalogue}
+        if len(own) != 1 or None in own:
+            raise ConfigError("--recipe is needed: " + ("the studies name different recipes of their own"
+                                                        if len(own - {None}) > 1 else
+                                                        "not every study named has a recipe of its own"))
+        args.recipe = own.pop()
     variants = args.variants.split(",") if args.variants else None
     run_ablation(args.recipe, studies, args.seeds, args.output_dir, args.overrides, variants, args.jobs, pretrained,
                  catalogue, args.results, args.backend, args.address)
