@@ -101,12 +101,11 @@ def test_a_summary_lists_a_docs_verdicts_as_its_results_give_them_now(tmp_path):
     results = doc.parent / "results.jsonl"
     results.write_text(results.read_text().replace("0.83", "0.93"))
     assert cli_main(["report", str(summary), "--check"]) == 1
-    summary.write_text("<!-- report: verdicts doc=docs/study.md match=nothing -->\n<!-- /report -->\n")
-    with pytest.raises(ConfigError, match="no generated verdict line containing 'nothing'"):
-        report.report([summary], check=True)
-    summary.write_text("<!-- report: verdicts doc=docs/missing.md -->\n<!-- /report -->\n")
-    with pytest.raises(ConfigError, match="missing.md: doc not found"):
-        report.report([summary], check=True)
+    for head, error in (("doc=docs/study.md match=nothing", "no generated verdict line containing 'nothing'"),
+                        ("doc=docs/missing.md", "missing.md: doc not found")):
+        summary.write_text(f"<!-- report: verdicts {head} -->\n<!-- /report -->\n")
+        with pytest.raises(ConfigError, match=error):
+            report.report([summary], check=True)
 
 
 def test_bad_markers_name_the_doc_and_line(tmp_path):
