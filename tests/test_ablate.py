@@ -217,7 +217,8 @@ def test_checks_are_validated(tmp_path):
         ablate.load_studies(mine)
 
 
-@pytest.mark.parametrize("study", ["vit_cnn_data", "sparse_window", "transfer_heldout", "transfer_digits"])
+@pytest.mark.parametrize("study", ["vit_cnn_data", "sparse_window", "transfer_heldout", "transfer_digits",
+                                   "ssl_size"])
 def test_every_variant_of_the_new_studies_builds_its_model(study, tmp_path):
     """Each variant's overrides of the study's own recipe give a valid config whose model builds, loads its
     pretrained checkpoint (made here: the pretraining models on five classes, and an MAE) and runs."""
@@ -233,6 +234,10 @@ def test_every_variant_of_the_new_studies_builds_its_model(study, tmp_path):
         kw = {} if name == "vit_mae" else {"num_classes": 5}
         vitkit.create_model(model_name, **kw).save_pretrained(tmp_path / name)
         pretrained[name] = str(tmp_path / name)
+    for size, (dim, depth, heads) in {"s": (48, 6, 3), "m": (96, 6, 3), "l": (160, 8, 4)}.items():
+        encoder = {"embed_dim": dim, "depth": depth, "num_heads": heads}
+        vitkit.create_model("mae_vit_fmnist_tiny", encoder_args=encoder).save_pretrained(tmp_path / f"mae_{size}")
+        pretrained[f"mae_{size}"] = str(tmp_path / f"mae_{size}")
     s = load_studies()[study]
     base = load_config(s.recipe)
     names = set()
@@ -245,7 +250,7 @@ def test_every_variant_of_the_new_studies_builds_its_model(study, tmp_path):
         with torch.no_grad():
             assert model(torch.randn(2, c, h, w)).shape == (2, 10)
         names.add((cfg.model.name, cfg.optim.name))
-    assert len(names) == (1 if study == "sparse_window" else 3)
+    assert len(names) == (1 if study in ("sparse_window", "ssl_size") else 3)
 
 
 def test_a_study_with_its_own_recipe_runs_on_it(monkeypatch):
