@@ -113,6 +113,14 @@ def sort_key(coords: torch.Tensor, window_size: int, sort_axis: str = "row", shi
     return (b * (n_w1 * n_w2) + window) * (m * m) + inner
 
 
+def check_grouping(grouping: str, group_size: int, window_size: int) -> None:
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    if grouping == "window" and group_size != window_size**2:
+        raise ValueError(f"grouping='window' pads every window to M² tokens: group_size must be {window_size**2} "
+                         f"for window {window_size}, got {group_size}")
+
+
 def build_groups(coords: torch.Tensor, group_size: int, window_size: int, sort_axis: str = "row",
                  shift: bool = False, num_images: int | None = None, grouping: str = "equal") -> GroupLayout:
     """Sort the tokens by window order and cut every image's tokens into groups of exactly ``group_size``
@@ -121,11 +129,7 @@ def build_groups(coords: torch.Tensor, group_size: int, window_size: int, sort_a
     ``coords``: (N_total, 3) integer (batch, row, col), non-negative, unique. ``num_images`` defaults to the
     largest batch index + 1 (images without tokens are allowed, they get no group).
     """
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-    if grouping == "window" and group_size != window_size**2:
-        raise ValueError(f"grouping='window' pads every window to M² tokens: group_size must be {window_size**2} "
-                         f"for window {window_size}, got {group_size}")
+    check_grouping(grouping, group_size, window_size)
     if coords.ndim != 2 or coords.shape[1] != 3:
         raise ValueError(f"coords must be (N_total, 3) = (batch, row, col), got {tuple(coords.shape)}")
     if coords.dtype.is_floating_point or coords.dtype == torch.bool:
@@ -200,11 +204,7 @@ class SparseWindowAttention(AttentionMapSource, nn.Module):
             raise ValueError(f"embed dim {dim} must be divisible by num_heads {num_heads}")
         if sort_axis not in SORT_AXES:
             raise ValueError(f"sort_axis must be one of {SORT_AXES}, got {sort_axis!r}")
-        if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-        if grouping == "window" and group_size != window_size**2:
-            raise ValueError(f"grouping='window' pads every window to M² tokens: group_size must be "
-                             f"{window_size**2} for window {window_size}, got {group_size}")
+        check_grouping(grouping, group_size, window_size)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
