@@ -593,14 +593,19 @@ def render_training(doc_dir: str | Path, plots: bool = True, results: str = "gen
     roles = order.split(",") if order else list(dict.fromkeys(r["role"] for r in runs))
     runs.sort(key=lambda r: (roles.index(r["role"]) if r["role"] in roles else len(roles), r["seed"], r["run"]))
     out = ["| role | run | model | params | seed | epochs (steps) | metric | best on val (epoch) | test, read once | "
-           "wall-clock: training / with evaluations |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
+           "wall-clock: training steps / with validation |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
+
+    def show(metric: str, x: float) -> str:
+        return f"{100 * x:.2f}%" if metric.startswith("top") else f"{x:.3f}" if abs(x) < 10 else f"{x:.2f}"
+
     for r in runs:
-        best = f"{r['best']:.4g} ({r['best_epoch']})" if r["eval_split"] == "val" else "— (no validation split)"
-        test = f"{r['test']:.4g}" if r["test"] is not None else "—"
+        metric = r["primary_metric"]
+        best = f"{show(metric, r['best'])} ({r['best_epoch']})" if r["eval_split"] == "val" else "— (no validation)"
+        test = show(metric, r["test"]) if r["test"] is not None else "—"
         clock = f"{r['train_wall_clock_s'] / 60:.1f} min" + (
             f" / {r['fit_elapsed_s'] / 60:.1f} min" if r["fit_elapsed_s"] is not None else "")
         out.append(f"| {r['role']} | `{r['run']}` | {r['model']} | {r['params'] / 1e6:.2f}M | {r['seed']} | "
-                   f"{r['epochs']} ({r['steps']}) | {r['primary_metric']} ({'↑' if r['mode'] == 'max' else '↓'}) | "
+                   f"{r['epochs']} ({r['steps']}) | {metric} ({'↑' if r['mode'] == 'max' else '↓'}) | "
                    f"{best} | {test} | {clock} |")
     threads = sorted({r["train_threads"] for r in runs})
     fractions = sorted({r["val_fraction"] for r in runs})

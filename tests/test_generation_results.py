@@ -201,14 +201,14 @@ def test_training_records_trace_the_setup_to_the_run_and_its_weights(bench, tmp_
     cfg = load_config(ROOT / "configs" / "fmnist" / "demo.yaml", ["data.val_fraction=0.1", "train.threads=1"])
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     summary = {"model": "vit_fmnist_tiny", "task": "classification", "primary_metric": "top1", "mode": "max",
-               "finished": True, "epochs_done": 3, "steps": 1266, "best": {"epoch": 2, "top1": 85.5},
-               "eval_split": "val", "test": {"top1": 84.75}, "train_wall_clock_s": 300.0, "train_img_s": 500.0,
+               "finished": True, "epochs_done": 3, "steps": 1266, "best": {"epoch": 2, "top1": 0.855},
+               "eval_split": "val", "test": {"top1": 0.8475}, "train_wall_clock_s": 300.0, "train_img_s": 500.0,
                "params": 12345}
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 3, "fit_elapsed_s": 360.0}) + "\n")
     r = bench.training_record(str(run), "judge")
     assert r["run_id"] == bench.weights_id(str(run)) and len(r["run_id"]) == 16
-    assert (r["best"], r["best_epoch"], r["test"], r["val_fraction"], r["train_threads"]) == (85.5, 2, 84.75, 0.1, 1)
+    assert (r["best"], r["best_epoch"], r["test"], r["val_fraction"], r["train_threads"]) == (0.855, 2, 0.8475, 0.1, 1)
     assert r["params"] == 12345 and r["fit_elapsed_s"] == 360.0 and r["steps"] == 1266
     assert bench.training_record(str(run / "checkpoints" / "best"), "judge") is None  # a checkpoint: no summary
     assert bench.weights_id(str(tmp_path / "nowhere")) is None
@@ -224,7 +224,7 @@ def test_training_records_trace_the_setup_to_the_run_and_its_weights(bench, tmp_
     assert len(bench.append_records(path, [{**r, "campaign": "a", "process": "p"},
                                            {**again, "campaign": "b", "process": "p", "seed": 1}])) == 2
     table = bench.render_training(tmp_path, results="r.jsonl", campaign="a")
-    assert "| judge | `" in table and "| 85.5 (2) | 84.75 | 5.0 min / 6.0 min |" in table and "| 1 |" not in table
+    assert "| judge | `" in table and "| 85.50% (2) | 84.75% | 5.0 min / 6.0 min |" in table and "| 1 |" not in table
     assert "1 runs, 1 training thread(s) each; validation split: 10% of the training images" in table
     with pytest.raises(ValueError, match="no records of campaign 'c'"):
         bench.render_training(tmp_path, results="r.jsonl", campaign="c")
