@@ -193,7 +193,7 @@ def test_main_appends_records_and_measures_only_new_runs(bench, tmp_path, monkey
 def test_training_records_trace_the_setup_to_the_run_and_its_weights(bench, tmp_path):
     """A run's summary and config become a ``training`` record; its weights' hash tells a retrained run apart, so
     it is measured anew; the training table and every block read one campaign."""
-    from tests._tiny import save_tiny_classifier_run
+    from _tiny import save_tiny_classifier_run
     from vitkit.engine.config import config_to_yaml, load_config
 
     run = tmp_path / "runs" / "judge"
