@@ -174,6 +174,11 @@ LATER_FLAGS: dict[str, Any] = {"reg_tokens": 0, "no_embed_class": False, "fc_nor
                                "token_keep_ratio": 1.0}
 
 
+# Config keys added after results files were first recorded, with the value that behaves as before: left out of
+# the key at that value, for the same reason.
+LATER_SETTINGS: dict[tuple[str, str], Any] = {("data", "test_split"): None}
+
+
 def run_key(cfg) -> str:
     """Identify a run by what it trains: the config with the model's arguments fully resolved."""
     from ..models import resolve_model_args
@@ -184,6 +189,9 @@ def run_key(cfg) -> str:
         data["model"]["args"] = {k: v for k, v in resolved.items()
                                  if k not in LATER_FLAGS or LATER_FLAGS[k] != v}
     data.pop("output_dir", None)
+    for (section, key), default in LATER_SETTINGS.items():
+        if data.get(section, {}).get(key, default) == default:
+            data[section].pop(key, None)
     # these change speed, display, tracking or placement, not the trained model (and keep older keys valid)
     for how_not_what in ("threads", "progress", "loggers", "logger_args", "device", "strategy",
                          "activation_checkpointing"):
