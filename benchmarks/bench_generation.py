@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -67,7 +68,15 @@ from vitkit.tasks.generative import frechet_distance, gaussian, to_unit
 from vitkit.tools.evaluate import evaluate_checkpoint, load_model, resolve_model_dir
 from vitkit.tools.inference import cpu_flags
 from vitkit.tools.predict import load_generator
-from vitkit.tools.timing import Candidate, ContentionMeter, cpu_name, machine_load, time_alternating, wait_for_quiet
+from vitkit.tools.timing import (
+    Candidate,
+    ContentionMeter,
+    append_jsonl,
+    cpu_name,
+    machine_load,
+    time_alternating,
+    wait_for_quiet,
+)
 
 NUM_CLASSES = 10
 
@@ -210,13 +219,19 @@ def weights_id(run: str) -> str | None:
     folder holds: which training a record measured. None where there are none (a stand-in model)."""
     try:
         weights = resolve_model_dir(run) / "model.safetensors"
+        stat = weights.stat()
     except (CheckpointError, OSError):
         return None
+    return _file_sha256(weights, stat.st_mtime_ns, stat.st_size)[:16]
+
+
+@functools.cache  # a file is hashed once per process while it is unchanged (several records name each run)
+def _file_sha256(path: Path, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def training_record(run: str, role: str) -> dict[str, Any] | None:
@@ -230,8 +245,7 @@ def training_record(run: str, role: str) -> dict[str, Any] | None:
         return None
     s = json.loads((folder / "summary.json").read_text())
     cfg = load_config(folder / "config.yaml")
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (folder / "metrics.jsonl").is_file() else []
+    lines = read_records(folder / "metrics.jsonl")  # (none: an empty list)
     metric = s.get("primary_metric")
     return {"kind": "training", "role": role, "run": run, "run_id": weights_id(run), "config_key": run_key(cfg),
             "model": s["model"], "task": s["task"], "model_args": dict(cfg.model.args), "params": s["params"],
@@ -268,9 +282,7 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> list[dict[str, 
         if record_key(r) not in have:
             have.add(record_key(r))
             new.append(r)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in new)
+    append_jsonl(path, new)
     return new
 
 

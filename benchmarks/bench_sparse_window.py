@@ -22,18 +22,24 @@ only taken within one invocation); :func:`render_latency` builds the doc's table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitkit.models import create_model
-from vitkit.tools.timing import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
+from vitkit.tools.timing import (
+    Candidate,
+    ContentionMeter,
+    append_jsonl,
+    machine_load,
+    time_alternating,
+    utc_now,
+    wait_for_quiet,
+)
 
 MODEL = "swin_scenes_tiny"
 KEEPS = (0.7, 0.5, 0.3)
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     x = load_scenes(args.batch)
-    invocation = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    invocation = utc_now()
     cands, counts = [], {}
     for name, flags in variants(tuple(args.keep or KEEPS)):
         torch.manual_seed(0)
@@ -111,21 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         from vitkit.tools.ablate import machine_facts
 
-        machine, load_after = machine_facts(), machine_load()
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for c in cands:
-                seen = [v for v in c.contention if v == v]
-                f.write(json.dumps({
-                    "study": "sparse_window", "record": "timing", "variant": c.name, "model": MODEL,
-                    "batch": args.batch, "threads": args.threads, "precision": "fp32", "ms": 1e3 * med[c.name],
-                    "samples": len(c.samples), "contention": [round(v, 4) for v in seen],
-                    "discarded": c.discarded, "noisy": "noisy" in c.note, "max_contention": args.max_contention,
-                    "min_sample_s": args.min_sample_seconds, **counts[c.name], "machine": machine,
-                    "load_1m": [load_before, load_after], "invocation": invocation,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-        print(f"appended {len(cands)} records to {path}")
+        machine, load_after, finished = machine_facts(), machine_load(), utc_now()
+        append_jsonl(args.results, [{
+            "study": "sparse_window", "record": "timing", "variant": c.name, "model": MODEL,
+            "batch": args.batch, "threads": args.threads, "precision": "fp32", "ms": 1e3 * med[c.name],
+            "samples": len(c.samples), "contention": [round(v, 4) for v in c.contention if v == v],
+            "discarded": c.discarded, "noisy": "noisy" in c.note, "max_contention": args.max_contention,
+            "min_sample_s": args.min_sample_seconds, **counts[c.name], "machine": machine,
+            "load_1m": [load_before, load_after], "invocation": invocation, "finished_at": finished}
+            for c in cands])
+        print(f"appended {len(cands)} records to {args.results}")
     return 0
 
 

@@ -21,12 +21,12 @@ more seeds (``--seeds 3``) train only the new ones. Two trainings run side by si
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from vitkit.tools.timing import append_jsonl, utc_now
 
 RATIOS = (0.15, 0.3, 0.5, 0.75, 0.9)
 PRETRAIN = "configs/fmnist/mae_tiny.yaml"
@@ -36,12 +36,6 @@ HELD_OUT = "data.val_fraction=0.1"
 
 def label(ratio: float) -> str:
     return f"r{round(100 * ratio)}"
-
-
-def append(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def train_phase(name: str, recipe: str, runs: dict[str, tuple[float, int, list[str]]], out: Path, jobs: int,
@@ -64,7 +58,7 @@ def train_phase(name: str, recipe: str, runs: dict[str, tuple[float, int, list[s
                      "seed": seed, "recipe": recipe, "overrides": over}
 
     def record(key: str, rec: dict[str, Any]) -> None:
-        append(results, {**meta[key], **rec})
+        append_jsonl(results, [{**meta[key], **rec}])
         print(f"{name} {meta[key]['label']} seed {meta[key]['seed']}: recorded")
 
     if pending:
@@ -100,17 +94,17 @@ def time_steps(ratios: tuple[float, ...], results: Path, batch: int, threads: in
                 o.zero_grad(set_to_none=True)
 
         cands.append(Candidate(label(ratio), "vitkit", "bf16" if dtype else "fp32", step, False))
-    invocation, load_before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine_load()
+    invocation, load_before = utc_now(), machine_load()
     time_alternating(cands, samples=samples, min_sample_s=min_sample_s, max_contention=0.2, meter=ContentionMeter())
     for ratio, c in zip(ratios, cands):
         sec = statistics.median(c.samples)
-        append(results, {"study": "mae_mask_ratio", "record": "timing", "ratio": ratio, "label": c.name,
+        append_jsonl(results, [{"study": "mae_mask_ratio", "record": "timing", "ratio": ratio, "label": c.name,
                          "batch": batch, "threads": threads, "precision": c.precision, "ms_per_step": 1e3 * sec,
                          "img_s": batch / sec,
                          "min_sample_s": min_sample_s, "max_contention": 0.2,
                          "samples": len(c.samples), "contention": [round(v, 4) for v in c.contention if v == v],
                          "discarded": c.discarded, "noisy": "noisy" in c.note, "machine": machine_facts(),
-                         "load_1m": [load_before, machine_load()], "invocation": invocation})
+                         "load_1m": [load_before, machine_load()], "invocation": invocation}])
         print(f"{c.name}: {1e3 * sec:.1f} ms per step of {batch}")
 
 

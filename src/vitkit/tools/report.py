@@ -363,15 +363,8 @@ def verdicts_section(doc_dir: Path, doc: str, match: str | None = None, plots: b
     if not path.is_file():
         raise ConfigError(f"{path}: doc not found")
     text = render_text(read_doc(path), path, plots=False)
-    in_block = False
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("<!-- report:"):
-            in_block = True
-        elif line.startswith("<!-- /report -->"):
-            in_block = False
-        elif in_block and VERDICT_LINE.match(line) and (match is None or match in line):
-            lines.append(line)
+    lines = [line for block in BLOCK.finditer(text) for line in block["body"].splitlines()
+             if VERDICT_LINE.match(line) and (match is None or match in line)]
     if not lines:
         raise ConfigError(f"{path}: no generated verdict line" + (f" containing {match!r}" if match else ""))
     return "\n".join(lines)
