@@ -17,7 +17,8 @@ split gets the same carving at ``--val-fraction`` instead; those images were tra
 Every invocation APPENDS one record per (run, layer, head) to ``--results`` (JSON lines; run name, path, model,
 layer, attention kind, head, statistics, images, split, machine, run_id); the tables come from that file alone
 (:func:`render_sharpness`, the ``vitkit report`` block ``script script=benchmarks/attention_sharpness.py
-function=render_sharpness part=table|summary|heads``).
+function=render_sharpness part=table|summary|heads``). A run named ``<group>_s<seed>`` is one seed of ``group``
+(the record's ``group``): the report's ``verdict`` kind with ``per=run`` compares groups over their runs.
 
     python benchmarks/attention_sharpness.py --run vit=runs/ablate/<vit run> \\
         --run evit=runs/ablate/<full run> --run evit_no_dwconv=runs/ablate/<no_dwconv run> --images 512
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -51,7 +53,7 @@ from vitkit.viz.attention_stats import SharpnessMeter, capture_named_attention
 DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "efficient" / "sharpness.jsonl"
 STATS = ("entropy", "entropy_norm", "top1_mass", "top5_mass", "top10pct_mass", "max_weight")
 RECORD_KEYS = ("run", "model", "layer", "attention", "head", "n_keys", *STATS, "k_top5", "k_top10pct", "run_id")
-PARTS = ("table", "summary", "heads")
+PARTS = ("table", "summary", "heads", "plot")
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -105,6 +107,11 @@ def validation_images(folder: Path, model: nn.Module, count: int, seed: int, val
     return transform(images), about
 
 
+def run_group(name: str) -> str:
+    """Runs named ``<group>_s<seed>`` are seeds of one group (what a verdict compares): ``relu_s1`` -> ``relu``."""
+    return re.sub(r"_s\d+$", "", name)
+
+
 def run(args: argparse.Namespace, log=print) -> str:
     """Measure every ``--run``, appending its records as each run is done; returns the invocation's run_id."""
     torch.set_num_threads(args.threads)
@@ -118,7 +125,8 @@ def run(args: argparse.Namespace, log=print) -> str:
                                           args.data_dir, args.download)
         rows = measure(model, images, args.batch_size)
         model_name = getattr(model, "model_name", None) or type(model).__name__
-        records = [{"kind": "head", "run_id": run_id, "run": name, "path": str(path), "model": model_name, **about,
+        records = [{"kind": "head", "run_id": run_id, "run": name, "group": run_group(name), "path": str(path),
+                    "model": model_name, **about,
                     **r, "machine": machine, "command": args.command} for r in rows]
         with open(args.results, "a", encoding="utf-8") as f:
             for r in records:
@@ -234,20 +242,43 @@ def _about(selected: list[tuple[str, list[dict[str, Any]]]]) -> str:
     return "Measured on: " + "; ".join(parts) + "."
 
 
+def plot_by_layer(selected: list[tuple[str, list[dict[str, Any]]]], path: Path, stat: str) -> None:
+    """``stat`` (averaged over heads) against the attention layer's depth, one line per run group (the mean over
+    its seeds, each seed a dot)."""
+    from vitkit.viz.plots import plot_lines
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for name, rows in selected:
+        for depth, (_, heads) in enumerate(_layers(rows), start=1):
+            value = _mean([h[stat] for h in heads])
+            if value is not None:
+                series.setdefault(run_group(name), {}).setdefault(depth, []).append(value)
+    what = {"entropy_norm": "entropy / log N (1 = uniform)", "top1_mass": "mass of the largest weight"}.get(stat, stat)
+    plot_lines({g: sorted(points.items()) for g, points in series.items()}, path,
+               f"{what} by attention layer (mean over heads, dots: seeds)", "attention layer", what,
+               xticks=[(d, str(d)) for d in sorted({d for p in series.values() for d in p})])
+
+
 def render_sharpness(doc_dir: str | Path, plots: bool = True, results: str = "efficient/sharpness.jsonl",
-                     part: str = "table", runs: str | None = None) -> str:
+                     part: str = "table", runs: str | None = None, image: str | None = None,
+                     stat: str = "entropy_norm") -> str:
     """Markdown for ``vitkit report`` (kind ``script``), from the results file alone (``results`` relative to
     ``doc_dir``), each run name's last measurement (``runs``: a comma-separated subset and order):
 
     * ``part=table``: per run and attention layer, the statistics averaged over heads (entropy also min–max);
     * ``part=summary``: per run, averaged over every layer and head;
-    * ``part=heads``: every head.
-
-    ``plots`` is accepted for the report's interface; there is no plot.
+    * ``part=heads``: every head;
+    * ``part=plot``: ``stat`` by layer depth, one line per run group, drawn to ``image`` (when ``plots``).
     """
     if part not in PARTS:
         raise ConfigError(f"part={part!r}: one of {', '.join(PARTS)}")
     selected = latest(read_records(Path(doc_dir) / results), runs)
+    if part == "plot":
+        if not image or stat not in STATS:
+            raise ConfigError(f"part=plot needs image=FILE and stat= one of {', '.join(STATS)}")
+        if plots:
+            plot_by_layer(selected, Path(doc_dir) / image, stat)
+        return f"![attention {stat} by layer]({image})"
     text = {"table": format_table, "summary": format_summary, "heads": format_heads}[part](selected)
     return text + "\n\n" + _about(selected)
 

@@ -6,6 +6,8 @@ processes discarded); the table gives the median ms per batch and the ratio to t
 
     python benchmarks/bench_efficientvit.py                       # batch 1 and 64, all cores
     python benchmarks/bench_efficientvit.py --batch 64 --model efficientvit_fmnist_tiny --model vit_fmnist_tiny
+    python benchmarks/bench_efficientvit.py --model efficientvit_fmnist_tiny \
+        --model efficientvit_fmnist_tiny:local_dwconv=false --model "efficientvit_fmnist_tiny:scales=[]"
 
 With ``--results FILE`` every timing cell is appended to FILE as a JSON record (``study: efficientvit``, ``record:
 timing``: model, parameters, batch, median ms, img/s, kept samples, largest contention, discarded samples, the
@@ -41,6 +43,23 @@ DEFAULT_MODELS = ["efficientvit_fmnist_tiny", "vit_fmnist_tiny", "vit_fmnist_sma
 TRAIN_MODELS = ["efficientvit_fmnist_tiny", "vit_fmnist_tiny"]
 # the accuracy comparison's recipe settings beyond --recipe: one thread per run, test read once (docs/method.md §4)
 TRAIN_OVERRIDES = ["train.threads=1", "data.val_fraction=0.1"]
+
+
+def model_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:KEY=VALUE,...]``: a registry name and constructor overrides, values read as YAML
+    (``efficientvit_fmnist_tiny:local_dwconv=false,scales=[]``); the whole text labels the timing."""
+    import re
+
+    import yaml
+
+    name, _, rest = text.partition(":")
+    kwargs = {}
+    for item in re.split(r",(?![^\[]*\])", rest) if rest else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"--model {text!r}: {item!r} must look like KEY=VALUE")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return name, kwargs
 
 
 def append(path: str | Path, records: list[dict[str, Any]]) -> None:
@@ -93,7 +112,9 @@ def train_runs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", action="append", default=None, help="registry names (the first is the reference)")
+    ap.add_argument("--model", action="append", default=None,
+                    help="NAME[:KEY=VALUE,...]: a registry name and constructor overrides, e.g. "
+                         "efficientvit_fmnist_tiny:local_dwconv=false (repeatable; the first is the reference)")
     ap.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 64)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=5)
@@ -130,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, params = [], {}
         for name in names:
             torch.manual_seed(0)
-            model = create_model(name).eval()
+            registry_name, overrides = model_spec(name)
+            model = create_model(registry_name, **overrides).eval()
             c, h, w = model.pretrained_cfg["input_size"]
             x = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(batch))
             params[name] = sum(p.numel() for p in model.parameters()) / 1e6

@@ -256,10 +256,11 @@ def test_command_appends_records_from_held_out_images(bench, tmp_path, capsys):
     evit = _fake_run(tmp_path / "evit", "efficientvit_fmnist_tiny", data, 0.25)
     vit = _fake_run(tmp_path / "vit", "vit_fmnist_tiny", data, 0.0)
     results = tmp_path / "out" / "sharpness.jsonl"
-    assert bench.main(["--run", f"evit={evit}", "--run", f"vit={vit}", "--images", "6", "--val-fraction", "0.25",
-                       "--results", str(results), "--threads", "1"]) == 0
+    assert bench.main(["--run", f"evit={evit}", "--run", f"vit_s1={vit}", "--images", "6", "--val-fraction",
+                       "0.25", "--results", str(results), "--threads", "1"]) == 0
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    by_run = {name: [r for r in records if r["run"] == name] for name in ("evit", "vit")}
+    by_run = {name: [r for r in records if r["group"] == name] for name in ("evit", "vit")}  # vit_s1: seed 1
+    assert {r["run"] for r in by_run["vit"]} == {"vit_s1"}
     assert {r["attention"] for r in by_run["evit"]} == {"relu_linear"}
     assert {r["attention"] for r in by_run["vit"]} == {"softmax"}
     assert {r["held_out"] for r in by_run["evit"]} == {True} and {r["held_out"] for r in by_run["vit"]} == {False}
@@ -290,7 +291,9 @@ def _synthetic(path: Path) -> list[dict]:
     return records
 
 
-def test_render_tables_from_a_results_file(bench, tmp_path):
+def test_render_tables_from_a_results_file(bench, tmp_path, monkeypatch):
+    import vitkit.viz.plots as plots
+
     records = _synthetic(tmp_path / "s.jsonl")
     table = bench.render_sharpness(tmp_path, results="s.jsonl", part="table")
     newest = [r for r in records if r["run"] == "evit" and r["run_id"] == "T2"]
@@ -307,8 +310,17 @@ def test_render_tables_from_a_results_file(bench, tmp_path):
     heads = bench.render_sharpness(tmp_path, results="s.jsonl", part="heads")
     assert len([line for line in heads.splitlines() if line.startswith(("| vit", "| evit"))]) == 7
     assert "Test CPU" in table and "8 images of fashion_mnist" in table
-    with pytest.raises(ConfigError, match="part="):
+    with pytest.raises(ConfigError, match="part='bars'"):
+        bench.render_sharpness(tmp_path, results="s.jsonl", part="bars")
+    with pytest.raises(ConfigError, match="part=plot needs image=FILE"):
         bench.render_sharpness(tmp_path, results="s.jsonl", part="plot")
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_lines", lambda series, path, *a, **kw: drawn.update(series=series, path=path))
+    assert bench.render_sharpness(tmp_path, results="s.jsonl", part="plot", image="by_layer.png",
+                                  stat="entropy_norm") == "![attention entropy_norm by layer](by_layer.png)"
+    # vit: two layers, each the mean of its two heads; evit (its newest run only): one layer
+    assert drawn["series"] == {"vit": [(1, [pytest.approx(0.45)]), (2, [pytest.approx(0.50)])],
+                               "evit": [(1, [pytest.approx(0.8)])]} and drawn["path"] == tmp_path / "by_layer.png"
     with pytest.raises(ConfigError, match="not in the results file"):
         bench.render_sharpness(tmp_path, results="s.jsonl", runs="swin")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"kind": "head", "run": "x"}) + "\n")
@@ -329,3 +341,37 @@ def test_report_block(tmp_path):
     report.report([doc])
     assert "| evit | `evit_model` | relu_linear |" in doc.read_text()
     assert report.report([doc], check=True) == []
+
+
+def test_a_relu_linear_vit_has_the_softmax_vits_parameters_and_its_maps_are_relu_maps(tmp_path):
+    """``attn_kind=relu_linear`` swaps only the kernel: the same parameter names and shapes as the softmax ViT
+    (so one checkpoint loads into either), the maps are the ReLU maps, the CLS-only path (``queries``) gives the
+    full path's CLS output, it trains and round-trips; an unknown kind or an attention bias is one clear error."""
+    kw = dict(img_size=28, patch_size=7, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    soft, relu = create_model("vit_fmnist_tiny", **kw), create_model("vit_fmnist_tiny", attn_kind="relu_linear", **kw)
+    assert {k: v.shape for k, v in soft.state_dict().items()} == {k: v.shape for k, v in relu.state_dict().items()}
+    assert all(isinstance(b.attn, ReLULinearAttention) for b in relu.blocks)
+    relu.load_state_dict(soft.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    relu.eval()
+    with torch.no_grad(), capture_attention(relu) as maps:
+        relu(x)
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 17, 17)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 2, 17))
+    with torch.no_grad():
+        tokens = torch.randn(2, 17, 16)
+        full = relu.blocks[0].attn(tokens)
+        torch.testing.assert_close(relu.blocks[0].attn(tokens, None, slice(0, 1)), full[:, :1])
+        with pytest.raises(ValueError, match="no additive attention bias"):
+            relu.blocks[0].attn(tokens, torch.zeros(1, 2, 17, 17))
+    relu.train()
+    relu(x).sum().backward()
+    assert all(p.grad is not None for p in relu.parameters() if p.requires_grad)
+    relu.save_pretrained(tmp_path / "relu")
+    again = from_pretrained(tmp_path / "relu").eval()
+    relu.eval()
+    assert isinstance(again.blocks[0].attn, ReLULinearAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), relu(x))
+    with pytest.raises(ValueError, match="attn_kind must be 'softmax' or 'relu_linear'"):
+        create_model("vit_fmnist_tiny", attn_kind="cosine", **kw)

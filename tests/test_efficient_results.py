@@ -137,3 +137,14 @@ def test_efficientvit_records_and_skipped_trainings(tmp_path, monkeypatch, capsy
         set=[], runs=str(tmp_path / "runs"))
     assert bench.train_runs(train_args) == 0
     assert "trained 0 run(s)" in capsys.readouterr().out
+
+
+def test_a_timed_model_takes_constructor_overrides():
+    """``--model NAME:KEY=VALUE,...`` times an ablated variant (values as YAML; brackets keep their commas)."""
+    bench = _script("bench_efficientvit")
+    assert bench.model_spec("vit_fmnist_tiny") == ("vit_fmnist_tiny", {})
+    assert bench.model_spec("efficientvit_fmnist_tiny:local_dwconv=false,scales=[3,5]") == (
+        "efficientvit_fmnist_tiny", {"local_dwconv": False, "scales": [3, 5]})
+    assert bench.model_spec("efficientvit_fmnist_tiny:scales=[]")[1] == {"scales": []}
+    with pytest.raises(bench.main.__globals__["argparse"].ArgumentTypeError, match="must look like KEY=VALUE"):
+        bench.model_spec("vit_fmnist_tiny:depth")

@@ -273,6 +273,7 @@ REFUSED = {
     "pre-logits before a head": (lambda: _vit(representation_size=8), "representation_size=8"),
     "activation": (lambda: _vit(act="hardswish"), "activation Hardswish"),
     "registers": (lambda: _vit(reg_tokens=2), "register tokens"),
+    "ReLU linear attention": (lambda: _vit(attn_kind="relu_linear"), "ReLU linear attention"),
     "fc_norm": (lambda: _vit(pool="gap", class_token=False, fc_norm=True), "fc_norm"),
     "unshifted windows": (lambda: _swin(shift_windows=False), "shift_windows=False"),
     "qk_scale": (lambda: _swin(qk_scale=0.3), "qk_scale"),

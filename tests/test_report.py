@@ -133,3 +133,55 @@ def test_an_indented_marker_is_an_example_left_alone(tmp_path):
             "    <!-- /report -->\n")
     doc = _doc(tmp_path, text)
     assert report.report([doc], check=True) == [] and doc.read_text() == text
+
+
+def test_accuracy_lines_plot_the_runs_of_a_study_by_the_variable_its_variant_names_encode(tmp_path, monkeypatch):
+    """``ablation_lines``: one series per pattern, a point per x token that has runs (the others left out), each
+    point the test values of that variant's seeds; an x token that names no variant is an error naming it."""
+    import vitkit.viz.plots as plots
+
+    doc = _doc(tmp_path, "")
+    rows = [{"study": "vit_cnn_data", "variant": f"{m}_{x}", "lr": 2e-3, "seed": s, "metric": "top1",
+             "final": {"top1": 0.5}, "test": {"top1": acc + 0.01 * s}, "params": 1, "train_img_s": 1.0,
+             "wall_clock_s": 1.0, "epochs": 5}
+            for m, x, acc in [("vit", "1pct", 0.6), ("vit", "100pct", 0.9), ("resnet", "1pct", 0.7)]
+            for s in (0, 1)]
+    (doc.parent / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_lines", lambda series, path, *a, **kw: drawn.update(series=series, path=path,
+                                                                                       **kw))
+    head = ('ablation_lines results=results.jsonl study=vit_cnn_data image=lines.png logx=true '
+            'series="ViT:vit_{x};ResNet:resnet_{x}" x="1pct:1:1%;10pct:10:10%;100pct:100:100%"')
+    doc.write_text(f"<!-- report: {head} -->\n<!-- /report -->\n")
+    assert cli_main(["report", str(doc)]) == 0
+    assert "![vit_cnn_data](lines.png)" in doc.read_text()
+    assert drawn["series"] == {"ViT": [(1.0, pytest.approx([60.0, 61.0])), (100.0, pytest.approx([90.0, 91.0]))],
+                               "ResNet": [(1.0, pytest.approx([70.0, 71.0]))]}
+    assert drawn["logx"] is True and drawn["xticks"] == [(1.0, "1%"), (10.0, "10%"), (100.0, "100%")]
+    doc.write_text(f"<!-- report: {head.replace('10pct:10:10%', '2pct:2')} -->\n<!-- /report -->\n")
+    with pytest.raises(ConfigError, match=r"series 'ViT': study 'vit_cnn_data' has no variants \['vit_2pct'\]"):
+        report.report([doc], check=True)
+
+
+def test_plot_lines_draws_a_file(tmp_path):
+    from vitkit.viz.plots import plot_lines
+
+    plot_lines({"a": [(1.0, [60.0, 61.0]), (10.0, [80.0])]}, tmp_path / "l.png", "t", "x", "y", logx=True,
+               xticks=[(1.0, "1"), (10.0, "10")])
+    assert (tmp_path / "l.png").stat().st_size > 1000
+
+
+def test_a_verdict_per_run_averages_each_runs_records_first(tmp_path):
+    """``per=run``: per-head records of one run count once (their mean), so the interval's seeds are runs."""
+    doc = _doc(tmp_path, "")
+    rows = [{"group": g, "run": f"{g}_s{s}", "head": h, "e": base + 0.01 * s + 0.1 * h}
+            for g, base in (("relu", 0.9), ("softmax", 0.5)) for s in (0, 1) for h in (0, 1, 2)]
+    (doc.parent / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc.write_text('<!-- report: verdict results=results.jsonl group=group per=run value=e unit="" digits=3 '
+                   'contrast=relu:1,softmax:-1 expect=above says="flatter" -->\n<!-- /report -->\n')
+    assert cli_main(["report", str(doc)]) == 0
+    # two runs a group, values 0.01 apart: Welch with df 2 (t 4.303) gives ±0.030
+    assert "- flatter (relu − softmax > 0): +0.400 [+0.370, +0.430] → **holds**" in doc.read_text()
+    doc.write_text(doc.read_text().replace("per=run ", ""))
+    assert cli_main(["report", str(doc)]) == 0
+    assert "+0.400 [+0.370, +0.430]" not in doc.read_text()  # heads counted as if they were seeds

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, VitkitError
+from ..layers.attention import Attention
 from ..layers.mlp import QuickGELU
 from ..layers.patch_embed import PatchEmbed
 from ..models.mae import MaskedAutoencoderViT
@@ -250,7 +251,9 @@ def vit_problems(m: VisionTransformer, classifier: bool) -> list[str]:
         problems.append(f"positions added before every block (pos_placement={m.pos_placement!r})")
     if any(not isinstance(b.ls1, nn.Identity) for b in m.blocks):
         problems.append(f"layer scale (init_values={m.model_args.get('init_values')})")
-    if not all(default_scale(b.attn) for b in m.blocks):
+    if any(type(b.attn) is not Attention for b in m.blocks):
+        problems.append(f"ReLU linear attention (attn_kind={m.model_args.get('attn_kind')!r}; HF ViT has softmax)")
+    elif not all(default_scale(b.attn) for b in m.blocks):
         problems.append("a non-default attention scale (qk_scale)")
     if len({b.attn.qkv.bias is None for b in m.blocks}) > 1:
         problems.append("qkv biases in some blocks only")

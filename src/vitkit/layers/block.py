@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import Attention
 from .drop import DropPath
+from .linear_attention import ReLULinearAttention
 from .mlp import Mlp
 
 
@@ -52,11 +53,19 @@ class Block(nn.Module):
         init_values: float | None = None,
         norm_eps: float = 1e-6,
         act: str = "gelu",
+        attn_kind: str = "softmax",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                              qk_scale=qk_scale)
+        if attn_kind == "softmax":
+            self.attn: nn.Module = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                             proj_drop=proj_drop, qk_scale=qk_scale)
+        elif attn_kind == "relu_linear":  # EfficientViT's kernel in a plain block: the softmax-vs-ReLU ablation
+            if attn_drop or qk_scale is not None:
+                raise ValueError("ReLU linear attention has no attention dropout or qk_scale")
+            self.attn = ReLULinearAttention(dim, num_heads, qkv_bias=qkv_bias)
+        else:
+            raise ValueError(f"attn_kind must be 'softmax' or 'relu_linear', got {attn_kind!r}")
         add_residual_branches(self, dim, mlp_ratio, mlp_dim, proj_drop, drop_path, init_values, norm_eps, act)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None

@@ -80,7 +80,12 @@ class ReLULinearAttention(AttentionMapSource, nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, queries: slice | None = None
+                ) -> torch.Tensor:
+        """``attn_bias`` has no meaning for a kernel without logits (an error); ``queries`` keeps those tokens'
+        outputs (the keys are all tokens either way), as :class:`~vitkit.layers.attention.Attention` does."""
+        if attn_bias is not None:
+            raise ValueError("ReLU linear attention takes no additive attention bias (it has no logits)")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -88,4 +93,5 @@ class ReLULinearAttention(AttentionMapSource, nn.Module):
         if self.attn_sink is not None:
             self._record(relu_attention_map(q, k))
         out = relu_linear_attention(q, k, v, self.eps)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(out if queries is None else out[:, queries])

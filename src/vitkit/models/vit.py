@@ -20,6 +20,8 @@ Switches (constructor arguments, so ablations are flags, not copies):
 * ``stem='resnet'``: the hybrid model, patches cut from a ResNet feature map (``stem_layers``,
   ``stem_width``; ``patch_size`` then counts feature-map cells, usually 1).
 * ``dynamic_img_size``: accept any image size divisible by the patch stride at forward time.
+* ``attn_kind``: ``softmax`` | ``relu_linear`` (EfficientViT's ReLU linear attention in every block, same
+  parameters: the study of whether ReLU attention can be as sharp as softmax).
 
 Switches of timm's ViT (so its checkpoints convert, ``vitkit convert timm``):
 
@@ -96,6 +98,7 @@ class VisionTransformer(TokenClassifier):
         no_embed_class: bool = False,
         fc_norm: bool = False,
         pre_norm: bool = False,
+        attn_kind: str = "softmax",
     ) -> None:
         super().__init__()
         check_model_args(num_classes, dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -150,7 +153,7 @@ class VisionTransformer(TokenClassifier):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, mlp_dim, qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], init_values=init_values, norm_eps=norm_eps, act=act)
+                  drop_path=dpr[i], init_values=init_values, norm_eps=norm_eps, act=act, attn_kind=attn_kind)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not fc_norm else nn.Identity()

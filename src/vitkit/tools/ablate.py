@@ -171,7 +171,7 @@ def _variant_overrides(study: Study, variant: Variant, lr_mult: float, base_cfg,
 LATER_FLAGS: dict[str, Any] = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "pre_norm": False,
                                "attn_eps": 1e-15, "vision_act": None, "text_act": None, "vision_norm_eps": None,
                                "text_norm_eps": None, "local_dwconv": True, "sparse_grouping": "equal",
-                               "token_keep_ratio": 1.0}
+                               "token_keep_ratio": 1.0, "attn_kind": "softmax"}
 
 
 # Config keys added after results files were first recorded, with the value that behaves as before: left out of

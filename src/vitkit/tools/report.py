@@ -254,6 +254,38 @@ def ablation_plot_section(doc_dir: Path, results: str, study: str, image: str, s
     return f"![{study}]({image})"
 
 
+@section("ablation_lines")
+def ablation_lines_section(doc_dir: Path, results: str, study: str, image: str, series: str, x: str,
+                           xlabel: str = "", ylabel: str = "test top-1 (%)", logx: str = "false",
+                           title: str | None = None, studies: str | None = None, plots: bool = True) -> str:
+    """Test accuracy against a quantity the variant names encode, one line per series, from the same runs as the
+    study's table: ``series="ViT:vit_{x};ResNet:resnet_{x}"`` and ``x="1pct:1:1%;10pct:10:10%"``
+    (token:position[:tick label]); a variant without runs yet leaves its point out."""
+    from ..viz.plots import plot_lines
+    from .ablate import chosen_lines, summarize
+
+    spec = _study(studies, study, doc_dir)
+    ticks = []
+    for item in x.split(";"):
+        token, _, rest = item.partition(":")
+        position, _, tick = rest.partition(":")
+        ticks.append((token, float(position), tick or token))
+    named = [item.partition(":")[::2] for item in series.split(";")]
+    known = {v.label for v in spec.variants}
+    for name, pattern in named:
+        unknown = [pattern.format(x=t) for t, _, _ in ticks if pattern.format(x=t) not in known]
+        if unknown:
+            raise ConfigError(f"series {name!r}: study {study!r} has no variants {unknown}")
+    if plots:
+        rows = [r for r in load_records(doc_dir, results) if r.get("study") == study]
+        lines = chosen_lines(spec, summarize(spec, rows))
+        points = {name: [(pos, lines[pattern.format(x=t)]["values"]) for t, pos, _ in ticks
+                         if pattern.format(x=t) in lines] for name, pattern in named}
+        plot_lines({k: v for k, v in points.items() if v}, doc_dir / image, title or f"{study}: {spec.claim}",
+                   xlabel, ylabel, logx=logx.lower() == "true", xticks=[(pos, tick) for _, pos, tick in ticks])
+    return f"![{study}]({image})"
+
+
 def _columns(spec: str) -> list[tuple[str, str, str]]:
     cols = []
     for item in spec.split(","):
@@ -287,11 +319,21 @@ def table_section(doc_dir: Path, results: str, group: str, columns: str, where: 
     return "\n".join(out)
 
 
+def _values(records: list[dict[str, Any]], value: str, per: str | None) -> list[float]:
+    """The numeric ``value`` of each record, or with ``per`` the mean of each ``per`` group's values."""
+    if per is None:
+        return [v for v in (field(r, value) for r in records) if isinstance(v, (int, float))]
+    return [statistics.fmean(vs) for vs in (_values(rs, value, None) for rs in grouped(records, per).values()) if vs]
+
+
 @section("verdict")
 def verdict_section(doc_dir: Path, results: str, group: str, value: str, contrast: str, expect: str,
                     margin: str | None = None, says: str | None = None, where: str | None = None,
-                    unit: str = "points", baseline: str | None = None, plots: bool = True) -> str:
-    """``baseline``: a constant the contrast is compared with (e.g. chance: ``contrast=clip:1 baseline=10``)."""
+                    unit: str = "points", baseline: str | None = None, per: str | None = None,
+                    digits: str = "2", plots: bool = True) -> str:
+    """``baseline``: a constant the contrast is compared with (e.g. chance: ``contrast=clip:1 baseline=10``).
+    ``per``: a field whose records are one run (e.g. a run's per-head records): their values are averaged first,
+    so the interval counts runs, not heads."""
     from dataclasses import replace
 
     from .verdict import contrast_interval, decide
@@ -306,7 +348,7 @@ def verdict_section(doc_dir: Path, results: str, group: str, value: str, contras
     missing = [g for g in weights if g not in groups]
     if missing:
         raise ConfigError(f"{results}: no records with {group} in {missing} (groups: {sorted(groups)})")
-    values = {g: [v for v in (field(r, value) for r in groups[g]) if isinstance(v, (int, float))] for g in weights}
+    values = {g: _values(groups[g], value, per) for g in weights}
     interval = contrast_interval(values, weights)
     shift = float(baseline) if baseline else 0.0
     if interval is not None and shift:
@@ -317,7 +359,7 @@ def verdict_section(doc_dir: Path, results: str, group: str, value: str, contras
     terms = " ".join(f"{'+' if w > 0 else '−'} {'' if abs(w) == 1 else f'{abs(w):g}×'}{g}"
                      for g, w in weights.items()).lstrip("+ ") + (f" − {shift:g}" if shift else "")
     bound = {"above": "> 0", "below": "< 0"}.get(expect) or f"within ±{float(margin or 0):g}"
-    shown = "no interval" if interval is None else f"{interval.show()} {unit}"
+    shown = "no interval" if interval is None else f"{interval.show(int(digits))}{' ' + unit if unit else ''}"
     return f"- {says or value} ({terms} {bound}): {shown} → **{verdict}**"
 
 

@@ -119,3 +119,30 @@ def plot_image_rows(rows: dict[str, torch.Tensor], mean: Sequence[float], std: S
     if title:
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def plot_lines(series: dict[str, list[tuple[float, list[float]]]], path: str | Path, title: str, xlabel: str,
+               ylabel: str, logx: bool = False, xticks: Sequence[tuple[float, str]] = ()) -> None:
+    """One line per series through the mean at each x, ±1 std error bars, every seed's value as a faint dot:
+    accuracy against data size or model size, where a bar chart would hide the trend."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, points) in enumerate(series.items()):
+        color = f"C{i}"
+        xs = [x for x, _ in points]
+        means = [sum(v) / len(v) for _, v in points]
+        stds = [float(torch.tensor(v, dtype=torch.float64).std()) if len(v) > 1 else 0.0 for _, v in points]
+        ax.errorbar(xs, means, yerr=stds, fmt="o-", color=color, capsize=3, label=name)
+        for x, values in points:
+            ax.scatter([x] * len(values), values, color=color, alpha=0.3, s=12)
+    if logx:
+        ax.set_xscale("log")
+    if xticks:
+        ax.set_xticks([x for x, _ in xticks], [t for _, t in xticks])
+        ax.minorticks_off()
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    _save(fig, path)
