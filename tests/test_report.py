@@ -185,3 +185,11 @@ def test_a_verdict_per_run_averages_each_runs_records_first(tmp_path):
     doc.write_text(doc.read_text().replace("per=run ", ""))
     assert cli_main(["report", str(doc)]) == 0
     assert "+0.400 [+0.370, +0.430]" not in doc.read_text()  # heads counted as if they were seeds
+
+
+def test_report_help_lists_every_kind(capsys):
+    assert set(report.KIND_HELP) == set(report.SECTIONS)
+    with pytest.raises(SystemExit):
+        cli_main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {kind} " in out for kind in report.SECTIONS)

@@ -413,7 +413,23 @@ def verdicts_section(doc_dir: Path, doc: str, match: str | None = None, plots: b
 
 
 # ---------------------------------------------------------------------------- command line
+KIND_HELP = {
+    "ablation": "a `vitkit ablate` study's table and verdicts (results=, study=)",
+    "ablation_plot": "its bars of test top-1 per variant (results=, study=, image=)",
+    "ablation_lines": "its test top-1 against a size the variant names encode (series=, x=, image=)",
+    "table": "mean ± std of columns over groups of records (results=, group=, columns=, where=)",
+    "verdict": "one verdict line by the rule of docs/method.md (group=, value=, contrast=, expect=, per=)",
+    "script": "a benchmark's own renderer (script=, function=, ...)",
+    "verdicts": "every verdict line of another doc (doc=, match=)",
+}
+
+
 def add_report_args(p: Any) -> None:
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("a generated block is <!-- report: KIND key=value ... --> ... <!-- /report -->; kinds:\n"
+                + "\n".join(f"  {kind:15s} {KIND_HELP.get(kind, '')}" for kind in SECTIONS))
     p.add_argument("docs", nargs="*", help=f"docs to rebuild (default: {' '.join(DEFAULT_DOCS)})")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 listing the docs whose generated blocks differ from their results")
