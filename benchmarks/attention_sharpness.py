@@ -27,7 +27,6 @@ function=render_sharpness part=table|summary|heads``). A run named ``<group>_s<s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -48,6 +47,7 @@ from vitkit.layers.linear_attention import ReLULinearAttention
 from vitkit.layers.lite_mla import LiteMLA
 from vitkit.tools.ablate import machine_facts, read_results
 from vitkit.tools.evaluate import load_model, resolve_model_dir, run_config
+from vitkit.tools.timing import append_jsonl
 from vitkit.viz.attention_stats import SharpnessMeter, capture_named_attention
 
 DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "efficient" / "sharpness.jsonl"
@@ -128,9 +128,7 @@ def run(args: argparse.Namespace, log=print) -> str:
         records = [{"kind": "head", "run_id": run_id, "run": name, "group": run_group(name), "path": str(path),
                     "model": model_name, **about,
                     **r, "machine": machine, "command": args.command} for r in rows]
-        with open(args.results, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, allow_nan=False) + "\n")
+        append_jsonl(args.results, records)
         log(f"{name} ({model_name}): {len({r['layer'] for r in rows})} attention layers, {len(rows)} heads, "
             f"{about['images']} images of {about['dataset']} {about['split']}"
             + ("" if about["held_out"] else " (NOT held out: the run trained on them)"))

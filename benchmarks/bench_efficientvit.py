@@ -25,11 +25,9 @@ only the new ones. The doc's re-run, in one command:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,15 @@ import torch
 
 from vitkit.models import create_model
 from vitkit.tools.inference import cpu_flags
-from vitkit.tools.timing import Candidate, ContentionMeter, machine_load, time_alternating, wait_for_quiet
+from vitkit.tools.timing import (
+    Candidate,
+    ContentionMeter,
+    append_jsonl,
+    machine_load,
+    time_alternating,
+    utc_now,
+    wait_for_quiet,
+)
 
 DEFAULT_MODELS = ["efficientvit_fmnist_tiny", "vit_fmnist_tiny", "vit_fmnist_small", "swin_fmnist_tiny"]
 TRAIN_MODELS = ["efficientvit_fmnist_tiny", "vit_fmnist_tiny"]
@@ -62,13 +68,6 @@ def model_spec(text: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def append(path: str | Path, records: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def timing_record(cand: Candidate, batch: int, params_m: float, args: argparse.Namespace, machine: dict[str, Any],
                   invocation: str) -> dict[str, Any]:
     """One timing cell: the median of the kept samples and what the rounds saw."""
@@ -80,7 +79,7 @@ def timing_record(cand: Candidate, batch: int, params_m: float, args: argparse.N
             "max_contention": args.max_contention, "contention_max": max(seen) if seen else None,
             "discarded": cand.discarded, "noisy": "noisy" in cand.note, "machine": machine,
             "load_1m": machine_load(), "invocation": invocation,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished_at": utc_now(),
             "source": "benchmarks/bench_efficientvit.py"}
 
 
@@ -101,7 +100,7 @@ def train_runs(args: argparse.Namespace) -> int:
                 continue
             run_dir = Path(args.runs) / f"{name}_s{seed}"
             record = _run_record(args.recipe, over, run_dir, cfg.train.epochs, name)
-            append(args.results, [{"study": "efficientvit", "record": "train", "key": key, "seed": seed,
+            append_jsonl(args.results, [{"study": "efficientvit", "record": "train", "key": key, "seed": seed,
                                    "recipe": str(args.recipe), "overrides": over, **record,
                                    "source": "benchmarks/bench_efficientvit.py"}])
             done.add(key)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.model or DEFAULT_MODELS
     meter = ContentionMeter()
     flags = cpu_flags()
-    machine, invocation = None, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    machine, invocation = None, utc_now()
     if args.results:
         from vitkit.tools.ablate import machine_facts
 
@@ -168,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {params[name]:.2f}M | {batch} | {1e3 * med[name]:.2f} | {batch / med[name]:.0f} | "
                   f"{first / med[name]:.2f} |")
         if args.results:
-            append(args.results, [timing_record(c, batch, params[c.name], args, machine, invocation) for c in cands])
+            append_jsonl(args.results,
+                         [timing_record(c, batch, params[c.name], args, machine, invocation) for c in cands])
     if args.results and not args.no_timing:
         print(f"appended the timings to {args.results}")
     return train_runs(args) if args.train_seeds else 0

@@ -270,17 +270,18 @@ def ablation_lines_section(doc_dir: Path, results: str, study: str, image: str, 
         token, _, rest = item.partition(":")
         position, _, tick = rest.partition(":")
         ticks.append((token, float(position), tick or token))
-    named = [item.partition(":")[::2] for item in series.split(";")]
     known = {v.label for v in spec.variants}
-    for name, pattern in named:
-        unknown = [pattern.format(x=t) for t, _, _ in ticks if pattern.format(x=t) not in known]
+    variants = {}  # series name -> [(x position, variant)]
+    for name, _, pattern in (item.partition(":") for item in series.split(";")):
+        variants[name] = [(pos, pattern.format(x=token)) for token, pos, _ in ticks]
+        unknown = [v for _, v in variants[name] if v not in known]
         if unknown:
             raise ConfigError(f"series {name!r}: study {study!r} has no variants {unknown}")
     if plots:
         rows = [r for r in load_records(doc_dir, results) if r.get("study") == study]
         lines = chosen_lines(spec, summarize(spec, rows))
-        points = {name: [(pos, lines[pattern.format(x=t)]["values"]) for t, pos, _ in ticks
-                         if pattern.format(x=t) in lines] for name, pattern in named}
+        points = {name: [(pos, lines[v]["values"]) for pos, v in pairs if v in lines]
+                  for name, pairs in variants.items()}
         plot_lines({k: v for k, v in points.items() if v}, doc_dir / image, title or f"{study}: {spec.claim}",
                    xlabel, ylabel, logx=logx.lower() == "true", xticks=[(pos, tick) for _, pos, tick in ticks])
     return f"![{study}]({image})"
@@ -308,7 +309,7 @@ def table_section(doc_dir: Path, results: str, group: str, columns: str, where: 
             raise ConfigError(f"{results}: no records with {group}={name}")
         cells = []
         for expr, _, fmt in cols:
-            values = [v for v in (field(r, expr) for r in groups[name]) if isinstance(v, (int, float))]
+            values = _values(groups[name], expr, None)
             if not values:
                 cells.append("—")
             elif len(values) == 1:

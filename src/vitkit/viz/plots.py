@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,8 @@ def plot_lines(series: dict[str, list[tuple[float, list[float]]]], path: str | P
     for i, (name, points) in enumerate(series.items()):
         color = f"C{i}"
         xs = [x for x, _ in points]
-        means = [sum(v) / len(v) for _, v in points]
-        stds = [float(torch.tensor(v, dtype=torch.float64).std()) if len(v) > 1 else 0.0 for _, v in points]
+        means = [statistics.fmean(v) for _, v in points]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
         ax.errorbar(xs, means, yerr=stds, fmt="o-", color=color, capsize=3, label=name)
         for x, values in points:
             ax.scatter([x] * len(values), values, color=color, alpha=0.3, s=12)
