@@ -15,7 +15,8 @@ Every run is a JSON record in ``--results`` (``record``: ``pretrain`` / ``finetu
 metric, the machine and wall-clock; a run whose resolved configuration (``key``) is already there is skipped, so
 more seeds (``--seeds 3``) train only the new ones. Two trainings run side by side (``--jobs 2``, one thread each).
 
-    python benchmarks/mae_mask_ratio.py --seeds 2 --jobs 2 --timing --results docs/mae_mask_ratio/results.jsonl
+    python benchmarks/mae_mask_ratio.py --seeds 2 --jobs 2 --pretrain-epochs 8 --timing \\
+        --results docs/mae_mask_ratio/results.jsonl
 """
 
 from __future__ import annotations
@@ -106,6 +107,39 @@ def time_steps(ratios: tuple[float, ...], results: Path, batch: int, threads: in
                          "discarded": c.discarded, "noisy": "noisy" in c.note, "machine": machine_facts(),
                          "load_1m": [load_before, machine_load()], "invocation": invocation}])
         print(f"{c.name}: {1e3 * sec:.1f} ms per step of {batch}")
+
+
+CURVES = {"linear probe (frozen)": ("pretrain", "test.linear_top1"), "k-NN (frozen)": ("pretrain", "test.knn_top1"),
+          "fine-tuned, 10% of the labels": ("finetune", "test.top1")}
+
+
+def render_plot(doc_dir: str | Path, plots: bool = True, results: str = "mae_mask_ratio/results.jsonl",
+                image: str = "mae_mask_ratio/accuracy.png") -> str:
+    """Markdown for ``vitkit report`` (kind ``script``): test top-1 of the frozen encoder's probes and of the
+    fine-tuned ViT against the mask ratio, each seed a dot, from the results file alone."""
+    from vitkit.errors import ConfigError
+    from vitkit.tools.ablate import read_results
+    from vitkit.tools.report import field
+    from vitkit.viz.plots import plot_lines
+
+    records = read_results(Path(doc_dir) / results)
+    series: dict[str, list[tuple[float, list[float]]]] = {}
+    for name, (kind, metric) in CURVES.items():
+        by_ratio: dict[float, list[float]] = {}
+        for r in records:
+            value = field(r, metric) if r.get("record") == kind else None
+            if isinstance(value, (int, float)):
+                by_ratio.setdefault(100 * r["ratio"], []).append(100 * value)
+        if by_ratio:
+            series[name] = sorted(by_ratio.items())
+    if not series:
+        raise ConfigError(f"{Path(doc_dir) / results}: no pretrain or finetune records to plot")
+    if plots:
+        ratios = sorted({x for points in series.values() for x, _ in points})
+        plot_lines(series, Path(doc_dir) / image, "MAE on Fashion-MNIST: test top-1 against the mask ratio "
+                   "(dots: seeds)", "mask ratio (% of the 49 patches hidden)", "test top-1 (%)",
+                   xticks=[(x, f"{x:g}") for x in ratios])
+    return f"![test top-1 against the mask ratio]({image})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from vitkit.errors import ConfigError
 from vitkit.tools.report import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +41,14 @@ def test_pretrain_then_finetune_per_ratio_and_seed_records_and_skips(tmp_path, c
     assert [t["label"] for t in timing] == ["r50", "r75"] and all(t["ms_per_step"] > 0 for t in timing)
     assert study.main([*argv, "--set", "data.nonsense=1"]) == 2  # one line, no traceback
     assert "data.nonsense" in capsys.readouterr().err
+    # the doc's plot reads the same records: one point per ratio on each curve, every seed a dot
+    assert study.render_plot(tmp_path, results="r.jsonl", image="acc.png") == \
+        "![test top-1 against the mask ratio](acc.png)"
+    assert (tmp_path / "acc.png").stat().st_size > 0
+
+
+def test_render_plot_without_study_records_names_the_file(tmp_path):
+    study = load_script(ROOT / "benchmarks" / "mae_mask_ratio.py")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"record": "timing", "ratio": 0.75, "ms_per_step": 3.0}) + "\n")
+    with pytest.raises(ConfigError, match="r.jsonl: no pretrain or finetune records"):
+        study.render_plot(tmp_path, results="r.jsonl", image="acc.png")
