@@ -66,7 +66,8 @@ def train_phase(name: str, recipe: str, runs: dict[str, tuple[float, int, list[s
         # the recipe's own train.threads, as `vitkit ablate` passes it: when it is unset each of the jobs gets
         # cores // jobs threads (one each on 2 cores); a fixed thread count here would leave torch's default
         # in every job, and two jobs of two threads on two cores spin against each other
-        _train_pending(recipe, pending, out, jobs, record, threads=load_config(recipe, []).train.threads)
+        _train_pending(recipe, pending, out, jobs, record,
+                       recipe_threads=load_config(recipe, []).train.threads)
     return folders
 
 

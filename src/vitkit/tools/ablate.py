@@ -251,23 +251,24 @@ def _run_record(recipe: str | Path, over: list[str], run_dir: Path, epochs: int,
 
 
 def _train_pending(recipe: str | Path, pending: dict[str, tuple[list[str], int, str]], out: Path, jobs: int,
-                   record: Callable[[str, dict[str, Any]], None], threads: int | None = None,
+                   record: Callable[[str, dict[str, Any]], None], recipe_threads: int | None = None,
                    backend: str = "local", address: str | None = None) -> None:
     """Run every pending training and record each one (here, in this process) as soon as it ends.
 
     Locally, on a small CPU, several single-threaded runs side by side use the cores better than one run that
     splits small matrix products over threads; each of ``jobs`` workers gets ``cores // jobs`` threads unless the
-    recipe fixes ``train.threads`` (``threads``). On Ray each training is a task asking for ``train.threads``
-    CPUs (1 unless the recipe fixes it) and, where the cluster has GPUs, one GPU.
+    recipe fixes ``train.threads`` (``recipe_threads``: the recipe's own value, not a request for that many). On
+    Ray each training is a task asking for ``train.threads`` CPUs (1 unless the recipe fixes it) and, where the
+    cluster has GPUs, one GPU.
     """
     with open_backend(backend, address, jobs, feature="vitkit ablate --backend ray") as runner:
         if runner.name == "ray":  # a recipe's own thread count is kept (the numbers may depend on it)
-            cpus, gpus = runner.fit_cpus(threads or 1), runner.gpus_per_job()
-            fixed = [] if threads is not None else ["train.threads=1"]
+            cpus, gpus = runner.fit_cpus(recipe_threads or 1), runner.gpus_per_job()
+            fixed = [] if recipe_threads is not None else ["train.threads=1"]
         else:
             cpus, gpus = 1, 0.0
             share = max(1, (os.cpu_count() or 1) // jobs)
-            fixed = [] if threads is not None or jobs <= 1 else [f"train.threads={share}"]
+            fixed = [] if recipe_threads is not None or jobs <= 1 else [f"train.threads={share}"]
         calls = {key: (recipe, [*fixed, *over], out / "runs" / key, epochs, model)
                  for key, (over, epochs, model) in pending.items()}
         runner.run_each(_run_record, calls, record, cpus=cpus, gpus=gpus, what="training")
