@@ -63,11 +63,9 @@ def train_phase(name: str, recipe: str, runs: dict[str, tuple[float, int, list[s
         print(f"{name} {meta[key]['label']} seed {meta[key]['seed']}: recorded")
 
     if pending:
-        # the recipe's own train.threads, as `vitkit ablate` passes it: when it is unset each of the jobs gets
-        # cores // jobs threads (one each on 2 cores); a fixed thread count here would leave torch's default
-        # in every job, and two jobs of two threads on two cores spin against each other
-        _train_pending(recipe, pending, out, jobs, record,
-                       recipe_threads=load_config(recipe, []).train.threads)
+        # the runs' own train.threads (the same for all: only ratio and seed differ), as `vitkit ablate` passes
+        # it; unset, each of the jobs gets cores // jobs threads
+        _train_pending(recipe, pending, out, jobs, record, recipe_threads=cfg.train.threads)
     return folders
 
 
