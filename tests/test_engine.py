@@ -116,6 +116,16 @@ def test_train_writes_report_plots_and_checkpoints(tmp_path, capsys):
     assert len(best.pretrained_cfg["mean"]) == 1 and "train_config.yaml" in os.listdir(run / "checkpoints" / "best")
 
 
+def test_curves_are_drawn_per_evaluation_not_per_epoch(tmp_path, monkeypatch):
+    """Many tiny epochs (a 1% data fraction) must not spend their time in matplotlib."""
+    import vitkit.viz.plots as plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda history, *a, **k: drawn.append(len(history)))
+    train(None, [*TINY, "train.epochs=6", "train.eval_every=4", f"output_dir={tmp_path / 'run'}"])
+    assert drawn == [4, 6]  # the evaluation at epoch 4, then the last epoch's
+
+
 AUGMENTED = [*TINY, "augment.crop=pad_crop", "augment.crop_padding=1", "augment.hflip=true",
              "augment.random_erasing=0.25", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0",
              "model.args.drop_path_rate=0.1", "train.ema_decay=0.9", "train.epochs=2", "train.grad_accum=2"]

@@ -507,7 +507,8 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_totals = {}
-        if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
+        evaluated = self.epoch % t.eval_every == 0 or self.epoch == t.epochs
+        if evaluated:
             metrics = self.evaluate()
             scalars = scalar_metrics(metrics)
             key = self.task.primary_metric
@@ -533,10 +534,11 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self.loggers.log_metrics(record, self.step)  # what metrics.jsonl gets, the trackers get
-            from ..viz.plots import plot_curves
+            if evaluated:  # not every epoch: 500 epochs of 1% of a dataset would spend minutes drawing
+                from ..viz.plots import plot_curves
 
-            plot_curves(self.history, self.out / "curves.png", self.task.primary_metric)
-            self.loggers.log_pictures(self.out, self.step)  # curves.png and the task's pictures
+                plot_curves(self.history, self.out / "curves.png", self.task.primary_metric)
+                self.loggers.log_pictures(self.out, self.step)  # curves.png and the task's pictures
         self.save("last")
         barrier(self.dist)
         return t.max_steps is not None and self.step >= t.max_steps and self.epoch < t.epochs
